@@ -414,6 +414,9 @@ def _atomic_savez(flat: Mapping[str, np.ndarray], path: Path) -> None:
             np.savez(file, **flat)
             file.flush()
             os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -459,6 +459,8 @@ def _tfds_builder(name, data_dir):
 
 def _tf():
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    # tf.data only shuffles and normalises here; without this TF prints its oneDNN notice on import
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
     import tensorflow as tf
     try:
         tf.config.set_visible_devices([], 'GPU')  # the GPU belongs to JAX

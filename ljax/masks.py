@@ -32,12 +32,16 @@ def _count_ge(keys, t):
   return jnp.sum(keys >= t, dtype=jnp.int32)
 
 
-def _bisect(keys, k, base, nbits: int):
-  """Largest t in [base, base + 2**nbits) with count(keys >= t) >= k, given that base qualifies."""
+def _bisect(keys, k, base, nbits):
+  """Largest t in [base, base + 2**nbits) with count(keys >= t) >= k, given that base qualifies.
+
+  `nbits` may be traced (a while loop of nbits counting passes)."""
+  nbits = jnp.asarray(nbits, jnp.uint32)
+
   def body(i, offset):
     cand = offset | (jnp.uint32(1) << (nbits - 1 - i).astype(jnp.uint32))
     return jnp.where(_count_ge(keys, base + cand) >= k, cand, offset)
-  return base + lax.fori_loop(0, nbits, body, jnp.uint32(0))
+  return base + lax.fori_loop(jnp.uint32(0), nbits, body, jnp.uint32(0))
 
 
 def kth_largest_key(keys: jax.Array, k, hint=None) -> jax.Array:
@@ -49,9 +53,9 @@ def kth_largest_key(keys: jax.Array, k, hint=None) -> jax.Array:
   hint = jnp.asarray(hint, jnp.uint32)
   lo = jnp.clip(hint, width // 2, jnp.uint32(0xFFFFFFFF) - width) - width // 2
   inside = (_count_ge(keys, lo) >= k) & (_count_ge(keys, lo + width) < k) & (k > 0)
-  return lax.cond(inside,
-                  lambda: _bisect(keys, k, lo, _WINDOW_BITS),
-                  lambda: kth_largest_key(keys, k))
+  # One loop either way (no lax.cond, which would copy `keys` into its branches).
+  found = _bisect(keys, k, jnp.where(inside, lo, jnp.uint32(0)), jnp.where(inside, _WINDOW_BITS, 32))
+  return jnp.where(k > 0, found, jnp.uint32(0xFFFFFFFF))
 
 
 def _select(keys, k, threshold):
