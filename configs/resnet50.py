@@ -1,8 +1,7 @@
 """ResNet-50 on ImageNet (the paper's main result): 90% sparsity, 30 epochs, batch 256,
 lr 0.1 cosine, weight decay 1e-4, from torchvision's pre-trained weights.
 
-python main.py --config configs/resnet50.py --config.pretrained=resnet50-0676ba61.pth \\
-  --config.data_dir=$TFDS_DATA_DIR
+python main.py --config configs/resnet50.py --config.data_dir=$TFDS_DATA_DIR
 """
 from ljax.config import base
 
@@ -13,7 +12,7 @@ def get_config():
   c.num_classes = 1000
   c.dataset = 'imagenet2012'
   c.image_size = 224
-  c.pretrained = 'resnet50-0676ba61.pth'  # torchvision IMAGENET1K_V1, converted on first use
+  c.pretrained = 'torchvision://resnet50'  # IMAGENET1K_V1: downloaded, checked, converted, cached
   c.sparsity = 0.9
   c.epochs = 30
   c.batch_size = 256

@@ -18,6 +18,7 @@ def base() -> ml_collections.ConfigDict:
   c.train_examples = ml_collections.config_dict.placeholder(int)  # a subset, for quick runs
   c.eval_examples = ml_collections.config_dict.placeholder(int)
   c.sync_bn = False                 # BatchNorm statistics over the global batch (axis 'batch')
+  c.distributed = False             # multi-host: jax.distributed.initialize() (run on every host)
   # the search (the paper's hyper-parameter table)
   c.pretrained = ''                 # .npz of ljax variables, or a PyTorch .pth/.pt/.safetensors
   c.sparsity = 0.9

@@ -512,6 +512,43 @@ def _sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
+_EXPORT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def export_torch(src: str | os.PathLike, dst: str | os.PathLike, arch: str) -> int:
+    """Writes ljax variables (or a jackpot .npz with its `mask`) as a PyTorch state_dict file.
+
+    `.safetensors` needs no torch; `.pth`/`.pt` are written with `torch.save`. Atomic; returns the
+    number of tensors written.
+    """
+    saved = load_variables_npz(src)
+    if "params" not in saved:
+        raise ValueError(f"{src} holds no params/...: expected an ljax variables or jackpot .npz")
+    variables = {k: saved[k] for k in ("params", "batch_stats") if k in saved}
+    state = to_torch(variables, arch, mask=saved.get("mask"))
+    dst = Path(dst)
+    handle, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        if dst.suffix == ".safetensors":
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp)
+        else:
+            try:
+                import torch
+            except ImportError:
+                raise ImportError("writing .pth needs torch: pip install torch "
+                                  "(or export to .safetensors, which does not)") from None
+            torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(state)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -521,21 +558,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
         prog="python -m ljax.convert",
         description="Convert a PyTorch checkpoint (.pth/.pt/.bin, .safetensors, .npz) "
-        "to ljax variables (.npz).",
+        "to ljax variables (.npz); or, when DST ends in .pth/.pt/.safetensors, export ljax "
+        "variables or a jackpot (WORKDIR/jackpot.npz: masked weights, batch_stats, mask) back "
+        "to a PyTorch state_dict.",
     )
-    parser.add_argument("src", help="PyTorch checkpoint")
-    parser.add_argument("dst", help="output .npz (keys like params/conv1/kernel)")
+    parser.add_argument("src", help="PyTorch checkpoint, or an ljax .npz when exporting")
+    parser.add_argument("dst", help="output .npz (keys like params/conv1/kernel), or .pth/.safetensors")
     parser.add_argument("--arch", required=True, choices=ARCHS)
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     args = parser.parse_args(argv)
 
     dst = Path(args.dst)
-    if dst.suffix != ".npz":
-        parser.error(f"DST must end in .npz: {dst}")
+    if dst.suffix not in (".npz",) + _EXPORT_SUFFIXES:
+        parser.error(f"DST must end in .npz (import) or {'/'.join(_EXPORT_SUFFIXES)} (export): {dst}")
     if dst.exists() and not args.force:
         parser.error(f"{dst} exists; pass --force to overwrite it")
     if not dst.parent.is_dir():
         parser.error(f"no such directory: {dst.parent}")
+    if dst.suffix in _EXPORT_SUFFIXES:
+        try:
+            count = export_torch(args.src, dst, args.arch)
+        except Exception as error:  # bad input: one line, no traceback
+            parser.error(" ".join(str(error).split()) or type(error).__name__)
+        print(f"wrote {dst}: {args.arch} state_dict, {count:,} tensors")
+        return 0
     try:
         variables = from_torch(args.src, args.arch)
         save_variables_npz(variables, dst)

@@ -48,8 +48,11 @@ def sample_input(config) -> np.ndarray:
 def _cache_path(path: str) -> str:
   st = os.stat(path)
   key = hashlib.sha256(f'{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}'.encode()).hexdigest()[:16]
-  root = os.environ.get('LJAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'ljax'))
-  return os.path.join(root, f'{os.path.basename(path)}.{key}.npz')
+  return os.path.join(_cache_root(), f'{os.path.basename(path)}.{key}.npz')
+
+
+def _cache_root() -> str:
+  return os.environ.get('LJAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'ljax'))
 
 
 def load_pretrained(path: str, arch: str) -> dict:
@@ -57,6 +60,14 @@ def load_pretrained(path: str, arch: str) -> dict:
   if not path:
     raise ValueError('pretrained: no checkpoint given; set --config.pretrained=PATH, or train one with '
                      '--config.mode=pretrain')
+  if path in convert.PRETRAINED_URLS or path.startswith(('http://', 'https://')):
+    try:
+      path = str(convert.download_pretrained(path, os.path.join(_cache_root(), 'downloads')))
+    except ValueError:
+      raise
+    except Exception as e:  # no network, HTTP error
+      raise ValueError(f'pretrained: cannot download {path} ({type(e).__name__}: {e}); download it '
+                       'by hand and pass the file with --config.pretrained=PATH') from None
   if not os.path.isfile(path):
     raise FileNotFoundError(f'pretrained: no file at {path}; check the path (--config.pretrained=...)')
   try:
@@ -85,10 +96,12 @@ def _datasets(config, batch_size):
 
 
 def _check_batch(batch_size: int, what: str) -> None:
-  n = jax.local_device_count()
+  """The global batch is split across processes, then across each process's local devices."""
+  n = jax.local_device_count() * jax.process_count()
   if batch_size % n:
-    raise ValueError(f'{what}: {batch_size} does not divide across the {n} local devices; use a '
-                     f'multiple of {n}')
+    where = f'{jax.local_device_count()} local devices' + (
+        f' x {jax.process_count()} processes' if jax.process_count() > 1 else '')
+    raise ValueError(f'{what}: {batch_size} does not divide across the {where}; use a multiple of {n}')
 
 
 def _writer(workdir):
@@ -190,7 +203,8 @@ def search(config, workdir: str) -> dict:
 def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
   mask = {n: np.asarray(final.mask[n]) for n in search_.names}
   jackpot = search_.jackpot_variables(mask, final.batch_stats)
-  convert.save_variables_npz({**jax.device_get(jackpot), 'mask': sparsity_lib.unflatten(mask),
+  if jax.process_index() == 0:  # every process holds the same state; one writes it
+    convert.save_variables_npz({**jax.device_get(jackpot), 'mask': sparsity_lib.unflatten(mask),
                               'scores': sparsity_lib.unflatten(jax.device_get(final.scores))},
                              os.path.join(workdir, JACKPOT_FILE))
   magnitude = {n: np.asarray(search_.magnitude[n]) for n in search_.names}
@@ -205,7 +219,8 @@ def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
       'kept_per_layer': report.kept_per_layer(mask), 'history': meta['history'],
       'devices': jax.local_device_count(), 'platform': jax.devices()[0].platform,
   }
-  report.write_json(os.path.join(workdir, RESULTS_FILE), results)
+  if jax.process_index() == 0:
+    report.write_json(os.path.join(workdir, RESULTS_FILE), results)
   _log('\n' + report.results_table(results))
   _log(f'\nwrote {os.path.join(workdir, JACKPOT_FILE)} and {os.path.join(workdir, RESULTS_FILE)}')
   return results
@@ -305,6 +320,10 @@ def pretrain(config, workdir: str) -> dict:
 
 
 def run(config, workdir: str) -> dict:
+  if config.get('distributed', False):
+    # Multi-host (TPU pods, several GPU machines): every process runs this same command; pmap's
+    # collectives then span all hosts, and each process reads its own shard of the data.
+    jax.distributed.initialize()
   modes = {'search': search, 'pretrain': pretrain, 'evaluate': evaluate}
   if config.mode not in modes:
     raise ValueError(f'mode: expected one of {sorted(modes)}, got {config.mode!r}')
