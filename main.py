@@ -2,6 +2,7 @@
 
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
+
 import os
 import sys
 
@@ -10,25 +11,31 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow (tf.data) start
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file (configs/*.py)',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'ml_collections config file (configs/*.py)', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory; default runs/<config file name>')
 flags.mark_flag_as_required('config')
 
 
 def main(argv):
-  from absl import logging
-  logging.set_verbosity(logging.ERROR)  # orbax logs every save, tfds every probe; we print our own
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from ljax import cli
-  path = config_flags.get_config_filename(flags.FLAGS['config'])
-  config = cli.load_config_or_explain(_CONFIG, path)
-  workdir = _WORKDIR.value or os.path.join('runs', os.path.splitext(os.path.basename(path))[0])
-  sys.exit(cli.run_or_explain(config, workdir))
+    from absl import logging
+
+    logging.set_verbosity(
+        logging.ERROR
+    )  # orbax logs every save, tfds every probe; we print our own
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    from ljax import cli
+
+    path = config_flags.get_config_filename(flags.FLAGS['config'])
+    config = cli.load_config_or_explain(_CONFIG, path)
+    workdir = _WORKDIR.value or os.path.join('runs', os.path.splitext(os.path.basename(path))[0])
+    sys.exit(cli.run_or_explain(config, workdir))
 
 
 if __name__ == '__main__':
-  from ljax.cli import explain_flag_errors
-  with explain_flag_errors():
-    app.run(main)
+    from ljax.cli import explain_flag_errors
+
+    with explain_flag_errors():
+        app.run(main)

@@ -2,46 +2,47 @@
 
 Sparsity is the fraction of prunable weights *removed* (0.9 keeps 10%).
 """
+
 import ml_collections
 
 
 def base() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.mode = 'search'                 # 'search' | 'pretrain' | 'evaluate'
-  # model and data
-  c.model = 'mlp'                   # ljax.models.get_model name
-  c.model_kwargs = ml_collections.ConfigDict()
-  c.num_classes = 10
-  c.dataset = 'fashion_mnist'       # 'fashion_mnist' | 'cifar10' | 'cifar100' | 'imagenet2012'
-  c.data_dir = ml_collections.config_dict.placeholder(str)
-  c.image_size = ml_collections.config_dict.placeholder(int)
-  c.train_examples = ml_collections.config_dict.placeholder(int)  # a subset, for quick runs
-  c.eval_examples = ml_collections.config_dict.placeholder(int)
-  c.sync_bn = False                 # BatchNorm statistics over the global batch (axis 'batch')
-  c.distributed = False             # multi-host: jax.distributed.initialize() (run on every host)
-  # the search (the paper's hyper-parameter table)
-  c.pretrained = ''                 # .npz of ljax variables, or a PyTorch .pth/.pt/.safetensors
-  c.sparsity = 0.9
-  c.epochs = 30
-  c.batch_size = 256                # global, split across the local devices
-  c.eval_batch_size = 500
-  c.lr = 0.1                        # cosine decay over the whole search
-  c.momentum = 0.9
-  c.weight_decay = 5e-4             # coupled, on the scores
-  c.score_init = 'magnitude'        # 'magnitude' | 'random'
-  c.score_margin = 0.01             # magnitude init: kept 1.0, pruned 1.0 - margin
-  c.allocation = 'global_magnitude' # 'global_magnitude' | 'uniform'
-  c.restriction = 'none'            # 'none' | 'cosine' | 'poly4' | 'linear' | 'constant:R'
-  c.seed = 0
-  # dense pretraining (mode='pretrain')
-  c.pretrain_epochs = 10
-  c.pretrain_lr = 0.1
-  c.pretrain_weight_decay = 5e-4
-  # evaluation of an exported jackpot (mode='evaluate'); default: WORKDIR/jackpot.npz
-  c.jackpot = ''
-  # bookkeeping
-  c.checkpoint_every_steps = 500
-  c.log_every_steps = 50
-  c.max_to_keep = 2
-  c.progress = True
-  return c
+    c = ml_collections.ConfigDict()
+    c.mode = 'search'  # 'search' | 'pretrain' | 'evaluate'
+    # model and data
+    c.model = 'mlp'  # ljax.models.get_model name
+    c.model_kwargs = ml_collections.ConfigDict()
+    c.num_classes = 10
+    c.dataset = 'fashion_mnist'  # 'fashion_mnist' | 'cifar10' | 'cifar100' | 'imagenet2012'
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.image_size = ml_collections.config_dict.placeholder(int)
+    c.train_examples = ml_collections.config_dict.placeholder(int)  # a subset, for quick runs
+    c.eval_examples = ml_collections.config_dict.placeholder(int)
+    c.sync_bn = False  # BatchNorm statistics over the global batch (axis 'batch')
+    c.distributed = False  # multi-host: jax.distributed.initialize() (run on every host)
+    # the search (the paper's hyper-parameter table)
+    c.pretrained = ''  # .npz of ljax variables, or a PyTorch .pth/.pt/.safetensors
+    c.sparsity = 0.9
+    c.epochs = 30
+    c.batch_size = 256  # global, split across the local devices
+    c.eval_batch_size = 500
+    c.lr = 0.1  # cosine decay over the whole search
+    c.momentum = 0.9
+    c.weight_decay = 5e-4  # coupled, on the scores
+    c.score_init = 'magnitude'  # 'magnitude' | 'random'
+    c.score_margin = 0.01  # magnitude init: kept 1.0, pruned 1.0 - margin
+    c.allocation = 'global_magnitude'  # 'global_magnitude' | 'uniform'
+    c.restriction = 'none'  # 'none' | 'cosine' | 'poly4' | 'linear' | 'constant:R'
+    c.seed = 0
+    # dense pretraining (mode='pretrain')
+    c.pretrain_epochs = 10
+    c.pretrain_lr = 0.1
+    c.pretrain_weight_decay = 5e-4
+    # evaluation of an exported jackpot (mode='evaluate'); default: WORKDIR/jackpot.npz
+    c.jackpot = ''
+    # bookkeeping
+    c.checkpoint_every_steps = 500
+    c.log_every_steps = 50
+    c.max_to_keep = 2
+    c.progress = True
+    return c

@@ -45,7 +45,9 @@ _NUM_CLASSES = {'fashion_mnist': 10, 'cifar10': 10, 'cifar100': 100, 'imagenet20
 _IMAGE_SHAPE = {'fashion_mnist': (28, 28, 1), 'cifar10': (32, 32, 3), 'cifar100': (32, 32, 3)}
 _TFDS_SPLIT = {'imagenet2012': {'train': 'train', 'test': 'validation'}}
 IMAGENET_IMAGE_SIZE = 224
-_CROP_PADDING = 32  # Inception fallback centre crop keeps image_size / (image_size + 32) of the short side
+_CROP_PADDING = (
+    32  # Inception fallback centre crop keeps image_size / (image_size + 32) of the short side
+)
 _NETWORK_PROBE_S = 5.0
 
 
@@ -94,8 +96,17 @@ def dataset_info(name: str, *, image_size: int | None = None) -> dict:
     return {'num_classes': _NUM_CLASSES[name], 'image_shape': shape}
 
 
-def get_dataset(name: str, split: str, *, batch_size: int, train: bool, data_dir: str | None = None,
-                seed: int = 0, image_size: int | None = None, num_examples: int | None = None) -> Batches:
+def get_dataset(
+    name: str,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    data_dir: str | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    num_examples: int | None = None,
+) -> Batches:
     """Batches of one split ('train' or 'test'; 'test' is ImageNet's 'validation').
 
     batch_size is the GLOBAL batch: with several JAX processes each process gets its own shard of the
@@ -111,13 +122,23 @@ def get_dataset(name: str, split: str, *, batch_size: int, train: bool, data_dir
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     process_index, process_count = _jax_process()
     if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f'batch_size={batch_size} must be a positive multiple of the {process_count} processes')
+        raise ValueError(
+            f'batch_size={batch_size} must be a positive multiple of the {process_count} processes'
+        )
     local_batch = batch_size // process_count
     tf = _tf()
     if name == 'imagenet2012':
-        return _streaming_batches(name, split, train=train, data_dir=data_dir, seed=seed,
-                                  image_size=image_size or IMAGENET_IMAGE_SIZE, num_examples=num_examples,
-                                  local_batch=local_batch, process=(process_index, process_count))
+        return _streaming_batches(
+            name,
+            split,
+            train=train,
+            data_dir=data_dir,
+            seed=seed,
+            image_size=image_size or IMAGENET_IMAGE_SIZE,
+            num_examples=num_examples,
+            local_batch=local_batch,
+            process=(process_index, process_count),
+        )
     images, labels = _load_in_memory(name, split, data_dir=data_dir, num_examples=num_examples)
     total = len(labels)
     start, stop = _process_slice(total, process_index, process_count, drop_remainder=train)
@@ -130,12 +151,20 @@ def get_dataset(name: str, split: str, *, batch_size: int, train: bool, data_dir
             return tf.data.Dataset.from_tensor_slices((np.arange(len(labels)), images, labels))
         # A full permutation drawn by numpy from (seed, epoch) alone: resuming is slicing it.
         first = start_step * local_batch
-        order = _rng(seed, epoch, 'shuffle').permutation(len(labels))[first:steps * local_batch]
+        order = _rng(seed, epoch, 'shuffle').permutation(len(labels))[first : steps * local_batch]
         positions = np.arange(first, first + len(order))
         return tf.data.Dataset.from_tensor_slices((positions, images[order], labels[order]))
 
-    return _batches(name, examples, example_fn, num_examples=len(labels), local_batch=local_batch,
-                    steps=steps, train=train, seed=seed)
+    return _batches(
+        name,
+        examples,
+        example_fn,
+        num_examples=len(labels),
+        local_batch=local_batch,
+        steps=steps,
+        train=train,
+        seed=seed,
+    )
 
 
 def load_fashion_mnist_idx(directory: str = FASHION_MNIST_DIR) -> dict:
@@ -161,7 +190,8 @@ def _load_in_memory(name, split, *, data_dir, num_examples):
         if not builder.is_prepared():
             raise DatasetNotFoundError(
                 f'Fashion-MNIST not found in {directory}: install it with `apt-get install '
-                f'dataset-fashion-mnist` or set {FASHION_MNIST_ENV} / data_dir')
+                f'dataset-fashion-mnist` or set {FASHION_MNIST_ENV} / data_dir'
+            )
     else:
         builder = _prepared_builder(name, data_dir)
     ds = builder.as_dataset(split=_split_string(name, split, num_examples), shuffle_files=False)
@@ -176,33 +206,55 @@ def _load_in_memory(name, split, *, data_dir, num_examples):
     return images, labels
 
 
-def _streaming_batches(name, split, *, train, data_dir, seed, image_size, num_examples, local_batch, process):
-    tf, tfds = _tf(), _tfds()
+def _streaming_batches(
+    name, split, *, train, data_dir, seed, image_size, num_examples, local_batch, process
+):
+    tfds = _tfds()
     builder = _prepared_builder(name, data_dir)
     split_str = _split_string(name, split, num_examples)
     if process[1] > 1:
-        split_str = tfds.split_for_jax_process(split_str, process_index=process[0], process_count=process[1],
-                                               drop_remainder=train)
+        split_str = tfds.split_for_jax_process(
+            split_str, process_index=process[0], process_count=process[1], drop_remainder=train
+        )
     local = _cardinality(builder.as_dataset(split=split_str), num_examples)
-    total = (local if process[1] == 1 else
-             _cardinality(builder.as_dataset(split=_split_string(name, split, num_examples)), num_examples))
+    total = (
+        local
+        if process[1] == 1
+        else _cardinality(
+            builder.as_dataset(split=_split_string(name, split, num_examples)), num_examples
+        )
+    )
     steps = _steps(local, total, local_batch, process[1], train)
     decoders = {'image': tfds.decode.SkipDecoding()}
     example_fn = (_imagenet_train_fn if train else _imagenet_eval_fn)(image_size)
 
     def examples(epoch, start_step):
-        read_config = tfds.ReadConfig(shuffle_seed=_int_seed(seed, epoch, 'files') if train else None)
-        ds = builder.as_dataset(split=split_str, shuffle_files=train, decoders=decoders, read_config=read_config)
+        read_config = tfds.ReadConfig(
+            shuffle_seed=_int_seed(seed, epoch, 'files') if train else None
+        )
+        ds = builder.as_dataset(
+            split=split_str, shuffle_files=train, decoders=decoders, read_config=read_config
+        )
         ds = ds.take(local).map(lambda ex: (ex['image'], ex['label']))
         if train:
             buffer = min(local, max(16 * local_batch, 10_000))
-            ds = ds.shuffle(buffer, seed=_int_seed(seed, epoch, 'shuffle'), reshuffle_each_iteration=False)
+            ds = ds.shuffle(
+                buffer, seed=_int_seed(seed, epoch, 'shuffle'), reshuffle_each_iteration=False
+            )
         # Position within the epoch first, then skip: decoding happens later, so skipped examples cost little.
         ds = ds.enumerate().skip(start_step * local_batch if train else 0)
         return ds.map(lambda i, example: (i, example[0], example[1]))
 
-    return _batches(name, examples, example_fn, num_examples=local, local_batch=local_batch,
-                    steps=steps, train=train, seed=seed)
+    return _batches(
+        name,
+        examples,
+        example_fn,
+        num_examples=local,
+        local_batch=local_batch,
+        steps=steps,
+        train=train,
+        seed=seed,
+    )
 
 
 def _prepared_builder(name, data_dir):
@@ -213,12 +265,16 @@ def _prepared_builder(name, data_dir):
     root = os.path.dirname(os.path.dirname(builder.data_dir))
     if name == 'imagenet2012':
         manual = os.path.join(root, 'downloads', 'manual')
-        hint = (f'ImageNet is not prepared in {root}: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
-                f'in {manual}/ (the TFDS manual_dir) and run again')
+        hint = (
+            f'ImageNet is not prepared in {root}: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
+            f'in {manual}/ (the TFDS manual_dir) and run again'
+        )
     else:
-        hint = (f'{name} is not prepared in {root} and could not be downloaded: with internet run '
-                f"`tfds.builder('{name}', data_dir='{root}').download_and_prepare()` (or copy a prepared "
-                f'{root}/{name}/ from another machine)')
+        hint = (
+            f'{name} is not prepared in {root} and could not be downloaded: with internet run '
+            f"`tfds.builder('{name}', data_dir='{root}').download_and_prepare()` (or copy a prepared "
+            f'{root}/{name}/ from another machine)'
+        )
     # TFDS retries a dead network for minutes: probe first. ImageNet downloads nothing (manual files).
     urls = [] if name == 'imagenet2012' else list(getattr(builder, 'url_infos', None) or {})
     if urls and not _network_available(urls[0]):
@@ -259,13 +315,16 @@ def _read_fashion_split(directory, split):
         missing = [f for f, p in zip((image_name, label_name), paths) if not p]
         raise DatasetNotFoundError(
             f'Fashion-MNIST not found in {directory} (missing {", ".join(missing)}): install it with '
-            f'`apt-get install dataset-fashion-mnist` or set {FASHION_MNIST_ENV} / data_dir')
+            f'`apt-get install dataset-fashion-mnist` or set {FASHION_MNIST_ENV} / data_dir'
+        )
     images = _read_idx(paths[0], ndim=3)
     labels = _read_idx(paths[1], ndim=1).astype(np.int64)
     if images.shape[1:] != (28, 28):
         raise ValueError(f'{paths[0]}: images are {images.shape[1:]}, expected (28, 28)')
     if len(images) != len(labels):
-        raise ValueError(f'{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels')
+        raise ValueError(
+            f'{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels'
+        )
     if labels.size and labels.max() > 9:
         raise ValueError(f'{paths[1]}: label {labels.max()} outside 0..9')
     return images[..., None], labels
@@ -273,7 +332,7 @@ def _read_fashion_split(directory, split):
 
 def _idx_path(directory, gz_name):
     """Path of `gz_name` in directory, or of its uncompressed twin; None when neither exists."""
-    for name in (gz_name, gz_name[:-len('.gz')]):
+    for name in (gz_name, gz_name[: -len('.gz')]):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             return path
@@ -293,11 +352,15 @@ def _read_idx(path, *, ndim):
         raise ValueError(f'{path}: corrupt file ({e})') from e
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:4] != bytes([0, 0, 0x08, ndim]):
-        raise ValueError(f'{path}: not an IDX file of {ndim}-d unsigned bytes (magic {raw[:4].hex() or "missing"})')
+        raise ValueError(
+            f'{path}: not an IDX file of {ndim}-d unsigned bytes (magic {raw[:4].hex() or "missing"})'
+        )
     dims = tuple(int(d) for d in np.frombuffer(raw[4:header], '>u4'))
     expected = math.prod(dims)
     if len(raw) - header != expected:
-        raise ValueError(f'{path}: header says {dims} = {expected} bytes of data, file has {len(raw) - header}')
+        raise ValueError(
+            f'{path}: header says {dims} = {expected} bytes of data, file has {len(raw) - header}'
+        )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
@@ -322,28 +385,46 @@ def _batches(name, examples, example_fn, *, num_examples, local_batch, steps, tr
         parallel = tf.data.AUTOTUNE
         if train:
             if example_fn is not None:
-                aug_seed = tf.constant(_rng(seed, epoch, 'augment').integers(0, 2**31, size=2), tf.int64)
+                aug_seed = tf.constant(
+                    _rng(seed, epoch, 'augment').integers(0, 2**31, size=2), tf.int64
+                )
                 fold_in = tf.random.experimental.stateless_fold_in
-                ds = ds.map(lambda i, image, label: (i, example_fn(image, fold_in(aug_seed, i)), label),
-                            num_parallel_calls=parallel)
+                ds = ds.map(
+                    lambda i, image, label: (i, example_fn(image, fold_in(aug_seed, i)), label),
+                    num_parallel_calls=parallel,
+                )
             ds = ds.batch(local_batch, drop_remainder=True).take(steps - start_step)
-            ds = ds.map(lambda i, x, y: (normalise(x), tf.cast(y, tf.int32)), num_parallel_calls=parallel)
+            ds = ds.map(
+                lambda i, x, y: (normalise(x), tf.cast(y, tf.int32)), num_parallel_calls=parallel
+            )
         else:
             if example_fn is not None:
-                ds = ds.map(lambda i, image, label: (i, example_fn(image, None), label), num_parallel_calls=parallel)
+                ds = ds.map(
+                    lambda i, image, label: (i, example_fn(image, None), label),
+                    num_parallel_calls=parallel,
+                )
             # Padding examples carry position -1, which becomes weight 0.
-            pad = tuple(tf.fill(spec.shape, tf.constant(-1 if k == 0 else 0, spec.dtype))
-                        for k, spec in enumerate(ds.element_spec))
+            pad = tuple(
+                tf.fill(spec.shape, tf.constant(-1 if k == 0 else 0, spec.dtype))
+                for k, spec in enumerate(ds.element_spec)
+            )
             ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
             ds = ds.batch(local_batch).skip(start_step)
-            ds = ds.map(lambda i, x, y: (normalise(x), tf.cast(y, tf.int32), tf.cast(i >= 0, tf.float32)),
-                        num_parallel_calls=parallel)
+            ds = ds.map(
+                lambda i, x, y: (normalise(x), tf.cast(y, tf.int32), tf.cast(i >= 0, tf.float32)),
+                num_parallel_calls=parallel,
+            )
         options = tf.data.Options()
         options.deterministic = True
         ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
         yield from tfds.as_numpy(ds)
 
-    return Batches(num_examples=num_examples, batch_size=local_batch, steps_per_epoch=steps, _make_epoch=make_epoch)
+    return Batches(
+        num_examples=num_examples,
+        batch_size=local_batch,
+        steps_per_epoch=steps,
+        _make_epoch=make_epoch,
+    )
 
 
 def _cifar_augment(image, seed):
@@ -363,14 +444,24 @@ def _imagenet_train_fn(size):
         box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         shape = tf.image.extract_jpeg_shape(image_bytes)
         begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=box_seed,
-            min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
-            max_attempts=10, use_image_if_no_bounding_boxes=True)
+            shape,
+            bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+            seed=box_seed,
+            min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
         # The sampler returns the whole image when it fails: fall back to a centre crop, as Inception does.
         failed = tf.reduce_all(tf.equal(crop_size[:2], shape[:2]))
-        side = tf.cast(size / (size + _CROP_PADDING) * tf.cast(tf.reduce_min(shape[:2]), tf.float32), tf.int32)
+        side = tf.cast(
+            size / (size + _CROP_PADDING) * tf.cast(tf.reduce_min(shape[:2]), tf.float32), tf.int32
+        )
         center = tf.stack([(shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2, side, side])
-        window = tf.where(failed, center, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]))
+        window = tf.where(
+            failed, center, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+        )
         image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
         image = tf.image.resize(image, [size, size], method='bilinear', antialias=True)
         image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
@@ -393,7 +484,7 @@ def _imagenet_eval_fn(size):
         image = tf.image.resize(image, tf.stack([new_h, new_w]), method='bilinear', antialias=True)
         top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
         left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
-        return tf.ensure_shape(image[top:top + size, left:left + size], [size, size, 3])
+        return tf.ensure_shape(image[top : top + size, left : left + size], [size, size, 3])
 
     return fn
 
@@ -450,6 +541,7 @@ def _check_name(name):
 
 def _jax_process():
     import jax
+
     return jax.process_index(), jax.process_count()
 
 
@@ -462,6 +554,7 @@ def _tf():
     # tf.data only shuffles and normalises here; without this TF prints its oneDNN notice on import
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
     import tensorflow as tf
+
     try:
         tf.config.set_visible_devices([], 'GPU')  # the GPU belongs to JAX
     except RuntimeError:  # TF already initialised its devices: nothing to change now
@@ -472,4 +565,5 @@ def _tf():
 def _tfds():
     _tf()
     import tensorflow_datasets as tfds
+
     return tfds

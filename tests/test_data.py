@@ -17,9 +17,11 @@ N_TRAIN, N_TEST = 100, 37
 
 
 def _write_idx(path, array, *, compress=True):
-    header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+    header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
+        int(d).to_bytes(4, 'big') for d in array.shape
+    )
     payload = header + np.ascontiguousarray(array, np.uint8).tobytes()
-    with (gzip.open(path, 'wb') if compress else open(path, 'wb')) as f:
+    with gzip.open(path, 'wb') if compress else open(path, 'wb') as f:
         f.write(payload)
 
 
@@ -91,12 +93,15 @@ def test_idx_uncompressed_files_are_read(tmp_path):
     np.testing.assert_array_equal(data.load_fashion_mnist_idx(str(tmp_path))['test'][1], labels)
 
 
-@pytest.mark.parametrize('damage, message', [
-    ('truncate_gzip', 'corrupt file'),
-    ('bad_magic', 'not an IDX file'),
-    ('short_payload', 'header says'),
-    ('not_gzip', 'corrupt file'),
-])
+@pytest.mark.parametrize(
+    'damage, message',
+    [
+        ('truncate_gzip', 'corrupt file'),
+        ('bad_magic', 'not an IDX file'),
+        ('short_payload', 'header says'),
+        ('not_gzip', 'corrupt file'),
+    ],
+)
 def test_corrupt_idx_is_a_clear_error(tmp_path, damage, message):
     images, labels = _fake_fashion(10)
     image_file, label_file = data._FASHION_FILES['train']
@@ -130,8 +135,15 @@ def test_mismatched_image_and_label_counts(tmp_path):
 
 
 def test_fashion_train_batches(fashion_dir):
-    batches = data.get_dataset('fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir)
-    assert (batches.num_examples, batches.batch_size, batches.steps_per_epoch, len(batches)) == (N_TRAIN, 16, 6, 6)
+    batches = data.get_dataset(
+        'fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir
+    )
+    assert (batches.num_examples, batches.batch_size, batches.steps_per_epoch, len(batches)) == (
+        N_TRAIN,
+        16,
+        6,
+        6,
+    )
     epoch = _collect(batches.epoch(0))
     assert len(epoch) == 6
     for x, y in epoch:
@@ -146,7 +158,9 @@ def test_fashion_train_batches(fashion_dir):
 
 def test_train_order_depends_only_on_seed_and_epoch(fashion_dir):
     def make(seed=0):
-        return data.get_dataset('fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir, seed=seed)
+        return data.get_dataset(
+            'fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir, seed=seed
+        )
 
     used = make()
     for _ in range(3):
@@ -159,14 +173,18 @@ def test_train_order_depends_only_on_seed_and_epoch(fashion_dir):
 
 
 def test_iteration_walks_through_epochs(fashion_dir):
-    batches = data.get_dataset('fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir)
+    batches = data.get_dataset(
+        'fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir
+    )
     first, second = _collect(batches), _collect(batches)
     _assert_same(first, _collect(batches.epoch(0)))
     _assert_same(second, _collect(batches.epoch(1)))
 
 
 def test_resume_is_the_tail_of_the_epoch(fashion_dir):
-    batches = data.get_dataset('fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir)
+    batches = data.get_dataset(
+        'fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir
+    )
     full = _collect(batches.epoch(2))
     _assert_same(_collect(batches.epoch(2, start_step=4)), full[4:])
     assert _collect(batches.epoch(2, start_step=6)) == []
@@ -175,7 +193,9 @@ def test_resume_is_the_tail_of_the_epoch(fashion_dir):
 
 
 def test_fashion_eval_covers_every_example_once(fashion_dir):
-    batches = data.get_dataset('fashion_mnist', 'test', batch_size=16, train=False, data_dir=fashion_dir)
+    batches = data.get_dataset(
+        'fashion_mnist', 'test', batch_size=16, train=False, data_dir=fashion_dir
+    )
     assert (batches.num_examples, batches.steps_per_epoch) == (N_TEST, 3)
     epoch = _collect(batches.epoch(0))
     assert len(epoch) == 3
@@ -185,13 +205,16 @@ def test_fashion_eval_covers_every_example_once(fashion_dir):
     np.testing.assert_array_equal(weights, np.r_[np.ones(N_TEST), np.zeros(48 - N_TEST)])
     index = np.concatenate([_indices(x) for x, _, _ in epoch])[:N_TEST]
     np.testing.assert_array_equal(index, np.arange(N_TEST))
-    np.testing.assert_array_equal(np.concatenate([y for _, y, _ in epoch])[:N_TEST], np.arange(N_TEST) % 10)
+    np.testing.assert_array_equal(
+        np.concatenate([y for _, y, _ in epoch])[:N_TEST], np.arange(N_TEST) % 10
+    )
     _assert_same(_collect(batches.epoch(5, start_step=1)), epoch[1:])  # no shuffling in eval
 
 
 def test_num_examples_takes_the_first_n(fashion_dir):
-    batches = data.get_dataset('fashion_mnist', 'test', batch_size=8, train=False, data_dir=fashion_dir,
-                               num_examples=10)
+    batches = data.get_dataset(
+        'fashion_mnist', 'test', batch_size=8, train=False, data_dir=fashion_dir, num_examples=10
+    )
     assert (batches.num_examples, batches.steps_per_epoch) == (10, 2)
     index = np.concatenate([_indices(x) for x, _, _ in batches.epoch(0)])[:10]
     np.testing.assert_array_equal(index, np.arange(10))
@@ -199,33 +222,49 @@ def test_num_examples_takes_the_first_n(fashion_dir):
 
 def test_env_variable_points_at_the_idx_files(fashion_dir, monkeypatch):
     monkeypatch.setenv(data.FASHION_MNIST_ENV, fashion_dir)
-    assert data.get_dataset('fashion_mnist', 'test', batch_size=8, train=False).num_examples == N_TEST
+    assert (
+        data.get_dataset('fashion_mnist', 'test', batch_size=8, train=False).num_examples == N_TEST
+    )
 
 
 def test_process_shards_are_disjoint_and_in_step(fashion_dir, monkeypatch):
     shards = {}
     for index in range(2):
         monkeypatch.setattr(data, '_jax_process', lambda index=index: (index, 2))
-        train = data.get_dataset('fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir)
-        test = data.get_dataset('fashion_mnist', 'test', batch_size=16, train=False, data_dir=fashion_dir)
+        train = data.get_dataset(
+            'fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir
+        )
+        test = data.get_dataset(
+            'fashion_mnist', 'test', batch_size=16, train=False, data_dir=fashion_dir
+        )
         assert train.batch_size == 8 and (train.num_examples, train.steps_per_epoch) == (50, 6)
         assert test.steps_per_epoch == 3  # ceil(ceil(37 / 2) / 8) on both processes
         shards[index] = (
             np.concatenate([_indices(x) for x, _ in train.epoch(0)]),
-            np.concatenate([_indices(x)[w > 0] for x, _, w in test.epoch(0)]))
+            np.concatenate([_indices(x)[w > 0] for x, _, w in test.epoch(0)]),
+        )
     assert not set(shards[0][0]) & set(shards[1][0])
     np.testing.assert_array_equal(np.concatenate([shards[0][1], shards[1][1]]), np.arange(N_TEST))
     with pytest.raises(ValueError, match='multiple'):
         data.get_dataset('fashion_mnist', 'train', batch_size=15, train=True, data_dir=fashion_dir)
 
 
-@pytest.mark.skipif(not os.path.isdir(REAL_FASHION_DIR), reason='dataset-fashion-mnist not installed')
+@pytest.mark.skipif(
+    not os.path.isdir(REAL_FASHION_DIR), reason='dataset-fashion-mnist not installed'
+)
 def test_real_fashion_mnist_files():
     loaded = data.load_fashion_mnist_idx(REAL_FASHION_DIR)
-    assert loaded['train'][0].shape == (60000, 28, 28, 1) and loaded['test'][0].shape == (10000, 28, 28, 1)
+    assert loaded['train'][0].shape == (60000, 28, 28, 1) and loaded['test'][0].shape == (
+        10000,
+        28,
+        28,
+        1,
+    )
     np.testing.assert_array_equal(np.bincount(loaded['train'][1]), np.full(10, 6000))
     np.testing.assert_array_equal(np.bincount(loaded['test'][1]), np.full(10, 1000))
-    batches = data.get_dataset('fashion_mnist', 'train', batch_size=256, train=True, data_dir=REAL_FASHION_DIR)
+    batches = data.get_dataset(
+        'fashion_mnist', 'train', batch_size=256, train=True, data_dir=REAL_FASHION_DIR
+    )
     assert (batches.num_examples, batches.steps_per_epoch) == (60000, 234)
     x, y = next(iter(batches))
     assert abs(x.mean()) < 0.1 and abs(x.std() - 1) < 0.1
@@ -245,9 +284,15 @@ def _assert_one_line_fast(call, started, *needles):
 def test_missing_fashion_mnist(tmp_path):
     started = time.monotonic()
     _assert_one_line_fast(
-        lambda: data.get_dataset('fashion_mnist', 'train', batch_size=8, train=True, data_dir=str(tmp_path)),
-        started, 'Fashion-MNIST not found', str(tmp_path), 'apt-get install dataset-fashion-mnist',
-        data.FASHION_MNIST_ENV)
+        lambda: data.get_dataset(
+            'fashion_mnist', 'train', batch_size=8, train=True, data_dir=str(tmp_path)
+        ),
+        started,
+        'Fashion-MNIST not found',
+        str(tmp_path),
+        'apt-get install dataset-fashion-mnist',
+        data.FASHION_MNIST_ENV,
+    )
     with pytest.raises(data.DatasetNotFoundError):
         data.load_fashion_mnist_idx(str(tmp_path))
 
@@ -256,20 +301,34 @@ def test_missing_cifar_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(data, '_network_available', lambda url: False)  # the same on any machine
     started = time.monotonic()
     _assert_one_line_fast(
-        lambda: data.get_dataset('cifar10', 'train', batch_size=8, train=True, data_dir=str(tmp_path)),
-        started, 'cifar10', str(tmp_path), 'download_and_prepare')
+        lambda: data.get_dataset(
+            'cifar10', 'train', batch_size=8, train=True, data_dir=str(tmp_path)
+        ),
+        started,
+        'cifar10',
+        str(tmp_path),
+        'download_and_prepare',
+    )
 
 
 def test_missing_imagenet_names_the_manual_files(tmp_path):
     started = time.monotonic()
     _assert_one_line_fast(
-        lambda: data.get_dataset('imagenet2012', 'test', batch_size=8, train=False, data_dir=str(tmp_path)),
-        started, 'ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', os.path.join('downloads', 'manual'))
+        lambda: data.get_dataset(
+            'imagenet2012', 'test', batch_size=8, train=False, data_dir=str(tmp_path)
+        ),
+        started,
+        'ILSVRC2012_img_train.tar',
+        'ILSVRC2012_img_val.tar',
+        os.path.join('downloads', 'manual'),
+    )
 
 
 def test_network_probe_fails_fast():
     started = time.monotonic()
-    assert not data._network_available('https://ljax-test.invalid/file.tar.gz')  # .invalid never resolves
+    assert not data._network_available(
+        'https://ljax-test.invalid/file.tar.gz'
+    )  # .invalid never resolves
     assert time.monotonic() - started < data._NETWORK_PROBE_S + 2
 
 
@@ -293,13 +352,19 @@ def _bounds(name):
 
 
 def _check_train(batches, shape, name):
-    assert batches.num_examples == N_MOCK and batches.steps_per_epoch == N_MOCK // batches.batch_size
+    assert (
+        batches.num_examples == N_MOCK and batches.steps_per_epoch == N_MOCK // batches.batch_size
+    )
     epoch = _collect(batches.epoch(0))
     assert len(epoch) == batches.steps_per_epoch
     low, high = _bounds(name)
     for x, y in epoch:
         assert x.dtype == np.float32 and x.shape == (batches.batch_size, *shape)
-        assert y.dtype == np.int32 and 0 <= y.min() and y.max() < data.dataset_info(name)['num_classes']
+        assert (
+            y.dtype == np.int32
+            and 0 <= y.min()
+            and y.max() < data.dataset_info(name)['num_classes']
+        )
         assert np.all(x >= low) and np.all(x <= high)
     _assert_same(epoch, _collect(batches.epoch(0)))
     _assert_same(_collect(batches.epoch(1, start_step=2)), _collect(batches.epoch(1))[2:])
@@ -312,17 +377,27 @@ def _check_eval(batches, shape):
     steps = -(-N_MOCK // batches.batch_size)
     assert len(epoch) == batches.steps_per_epoch == steps
     for x, y, w in epoch:
-        assert x.shape == (batches.batch_size, *shape) and y.dtype == np.int32 and w.dtype == np.float32
+        assert (
+            x.shape == (batches.batch_size, *shape)
+            and y.dtype == np.int32
+            and w.dtype == np.float32
+        )
     weights = np.concatenate([w for _, _, w in epoch])
-    np.testing.assert_array_equal(weights, np.r_[np.ones(N_MOCK), np.zeros(steps * batches.batch_size - N_MOCK)])
+    np.testing.assert_array_equal(
+        weights, np.r_[np.ones(N_MOCK), np.zeros(steps * batches.batch_size - N_MOCK)]
+    )
     return epoch
 
 
 @pytest.mark.parametrize('name', ['cifar10', 'cifar100'])
 def test_cifar_mocked(mock_tfds, name):
-    train = data.get_dataset(name, 'train', batch_size=8, train=True, data_dir='/nonexistent', seed=3)
+    train = data.get_dataset(
+        name, 'train', batch_size=8, train=True, data_dir='/nonexistent', seed=3
+    )
     _check_train(train, (32, 32, 3), name)
-    again = data.get_dataset(name, 'train', batch_size=8, train=True, data_dir='/nonexistent', seed=3)
+    again = data.get_dataset(
+        name, 'train', batch_size=8, train=True, data_dir='/nonexistent', seed=3
+    )
     _assert_same(_collect(train.epoch(4)), _collect(again.epoch(4)))
 
     test = data.get_dataset(name, 'test', batch_size=8, train=False)
@@ -331,21 +406,38 @@ def test_cifar_mocked(mock_tfds, name):
     raw = next(iter(raw))
     mean, std = (np.array(v, np.float32) * 255 for v in data.MEAN_STD[name])
     x = np.concatenate([x for x, _, _ in epoch])[:N_MOCK]
-    np.testing.assert_allclose(x, (raw['image'] - mean) / std, atol=1e-5)  # in order, no augmentation
+    np.testing.assert_allclose(
+        x, (raw['image'] - mean) / std, atol=1e-5
+    )  # in order, no augmentation
     np.testing.assert_array_equal(np.concatenate([y for _, y, _ in epoch])[:N_MOCK], raw['label'])
 
 
 def test_cifar_augmentation_is_pad_crop_flip(mock_tfds):
     x, y = next(data.get_dataset('cifar10', 'train', batch_size=N_MOCK, train=True).epoch(0))
-    raw = next(iter(mock_tfds.as_numpy(mock_tfds.builder('cifar10').as_dataset(split='train', batch_size=N_MOCK))))
+    raw = next(
+        iter(
+            mock_tfds.as_numpy(
+                mock_tfds.builder('cifar10').as_dataset(split='train', batch_size=N_MOCK)
+            )
+        )
+    )
     mean, std = (np.array(v) * 255 for v in data.MEAN_STD['cifar10'])
     pixels = np.rint(x * std + mean).astype(np.int64)  # back to 0..255
     padded = np.pad(raw['image'].astype(np.int64), ((0, 0), (4, 4), (4, 4), (0, 0)))
     sources, moves = [], set()
     for image, label in zip(pixels, y):
-        found = [(k, dy, dx, flip) for flip in (False, True) for dy in range(9) for dx in range(9)
-                 for k in np.flatnonzero(np.all(
-                     padded[:, dy:dy + 32, dx:dx + 32][:, :, ::-1 if flip else 1] == image, axis=(1, 2, 3)))]
+        found = [
+            (k, dy, dx, flip)
+            for flip in (False, True)
+            for dy in range(9)
+            for dx in range(9)
+            for k in np.flatnonzero(
+                np.all(
+                    padded[:, dy : dy + 32, dx : dx + 32][:, :, :: -1 if flip else 1] == image,
+                    axis=(1, 2, 3),
+                )
+            )
+        ]
         assert found, 'a train image is not a padded crop (maybe flipped) of any original'
         k, dy, dx, flip = found[0]
         assert raw['label'][k] == label
@@ -356,7 +448,9 @@ def test_cifar_augmentation_is_pad_crop_flip(mock_tfds):
 
 
 def test_imagenet_mocked(mock_tfds):
-    train = data.get_dataset('imagenet2012', 'train', batch_size=10, train=True, image_size=32, seed=1)
+    train = data.get_dataset(
+        'imagenet2012', 'train', batch_size=10, train=True, image_size=32, seed=1
+    )
     _check_train(train, (32, 32, 3), 'imagenet2012')
     test = data.get_dataset('imagenet2012', 'test', batch_size=16, train=False, image_size=32)
     epoch = _check_eval(test, (32, 32, 3))
@@ -368,7 +462,9 @@ def test_imagenet_mocked(mock_tfds):
 
 def test_fashion_falls_back_to_prepared_tfds(mock_tfds, tmp_path, monkeypatch):
     monkeypatch.setattr(mock_tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
-    batches = data.get_dataset('fashion_mnist', 'test', batch_size=16, train=False, data_dir=str(tmp_path))
+    batches = data.get_dataset(
+        'fashion_mnist', 'test', batch_size=16, train=False, data_dir=str(tmp_path)
+    )
     assert batches.num_examples == N_MOCK
     x, y, w = next(batches.epoch(0))
     assert x.shape == (16, 28, 28, 1) and y.dtype == np.int32

@@ -18,57 +18,61 @@ def _count(tree):
 
 
 @pytest.mark.parametrize(
-    "name, num_classes, kwargs, shape, expected",
+    'name, num_classes, kwargs, shape, expected',
     [
         # The authors' VGG-19: "20.04M" params on CIFAR-10.
-        ("vgg19_cifar", 10, {}, (1, 32, 32, 3), 20_035_018),
-        ("vgg19_cifar", 100, {}, (1, 32, 32, 3), 20_081_188),
+        ('vgg19_cifar', 10, {}, (1, 32, 32, 3), 20_035_018),
+        ('vgg19_cifar', 100, {}, (1, 32, 32, 3), 20_081_188),
         # He et al.'s ResNet-32 (0.46M) and the authors' 32/64/128 variant (1.85M).
-        ("resnet32_cifar", 10, {}, (1, 32, 32, 3), 464_154),
-        ("resnet32_cifar", 10, {"widths": (32, 64, 128)}, (1, 32, 32, 3), 1_849_898),
-        ("resnet32_cifar", 100, {"widths": (32, 64, 128)}, (1, 32, 32, 3), 1_861_508),
+        ('resnet32_cifar', 10, {}, (1, 32, 32, 3), 464_154),
+        ('resnet32_cifar', 10, {'widths': (32, 64, 128)}, (1, 32, 32, 3), 1_849_898),
+        ('resnet32_cifar', 100, {'widths': (32, 64, 128)}, (1, 32, 32, 3), 1_861_508),
         # torchvision's resnet50().
-        ("resnet50", 1000, {}, (1, 224, 224, 3), 25_557_032),
+        ('resnet50', 1000, {}, (1, 224, 224, 3), 25_557_032),
         # 784*768+768 + 2*768 (BN) + 768*768+768 + 2*768 + 768*10+10
-        ("mlp", 10, {}, (1, 28, 28, 1), 1_204_234),
+        ('mlp', 10, {}, (1, 28, 28, 1), 1_204_234),
     ],
 )
 def test_param_count(name, num_classes, kwargs, shape, expected):
     variables = _abstract_variables(get_model(name, num_classes, **kwargs), shape)
-    assert _count(variables["params"]) == expected
+    assert _count(variables['params']) == expected
 
 
 def test_resnet50_batch_stats_count():
     variables = _abstract_variables(ResNet50(), (1, 224, 224, 3))
     # 53 BN layers; torchvision's running_mean + running_var buffers.
-    assert _count(variables["batch_stats"]) == 53_120
+    assert _count(variables['batch_stats']) == 53_120
 
 
 @pytest.mark.parametrize(
-    "model, shape, path",
+    'model, shape, path',
     [
-        (VGG19Cifar(), (2, 32, 32, 3), [("conv1_1", (3, 3, 3, 64)), ("classifier", (512, 10))]),
-        (ResNetCifar(), (2, 32, 32, 3), [("conv1", (3, 3, 3, 16)), ("fc", (64, 10))]),
-        (ResNet50(), (2, 224, 224, 3), [("conv1", (7, 7, 3, 64)), ("fc", (2048, 1000))]),
-        (MLP(), (2, 28, 28, 1), [("dense1", (784, 768)), ("classifier", (768, 10))]),
+        (VGG19Cifar(), (2, 32, 32, 3), [('conv1_1', (3, 3, 3, 64)), ('classifier', (512, 10))]),
+        (ResNetCifar(), (2, 32, 32, 3), [('conv1', (3, 3, 3, 16)), ('fc', (64, 10))]),
+        (ResNet50(), (2, 224, 224, 3), [('conv1', (7, 7, 3, 64)), ('fc', (2048, 1000))]),
+        (MLP(), (2, 28, 28, 1), [('dense1', (784, 768)), ('classifier', (768, 10))]),
     ],
 )
 def test_first_and_last_kernel_names(model, shape, path):
-    params = _abstract_variables(model, shape)["params"]
+    params = _abstract_variables(model, shape)['params']
     for name, kernel_shape in path:
-        assert params[name]["kernel"].shape == kernel_shape
+        assert params[name]['kernel'].shape == kernel_shape
 
 
 def test_resnet50_block_names():
-    params = _abstract_variables(ResNet50(), (1, 64, 64, 3))["params"]
-    assert params["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
-    assert params["layer2_0"]["downsample_conv"]["kernel"].shape == (1, 1, 256, 512)
-    assert "downsample_conv" not in params["layer2_1"]
-    assert sorted(k for k in params if k.startswith("layer4")) == ["layer4_0", "layer4_1", "layer4_2"]
+    params = _abstract_variables(ResNet50(), (1, 64, 64, 3))['params']
+    assert params['layer2_0']['conv2']['kernel'].shape == (3, 3, 128, 128)
+    assert params['layer2_0']['downsample_conv']['kernel'].shape == (1, 1, 256, 512)
+    assert 'downsample_conv' not in params['layer2_1']
+    assert sorted(k for k in params if k.startswith('layer4')) == [
+        'layer4_0',
+        'layer4_1',
+        'layer4_2',
+    ]
 
 
 @pytest.mark.parametrize(
-    "model, shape",
+    'model, shape',
     [
         (VGG19Cifar(num_classes=7), (3, 32, 32, 3)),
         (ResNetCifar(widths=(8, 16, 32), num_classes=7), (3, 32, 32, 3)),
@@ -92,7 +96,7 @@ def test_resnet50_output_shape_small_input():
 
 
 @pytest.mark.parametrize(
-    "model, shape",
+    'model, shape',
     [
         (ResNetCifar(widths=(4, 8, 8), depth=8), (4, 16, 16, 3)),
         (MLP(hidden=(16,)), (4, 28, 28, 1)),
@@ -102,17 +106,17 @@ def test_batch_stats_update_only_in_train(model, shape):
     x = jax.random.normal(jax.random.key(1), shape) * 3.0 + 1.0
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
     apply = jax.jit(
-        lambda v, x, train: model.apply(v, x, train=train, mutable=["batch_stats"]),
-        static_argnames="train",
+        lambda v, x, train: model.apply(v, x, train=train, mutable=['batch_stats']),
+        static_argnames='train',
     )
     _, updated = apply(variables, x, train=True)
     changed = jax.tree_util.tree_map(
-        lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updated["batch_stats"]
+        lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'], updated['batch_stats']
     )
     assert all(jax.tree_util.tree_leaves(changed))
     _, same = apply(variables, x, train=False)
     unchanged = jax.tree_util.tree_map(
-        lambda a, b: bool(jnp.all(a == b)), variables["batch_stats"], same["batch_stats"]
+        lambda a, b: bool(jnp.all(a == b)), variables['batch_stats'], same['batch_stats']
     )
     assert all(jax.tree_util.tree_leaves(unchanged))
 
@@ -121,10 +125,12 @@ def test_batch_norm_momentum_is_pytorch_default():
     model = MLP(hidden=(3,), num_classes=2)
     x = jax.random.normal(jax.random.key(1), (8, 5))
     variables = model.init(jax.random.key(0), x, train=False)
-    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    h = x @ variables["params"]["dense1"]["kernel"] + variables["params"]["dense1"]["bias"]
+    _, updated = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    h = x @ variables['params']['dense1']['kernel'] + variables['params']['dense1']['bias']
     # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch (running mean starts at 0).
-    np.testing.assert_allclose(updated["batch_stats"]["bn1"]["mean"], 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        updated['batch_stats']['bn1']['mean'], 0.1 * h.mean(0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_option_a_shortcut_matches_reference():
@@ -137,18 +143,18 @@ def test_option_a_shortcut_matches_reference():
 
 
 def test_resnet_cifar_rejects_bad_depth():
-    with pytest.raises(ValueError, match="6n\\+2"):
+    with pytest.raises(ValueError, match='6n\\+2'):
         ResNetCifar(depth=33).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
 
 
 def test_get_model_kwargs():
-    assert get_model("resnet32_cifar", 100, widths=[32, 64, 128]).widths == (32, 64, 128)
-    assert get_model("mlp", 10, hidden=[5]).hidden == (5,)
-    assert get_model("vgg19_cifar", 10, bn_axis_name="batch").bn_axis_name == "batch"
+    assert get_model('resnet32_cifar', 100, widths=[32, 64, 128]).widths == (32, 64, 128)
+    assert get_model('mlp', 10, hidden=[5]).hidden == (5,)
+    assert get_model('vgg19_cifar', 10, bn_axis_name='batch').bn_axis_name == 'batch'
 
 
 def test_get_model_unknown_name_lists_known():
     with pytest.raises(ValueError) as info:
-        get_model("resnet18", 10)
+        get_model('resnet18', 10)
     for name in MODEL_NAMES:
         assert name in str(info.value)

@@ -9,194 +9,248 @@ from ljax.search import AXIS_NAME, Parallel, Search, SearchOptions
 
 
 class Net(nn.Module):
-  """BN-MLP; the first 4 input features are always 0 in `data`, so their weights get no gradient."""
-  hidden: int = 32
-  bn_axis: str | None = None
+    """BN-MLP; the first 4 input features are always 0 in `data`, so their weights get no gradient."""
 
-  @nn.compact
-  def __call__(self, x, train):
-    x = x.reshape(x.shape[0], -1)
-    for _ in range(2):
-      x = nn.Dense(self.hidden)(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, axis_name=self.bn_axis)(x))
-    return nn.Dense(5)(x)
+    hidden: int = 32
+    bn_axis: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = x.reshape(x.shape[0], -1)
+        for _ in range(2):
+            x = nn.Dense(self.hidden)(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, axis_name=self.bn_axis)(x))
+        return nn.Dense(5)(x)
 
 
 def data(n_batches=4, batch=16, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n_batches):
-    x = rng.normal(size=(batch, 12)).astype(np.float32)
-    x[:, :4] = 0.0
-    out.append((x, (x[:, 4:9].argmax(1)).astype(np.int32)))
-  return out
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        x = rng.normal(size=(batch, 12)).astype(np.float32)
+        x[:, :4] = 0.0
+        out.append((x, (x[:, 4:9].argmax(1)).astype(np.int32)))
+    return out
 
 
 def pretrained(model=Net(), seed=0):
-  v = model.init(jax.random.key(seed), np.zeros((1, 12), np.float32), train=False)
-  # make BN statistics non-trivial, so "updated by the search" is visible
-  v['batch_stats'] = jax.tree.map(lambda a: a + 0.5, v['batch_stats'])
-  return jax.tree.map(np.asarray, v)
+    v = model.init(jax.random.key(seed), np.zeros((1, 12), np.float32), train=False)
+    # make BN statistics non-trivial, so "updated by the search" is visible
+    v['batch_stats'] = jax.tree.map(lambda a: a + 0.5, v['batch_stats'])
+    return jax.tree.map(np.asarray, v)
 
 
 def test_result_contract():
-  model, v = Net(), pretrained()
-  before = jax.tree.map(np.copy, v)
-  jp = search_jackpot(model, v, data(), sparsity=0.8, epochs=2)
-  # the caller's variables are bit-identical
-  jax.tree.map(np.testing.assert_array_equal, v, before)
-  params, mask = jp.variables['params'], jp.mask
-  assert mask['Dense_2']['kernel'] is None and mask['Dense_0']['bias'] is None  # classifier, bias
-  assert mask['Dense_0']['kernel'].dtype == bool
-  for layer in ('Dense_0', 'Dense_1'):
-    w, m, got = before['params'][layer]['kernel'], mask[layer]['kernel'], np.asarray(params[layer]['kernel'])
-    np.testing.assert_array_equal(got[m], w[m])  # kept: the pre-trained value, bit for bit
-    assert np.all(got[~m] == 0.0) and not np.signbit(got[~m]).any()  # pruned: exactly +0.0
-  for path in (('Dense_2', 'kernel'), ('Dense_2', 'bias'), ('Dense_0', 'bias'), ('BatchNorm_0', 'scale'),
-               ('BatchNorm_1', 'bias')):
-    np.testing.assert_array_equal(params[path[0]][path[1]], before['params'][path[0]][path[1]])
-  n = 12 * 32 + 32 * 32
-  assert sum(jp.kept_per_layer.values()) == round(0.2 * n)
-  assert jp.sparsity == pytest.approx(1 - round(0.2 * n) / n)
-  # BatchNorm ran in training mode: running statistics moved
-  assert not np.allclose(jp.variables['batch_stats']['BatchNorm_0']['mean'],
-                         before['batch_stats']['BatchNorm_0']['mean'])
-  assert len(jp.history) == 2 and {'loss', 'accuracy', 'flips'} <= set(jp.history[0])
+    model, v = Net(), pretrained()
+    before = jax.tree.map(np.copy, v)
+    jp = search_jackpot(model, v, data(), sparsity=0.8, epochs=2)
+    # the caller's variables are bit-identical
+    jax.tree.map(np.testing.assert_array_equal, v, before)
+    params, mask = jp.variables['params'], jp.mask
+    assert mask['Dense_2']['kernel'] is None and mask['Dense_0']['bias'] is None  # classifier, bias
+    assert mask['Dense_0']['kernel'].dtype == bool
+    for layer in ('Dense_0', 'Dense_1'):
+        w, m, got = (
+            before['params'][layer]['kernel'],
+            mask[layer]['kernel'],
+            np.asarray(params[layer]['kernel']),
+        )
+        np.testing.assert_array_equal(got[m], w[m])  # kept: the pre-trained value, bit for bit
+        assert np.all(got[~m] == 0.0) and not np.signbit(got[~m]).any()  # pruned: exactly +0.0
+    for path in (
+        ('Dense_2', 'kernel'),
+        ('Dense_2', 'bias'),
+        ('Dense_0', 'bias'),
+        ('BatchNorm_0', 'scale'),
+        ('BatchNorm_1', 'bias'),
+    ):
+        np.testing.assert_array_equal(params[path[0]][path[1]], before['params'][path[0]][path[1]])
+    n = 12 * 32 + 32 * 32
+    assert sum(jp.kept_per_layer.values()) == round(0.2 * n)
+    assert jp.sparsity == pytest.approx(1 - round(0.2 * n) / n)
+    # BatchNorm ran in training mode: running statistics moved
+    assert not np.allclose(
+        jp.variables['batch_stats']['BatchNorm_0']['mean'],
+        before['batch_stats']['BatchNorm_0']['mean'],
+    )
+    assert len(jp.history) == 2 and {'loss', 'accuracy', 'flips'} <= set(jp.history[0])
 
 
 def test_jax_array_inputs_are_not_donated():
-  model = Net()
-  v = jax.tree.map(jnp.asarray, pretrained())
-  search_jackpot(model, v, data(2), sparsity=0.5, epochs=1)
-  jax.tree.map(lambda a: a.block_until_ready(), v)  # raises if a buffer had been donated
+    model = Net()
+    v = jax.tree.map(jnp.asarray, pretrained())
+    search_jackpot(model, v, data(2), sparsity=0.5, epochs=1)
+    jax.tree.map(lambda a: a.block_until_ready(), v)  # raises if a buffer had been donated
 
 
 @pytest.mark.parametrize('score_init', ['magnitude', 'random'])
 @pytest.mark.parametrize('allocation', ['global_magnitude', 'uniform'])
 def test_every_step_keeps_exactly_k_per_layer(score_init, allocation):
-  model, v = Net(), pretrained()
-  batches = data(3)
-  search = Search.create(model, v, batches[0][0][:1], sparsity=0.7, total_steps=6,
-                         options=SearchOptions(score_init=score_init, allocation=allocation,
-                                               restriction='cosine'))
-  par = Parallel(search)
-  state = par.replicate(search.init_state())
-  assert sum(search.kept.values()) == round(0.3 * (12 * 32 + 32 * 32))
-  for step in range(6):
-    x, y = batches[step % 3]
-    state, _ = par.train(state, x, y, search.rate(step))
-    for n, k in search.kept.items():
-      counts = np.asarray(state.mask[n]).reshape(4, -1).sum(1)
-      assert np.all(counts == k), (step, n, counts, k)  # on each of the 4 devices
-      np.testing.assert_array_equal(state.mask[n][0], state.mask[n][3])
+    model, v = Net(), pretrained()
+    batches = data(3)
+    search = Search.create(
+        model,
+        v,
+        batches[0][0][:1],
+        sparsity=0.7,
+        total_steps=6,
+        options=SearchOptions(score_init=score_init, allocation=allocation, restriction='cosine'),
+    )
+    par = Parallel(search)
+    state = par.replicate(search.init_state())
+    assert sum(search.kept.values()) == round(0.3 * (12 * 32 + 32 * 32))
+    for step in range(6):
+        x, y = batches[step % 3]
+        state, _ = par.train(state, x, y, search.rate(step))
+        for n, k in search.kept.items():
+            counts = np.asarray(state.mask[n]).reshape(4, -1).sum(1)
+            assert np.all(counts == k), (step, n, counts, k)  # on each of the 4 devices
+            np.testing.assert_array_equal(state.mask[n][0], state.mask[n][3])
 
 
 def test_magnitude_init_starts_from_the_magnitude_mask():
-  model, v = Net(), pretrained()
-  search = Search.create(model, v, np.zeros((1, 12), np.float32), sparsity=0.9, total_steps=1)
-  state = search.init_state()
-  for n in search.names:
-    np.testing.assert_array_equal(state.mask[n], search.magnitude[n])
-  flat = np.concatenate([np.abs(v['params'][n.split('/')[0]]['kernel']).reshape(-1) for n in search.names])
-  kept = np.concatenate([np.asarray(search.magnitude[n]).reshape(-1) for n in search.names])
-  assert flat[kept].min() >= flat[~kept].max()
+    model, v = Net(), pretrained()
+    search = Search.create(model, v, np.zeros((1, 12), np.float32), sparsity=0.9, total_steps=1)
+    state = search.init_state()
+    for n in search.names:
+        np.testing.assert_array_equal(state.mask[n], search.magnitude[n])
+    flat = np.concatenate(
+        [np.abs(v['params'][n.split('/')[0]]['kernel']).reshape(-1) for n in search.names]
+    )
+    kept = np.concatenate([np.asarray(search.magnitude[n]).reshape(-1) for n in search.names])
+    assert flat[kept].min() >= flat[~kept].max()
 
 
 def test_score_gradient_is_dL_dmasked_weight_times_weight():
-  """One SGD step with lr 1, no momentum or decay: scores_1 = scores_0 - dL/dscores."""
-  model, v = Net(), pretrained()
-  x, y = data(1, batch=8)[0]
-  search = Search.create(model, v, x[:1], sparsity=0.5, total_steps=1,
-                         options=SearchOptions(lr=1.0, momentum=0.0, weight_decay=0.0))
-  par = Parallel(search, jax.local_devices()[:1])
-  s0 = search.init_state()
-  s1, _ = par.train(par.replicate(s0), x, y, 1.0)
+    """One SGD step with lr 1, no momentum or decay: scores_1 = scores_0 - dL/dscores."""
+    model, v = Net(), pretrained()
+    x, y = data(1, batch=8)[0]
+    search = Search.create(
+        model,
+        v,
+        x[:1],
+        sparsity=0.5,
+        total_steps=1,
+        options=SearchOptions(lr=1.0, momentum=0.0, weight_decay=0.0),
+    )
+    par = Parallel(search, jax.local_devices()[:1])
+    s0 = search.init_state()
+    s1, _ = par.train(par.replicate(s0), x, y, 1.0)
 
-  def loss(masked_kernels):
-    p = jax.tree.map(jnp.asarray, v['params'])
-    p = {**p, 'Dense_0': {**p['Dense_0'], 'kernel': masked_kernels[0]},
-         'Dense_1': {**p['Dense_1'], 'kernel': masked_kernels[1]}}
-    logits, _ = model.apply({'params': p, 'batch_stats': v['batch_stats']}, x, train=True,
-                            mutable=['batch_stats'])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+    def loss(masked_kernels):
+        p = jax.tree.map(jnp.asarray, v['params'])
+        p = {
+            **p,
+            'Dense_0': {**p['Dense_0'], 'kernel': masked_kernels[0]},
+            'Dense_1': {**p['Dense_1'], 'kernel': masked_kernels[1]},
+        }
+        logits, _ = model.apply(
+            {'params': p, 'batch_stats': v['batch_stats']}, x, train=True, mutable=['batch_stats']
+        )
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
-  w = [v['params']['Dense_0']['kernel'], v['params']['Dense_1']['kernel']]
-  m = [s0.mask['Dense_0/kernel'], s0.mask['Dense_1/kernel']]
-  g = jax.grad(loss)([w[0] * m[0], w[1] * m[1]])
-  for i, n in enumerate(['Dense_0/kernel', 'Dense_1/kernel']):
-    np.testing.assert_allclose(s0.scores[n] - s1.scores[n][0], g[i] * w[i], rtol=1e-4, atol=1e-7)
+    w = [v['params']['Dense_0']['kernel'], v['params']['Dense_1']['kernel']]
+    m = [s0.mask['Dense_0/kernel'], s0.mask['Dense_1/kernel']]
+    g = jax.grad(loss)([w[0] * m[0], w[1] * m[1]])
+    for i, n in enumerate(['Dense_0/kernel', 'Dense_1/kernel']):
+        np.testing.assert_allclose(
+            s0.scores[n] - s1.scores[n][0], g[i] * w[i], rtol=1e-4, atol=1e-7
+        )
 
 
 def test_four_devices_agree_with_one_device():
-  """Same global batches on 1 and on 4 devices, synchronised BN (axis_name=AXIS_NAME).
+    """Same global batches on 1 and on 4 devices, synchronised BN (axis_name=AXIS_NAME).
 
-  Tolerance: the per-device sums (BN moments, loss mean, pmean of gradients) add the same
-  numbers in a different order, so scores and statistics agree to float32 rounding (1e-5 here
-  after 8 steps), not bit for bit; masks are compared exactly (no score lands within rounding
-  of a threshold in this run).
-  """
-  model = Net(bn_axis=AXIS_NAME)
-  v = pretrained(model)
-  batches = data(4, batch=32)
-  results = []
-  for devices in (jax.local_devices()[:1], jax.local_devices()[:4]):
-    search = Search.create(model, v, batches[0][0][:1], sparsity=0.8, total_steps=8,
-                           options=SearchOptions(restriction='poly4'))
-    par = Parallel(search, devices)
-    state = par.replicate(search.init_state())
-    for step in range(8):
-      state, _ = par.train(state, *batches[step % 4], search.rate(step))
-    results.append(jax.device_get(state))
-  one, four = results
-  for n in one.mask:
-    for d in range(4):
-      np.testing.assert_array_equal(four.mask[n][d], one.mask[n][0])
-    np.testing.assert_allclose(four.scores[n][0], one.scores[n][0], atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5),
-               four.batch_stats, one.batch_stats)
+    Tolerance: the per-device sums (BN moments, loss mean, pmean of gradients) add the same
+    numbers in a different order, so scores and statistics agree to float32 rounding (1e-5 here
+    after 8 steps), not bit for bit; masks are compared exactly (no score lands within rounding
+    of a threshold in this run).
+    """
+    model = Net(bn_axis=AXIS_NAME)
+    v = pretrained(model)
+    batches = data(4, batch=32)
+    results = []
+    for devices in (jax.local_devices()[:1], jax.local_devices()[:4]):
+        search = Search.create(
+            model,
+            v,
+            batches[0][0][:1],
+            sparsity=0.8,
+            total_steps=8,
+            options=SearchOptions(restriction='poly4'),
+        )
+        par = Parallel(search, devices)
+        state = par.replicate(search.init_state())
+        for step in range(8):
+            state, _ = par.train(state, *batches[step % 4], search.rate(step))
+        results.append(jax.device_get(state))
+    one, four = results
+    for n in one.mask:
+        for d in range(4):
+            np.testing.assert_array_equal(four.mask[n][d], one.mask[n][0])
+        np.testing.assert_allclose(four.scores[n][0], one.scores[n][0], atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5),
+        four.batch_stats,
+        one.batch_stats,
+    )
 
 
 class NoBN(nn.Module):
-  @nn.compact
-  def __call__(self, x, train):
-    return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(sparsity=1.0), 'sparsity'), (dict(sparsity=-0.1), 'sparsity'), (dict(sparsity='0.9'), 'sparsity'),
-    (dict(epochs=0), 'epochs'), (dict(epochs=1.5), 'epochs'),
-    (dict(prunable=lambda path, leaf: False), 'prunable'),
-    (dict(score_init='zeros'), 'score_init'), (dict(allocation='erk?'), 'allocation'),
-    (dict(restriction='sometimes'), 'restriction'), (dict(learning_rate=0.1), 'options'),
-])
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [
+        (dict(sparsity=1.0), 'sparsity'),
+        (dict(sparsity=-0.1), 'sparsity'),
+        (dict(sparsity='0.9'), 'sparsity'),
+        (dict(epochs=0), 'epochs'),
+        (dict(epochs=1.5), 'epochs'),
+        (dict(prunable=lambda path, leaf: False), 'prunable'),
+        (dict(score_init='zeros'), 'score_init'),
+        (dict(allocation='erk?'), 'allocation'),
+        (dict(restriction='sometimes'), 'restriction'),
+        (dict(learning_rate=0.1), 'options'),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
-  args = dict(sparsity=0.5, epochs=1) | kwargs
-  with pytest.raises(ValueError, match=match):
-    search_jackpot(Net(), pretrained(), data(1), **args)
+    args = dict(sparsity=0.5, epochs=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        search_jackpot(Net(), pretrained(), data(1), **args)
 
 
 def test_bad_variables_and_batches():
-  v = pretrained()
-  with pytest.raises(ValueError, match=r'variables.*Dense_0/kernel: expected \(12, 32\), found \(12, 16\)'):
-    bad = jax.tree.map(np.copy, v)
-    bad['params']['Dense_0']['kernel'] = np.zeros((12, 16), np.float32)
-    search_jackpot(Net(), bad, data(1), sparsity=0.5, epochs=1)
-  with pytest.raises(ValueError, match='variables.*missing'):
-    search_jackpot(Net(), {'params': {}, 'batch_stats': v['batch_stats']}, data(1), sparsity=0.5, epochs=1)
-  with pytest.raises(ValueError, match='variables'):
-    search_jackpot(Net(), v['params'], data(1), sparsity=0.5, epochs=1)
-  with pytest.raises(ValueError, match='batches: empty'):
-    search_jackpot(Net(), v, [], sparsity=0.5, epochs=1)
-  with pytest.raises(ValueError, match='batches: got an iterator'):
-    search_jackpot(Net(), v, iter(data(1)), sparsity=0.5, epochs=1)
-  with pytest.raises(ValueError, match='batches: a global batch of 6 does not divide across 4 devices'):
-    search_jackpot(Net(), v, data(1, batch=6), sparsity=0.5, epochs=1)
+    v = pretrained()
+    with pytest.raises(
+        ValueError, match=r'variables.*Dense_0/kernel: expected \(12, 32\), found \(12, 16\)'
+    ):
+        bad = jax.tree.map(np.copy, v)
+        bad['params']['Dense_0']['kernel'] = np.zeros((12, 16), np.float32)
+        search_jackpot(Net(), bad, data(1), sparsity=0.5, epochs=1)
+    with pytest.raises(ValueError, match='variables.*missing'):
+        search_jackpot(
+            Net(), {'params': {}, 'batch_stats': v['batch_stats']}, data(1), sparsity=0.5, epochs=1
+        )
+    with pytest.raises(ValueError, match='variables'):
+        search_jackpot(Net(), v['params'], data(1), sparsity=0.5, epochs=1)
+    with pytest.raises(ValueError, match='batches: empty'):
+        search_jackpot(Net(), v, [], sparsity=0.5, epochs=1)
+    with pytest.raises(ValueError, match='batches: got an iterator'):
+        search_jackpot(Net(), v, iter(data(1)), sparsity=0.5, epochs=1)
+    with pytest.raises(
+        ValueError, match='batches: a global batch of 6 does not divide across 4 devices'
+    ):
+        search_jackpot(Net(), v, data(1, batch=6), sparsity=0.5, epochs=1)
 
 
 def test_model_without_batchnorm():
-  model = NoBN()
-  v = model.init(jax.random.key(0), np.zeros((1, 12), np.float32), train=False)
-  jp = search_jackpot(model, v, data(2), sparsity=0.5, epochs=1, restriction='cosine')
-  assert 'batch_stats' not in jp.variables
-  # Dense(3) is constructed first (Dense_0) but called last: it is the classifier
-  assert jp.kept_per_layer == {'Dense_1/kernel': 48}
+    model = NoBN()
+    v = model.init(jax.random.key(0), np.zeros((1, 12), np.float32), train=False)
+    jp = search_jackpot(model, v, data(2), sparsity=0.5, epochs=1, restriction='cosine')
+    assert 'batch_stats' not in jp.variables
+    # Dense(3) is constructed first (Dense_0) but called last: it is the classifier
+    assert jp.kept_per_layer == {'Dense_1/kernel': 48}

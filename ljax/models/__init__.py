@@ -11,24 +11,24 @@ from ljax.models.resnet50 import ResNet50
 from ljax.models.resnet_cifar import ResNetCifar
 from ljax.models.vgg import VGG19Cifar
 
-MODEL_NAMES = ("vgg19_cifar", "resnet32_cifar", "resnet50", "mlp")
+MODEL_NAMES = ('vgg19_cifar', 'resnet32_cifar', 'resnet50', 'mlp')
 
-__all__ = ["MLP", "MODEL_NAMES", "ResNet50", "ResNetCifar", "VGG19Cifar", "get_model"]
+__all__ = ['MLP', 'MODEL_NAMES', 'ResNet50', 'ResNetCifar', 'VGG19Cifar', 'get_model']
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Builds a model by name: `vgg19_cifar`, `resnet32_cifar` (kwarg `widths`), `resnet50`,
     `mlp` (kwarg `hidden`). Every model also takes `bn_axis_name`."""
-    if name == "vgg19_cifar":
+    if name == 'vgg19_cifar':
         return VGG19Cifar(num_classes=num_classes, **kwargs)
-    if name == "resnet32_cifar":
-        if "widths" in kwargs:
-            kwargs["widths"] = tuple(kwargs["widths"])
+    if name == 'resnet32_cifar':
+        if 'widths' in kwargs:
+            kwargs['widths'] = tuple(kwargs['widths'])
         return ResNetCifar(depth=32, num_classes=num_classes, **kwargs)
-    if name == "resnet50":
+    if name == 'resnet50':
         return ResNet50(num_classes=num_classes, **kwargs)
-    if name == "mlp":
-        if "hidden" in kwargs:
-            kwargs["hidden"] = tuple(kwargs["hidden"])
+    if name == 'mlp':
+        if 'hidden' in kwargs:
+            kwargs['hidden'] = tuple(kwargs['hidden'])
         return MLP(num_classes=num_classes, **kwargs)
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    raise ValueError(f'unknown model {name!r}; known models: {", ".join(MODEL_NAMES)}')

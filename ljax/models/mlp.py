@@ -21,13 +21,13 @@ class MLP(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.hidden, start=1):
-            x = nn.Dense(width, name=f"dense{i}")(x)
+            x = nn.Dense(width, name=f'dense{i}')(x)
             x = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,
                 epsilon=1e-5,
                 axis_name=self.bn_axis_name,
-                name=f"bn{i}",
+                name=f'bn{i}',
             )(x)
             x = nn.relu(x)
-        return nn.Dense(self.num_classes, name="classifier")(x)
+        return nn.Dense(self.num_classes, name='classifier')(x)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 STAGES: tuple[tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))  # (width, blocks)
 EXPANSION = 4
 
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
@@ -52,13 +52,13 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         axis = self.bn_axis_name
-        y = nn.relu(_batch_norm(train, axis, "bn1")(_conv(self.width, 1, 1, "conv1")(x)))
-        y = _conv(self.width, 3, self.stride, "conv2")(y)
-        y = nn.relu(_batch_norm(train, axis, "bn2")(y))
-        y = _batch_norm(train, axis, "bn3")(_conv(self.width * EXPANSION, 1, 1, "conv3")(y))
+        y = nn.relu(_batch_norm(train, axis, 'bn1')(_conv(self.width, 1, 1, 'conv1')(x)))
+        y = _conv(self.width, 3, self.stride, 'conv2')(y)
+        y = nn.relu(_batch_norm(train, axis, 'bn2')(y))
+        y = _batch_norm(train, axis, 'bn3')(_conv(self.width * EXPANSION, 1, 1, 'conv3')(y))
         if self.downsample:
-            x = _conv(self.width * EXPANSION, 1, self.stride, "downsample_conv")(x)
-            x = _batch_norm(train, axis, "downsample_bn")(x)
+            x = _conv(self.width * EXPANSION, 1, self.stride, 'downsample_conv')(x)
+            x = _batch_norm(train, axis, 'downsample_bn')(x)
         return nn.relu(y + x)
 
 
@@ -70,8 +70,8 @@ class ResNet50(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = _conv(64, 7, 2, "conv1")(x)
-        x = nn.relu(_batch_norm(train, self.bn_axis_name, "bn1")(x))
+        x = _conv(64, 7, 2, 'conv1')(x)
+        x = nn.relu(_batch_norm(train, self.bn_axis_name, 'bn1')(x))
         # flax pads max-pool windows with -inf, as PyTorch does.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (width, blocks) in enumerate(STAGES, start=1):
@@ -81,7 +81,7 @@ class ResNet50(nn.Module):
                     stride=2 if stage > 1 and block == 0 else 1,
                     downsample=block == 0,
                     bn_axis_name=self.bn_axis_name,
-                    name=f"layer{stage}_{block}",
+                    name=f'layer{stage}_{block}',
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="fc")(x)
+        return nn.Dense(self.num_classes, name='fc')(x)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
@@ -59,10 +59,10 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        y = _conv3x3(self.width, self.stride, "conv1")(x)
-        y = nn.relu(_batch_norm(train, self.bn_axis_name, "bn1")(y))
-        y = _conv3x3(self.width, 1, "conv2")(y)
-        y = _batch_norm(train, self.bn_axis_name, "bn2")(y)
+        y = _conv3x3(self.width, self.stride, 'conv1')(x)
+        y = nn.relu(_batch_norm(train, self.bn_axis_name, 'bn1')(y))
+        y = _conv3x3(self.width, 1, 'conv2')(y)
+        y = _batch_norm(train, self.bn_axis_name, 'bn2')(y)
         return nn.relu(y + option_a_shortcut(x, self.width, self.stride))
 
 
@@ -77,17 +77,17 @@ class ResNetCifar(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         if (self.depth - 2) % 6 or self.depth < 8:
-            raise ValueError(f"ResNetCifar depth must be 6n+2 with n >= 1, got {self.depth}")
+            raise ValueError(f'ResNetCifar depth must be 6n+2 with n >= 1, got {self.depth}')
         if len(self.widths) != 3:
-            raise ValueError(f"ResNetCifar needs 3 stage widths, got {self.widths}")
+            raise ValueError(f'ResNetCifar needs 3 stage widths, got {self.widths}')
         blocks_per_stage = (self.depth - 2) // 6
-        x = _conv3x3(self.widths[0], 1, "conv1")(x)
-        x = nn.relu(_batch_norm(train, self.bn_axis_name, "bn1")(x))
+        x = _conv3x3(self.widths[0], 1, 'conv1')(x)
+        x = nn.relu(_batch_norm(train, self.bn_axis_name, 'bn1')(x))
         for stage, width in enumerate(self.widths, start=1):
             for block in range(blocks_per_stage):
                 stride = 2 if stage > 1 and block == 0 else 1
-                x = BasicBlock(
-                    width, stride, self.bn_axis_name, name=f"layer{stage}_{block}"
-                )(x, train)
+                x = BasicBlock(width, stride, self.bn_axis_name, name=f'layer{stage}_{block}')(
+                    x, train
+                )
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="fc")(x)
+        return nn.Dense(self.num_classes, name='fc')(x)

@@ -25,7 +25,7 @@ VGG19_BLOCKS: tuple[tuple[int, ...], ...] = (
 )
 
 # Kaiming-normal on fan-out, the usual PyTorch initialisation of ReLU convnets.
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
@@ -51,10 +51,10 @@ class VGG19Cifar(nn.Module):
                     padding=((1, 1), (1, 1)),
                     use_bias=False,
                     kernel_init=_conv_init,
-                    name=f"conv{block}_{layer}",
+                    name=f'conv{block}_{layer}',
                 )(x)
-                x = _batch_norm(train, self.bn_axis_name, f"bn{block}_{layer}")(x)
+                x = _batch_norm(train, self.bn_axis_name, f'bn{block}_{layer}')(x)
                 x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="classifier")(x)
+        return nn.Dense(self.num_classes, name='classifier')(x)
