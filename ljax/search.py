@@ -14,6 +14,7 @@ also normalises with the statistics of the whole global batch (synchronised BN).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
@@ -162,7 +163,7 @@ class Search:
         weights = {n: flat[n] for n in names}
         magnitude = sparsity_lib.magnitude_masks(weights, sparsity, options.allocation)
         kept = {n: int(jnp.sum(magnitude[n])) for n in names}
-        return cls(
+        search = cls(
             model,
             params,
             variables.get('batch_stats') or None,
@@ -172,6 +173,8 @@ class Search:
             options,
             int(total_steps),
         )
+        search.rate(0)  # an unknown restriction schedule fails here, before any work
+        return search
 
     # ---------------------------------------------------------------- state
     def optimizer(self) -> optax.GradientTransformation:
@@ -184,7 +187,8 @@ class Search:
     def init_state(self) -> SearchState:
         o = self.options
         rng_scores, rng = jax.random.split(jax.random.key(o.seed))
-        weights = {n: sparsity_lib.flatten(self.params)[n] for n in self.names}
+        flat = sparsity_lib.flatten(self.params)
+        weights = {n: flat[n] for n in self.names}
         scores = sparsity_lib.init_scores(
             weights, self.magnitude, o.score_init, rng_scores, o.score_margin
         )
@@ -202,8 +206,13 @@ class Search:
             rng=jax.random.key_data(rng),
         )
 
+    @functools.cached_property
+    def _rate_schedule(self):
+        return restriction.rate_schedule(self.options.restriction, self.total_steps)
+
     def rate(self, step: int) -> float:
-        return float(restriction.rate_schedule(self.options.restriction, self.total_steps)(step))
+        """The short restriction's rate at `step` (host side; passed to the step as an argument)."""
+        return float(self._rate_schedule(step))
 
     # ---------------------------------------------------------------- pure functions
     def _variables(self, params, batch_stats):
@@ -426,19 +435,17 @@ def search_jackpot(
     state = par.replicate(search.init_state())
     history, step = [], 0
     for epoch in range(epochs):
-        sums = {'loss': 0.0, 'accuracy': 0.0, 'flips': 0}
-        n = 0
+        per_step = []  # fetched once per epoch, so the host never waits on a step
         for x, y, *_ in batches:
             state, metrics = par.train(state, x, y, search.rate(step))
-            metrics = jax.device_get(par.unreplicate(metrics))
-            for key in sums:
-                sums[key] += metrics[key]
-            n, step = n + 1, step + 1
+            per_step.append(par.unreplicate(metrics))
+            step += 1
+        per_step = jax.device_get(per_step)
         row = {
             'epoch': epoch + 1,
-            'loss': sums['loss'] / max(n, 1),
-            'accuracy': sums['accuracy'] / max(n, 1),
-            'flips': int(sums['flips']),
+            'loss': float(np.mean([m['loss'] for m in per_step])),
+            'accuracy': float(np.mean([m['accuracy'] for m in per_step])),
+            'flips': int(np.sum([m['flips'] for m in per_step])),
         }
         if eval_batches is not None:
             s = par.unreplicate(state)
