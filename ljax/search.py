@@ -329,7 +329,18 @@ class Parallel:
 
     @staticmethod
     def unreplicate(tree):
-        return jax.tree.map(lambda a: a[0], tree)
+        """The first local device's copy of every leaf, as host NumPy arrays.
+
+        Reads the shard buffers directly: `a[0]` would dispatch one device op per leaf (about
+        1.6 ms each on CPU, most of a second for ResNet-50's search state).
+        """
+
+        def first(a):
+            if isinstance(a, jax.Array):
+                return np.asarray(a.addressable_shards[0].data)[0]
+            return np.asarray(a)[0]
+
+        return jax.tree.map(first, tree)
 
     def train(self, state, x, y, rate: float):
         x, y = self.shard(x, y)
@@ -338,14 +349,20 @@ class Parallel:
     def evaluate(self, batches: Iterable, mask, batch_stats) -> dict:
         """Accuracy and mean loss over (x, y) or (x, y, weight) batches; mask None = dense."""
         mask_r = self.replicate(mask) if mask is not None else None
-        bs_r = self.replicate(batch_stats)
-        total = None
+        return self.evaluate_replicated(batches, mask_r, self.replicate(batch_stats))
+
+    def evaluate_state(self, batches: Iterable, state) -> dict:
+        """`evaluate` of a replicated search state's mask and statistics, left on the devices."""
+        return self.evaluate_replicated(batches, state.mask, state.batch_stats)
+
+    def evaluate_replicated(self, batches: Iterable, mask_r, batch_stats_r) -> dict:
+        sums = []
         for batch in batches:
             x, y = batch[0], batch[1]
             w = batch[2] if len(batch) > 2 else np.ones(np.shape(y), np.float32)
             x, y, w = self.shard(x, y, w)
-            sums = self.unreplicate(self.eval(self.params, mask_r, bs_r, x, y, w))
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+            sums.append(self.eval(self.params, mask_r, batch_stats_r, x, y, w))
+        total = jax.tree.map(lambda *a: np.sum([np.asarray(v)[0] for v in a]), *sums)
         count = float(total['count'])
         return {'accuracy': float(total['correct']) / count, 'loss': float(total['loss']) / count}
 
@@ -438,9 +455,9 @@ def search_jackpot(
         per_step = []  # fetched once per epoch, so the host never waits on a step
         for x, y, *_ in batches:
             state, metrics = par.train(state, x, y, search.rate(step))
-            per_step.append(par.unreplicate(metrics))
+            per_step.append(metrics)
             step += 1
-        per_step = jax.device_get(per_step)
+        per_step = [par.unreplicate(m) for m in per_step]
         row = {
             'epoch': epoch + 1,
             'loss': float(np.mean([m['loss'] for m in per_step])),
@@ -448,12 +465,11 @@ def search_jackpot(
             'flips': int(np.sum([m['flips'] for m in per_step])),
         }
         if eval_batches is not None:
-            s = par.unreplicate(state)
-            row['eval_accuracy'] = par.evaluate(eval_batches, s.mask, s.batch_stats)['accuracy']
+            row['eval_accuracy'] = par.evaluate_state(eval_batches, state)['accuracy']
         history.append(row)
         if callback is not None:
             callback(epoch + 1, row)
-    final = jax.device_get(par.unreplicate(state))
+    final = par.unreplicate(state)
     total = sum(int(np.size(final.mask[n])) for n in search.names)
     kept = {n: int(np.sum(final.mask[n])) for n in search.names}
     return Jackpot(

@@ -226,7 +226,7 @@ def search(config, workdir: str) -> dict:
             state_r, metrics = par.train(state_r, x, y, search_.rate(step))
             step, n = step + 1, n + 1
             if step % log_every == 0 or step == total_steps:
-                m = jax.device_get(par.unreplicate(metrics))
+                m = par.unreplicate(metrics)
                 for k in sums:
                     sums[k] += m[k]
                 ips = n * config.batch_size / (time.time() - t0)
@@ -240,8 +240,7 @@ def search(config, workdir: str) -> dict:
             bar.update(1)
             if step % ckpt_every == 0 and step % train.steps_per_epoch:
                 save(step)
-        s = par.unreplicate(state_r)
-        acc = par.evaluate(test, s.mask, s.batch_stats)['accuracy']
+        acc = par.evaluate_state(test, state_r)['accuracy']
         meta['history'].append(
             {
                 'epoch': epoch + 1,
@@ -256,7 +255,7 @@ def search(config, workdir: str) -> dict:
         save(step)
     bar.close()
     ckpt.wait()
-    final = jax.device_get(par.unreplicate(state_r))
+    final = par.unreplicate(state_r)
     results = _finish(config, workdir, search_, final, meta, time.time() - started)
     ckpt.close()
     writer.close()
@@ -398,10 +397,10 @@ def pretrain(config, workdir: str) -> dict:
             if step % config.get('log_every_steps', 50) == 0:
                 bar.set_postfix(loss=f'{float(loss[0]):.3f}')
         meta['wall_seconds'] = time.time() - started
-        ckpt.save(step, jax_utils.unreplicate(state_r), meta)
+        ckpt.save(step, Parallel.unreplicate(state_r), meta)
     bar.close()
     ckpt.close()
-    final = jax.device_get(jax_utils.unreplicate(state_r))
+    final = Parallel.unreplicate(state_r)
     variables = {'params': final['params']}
     if final['batch_stats']:
         variables['batch_stats'] = final['batch_stats']
