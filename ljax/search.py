@@ -325,7 +325,7 @@ class Parallel:
         return out
 
     def replicate(self, tree):
-        return jax_utils.replicate(tree, self.devices)
+        return jax_utils.replicate(tree, self.devices, axis_name=AXIS_NAME)
 
     @staticmethod
     def unreplicate(tree):
@@ -392,16 +392,18 @@ def _first_batch(batches):
         raise ValueError(
             f'batches: expected a re-iterable of (x, y) NumPy batches, got {type(batches).__name__}'
         )
-    if iter(batches) is batches:
+    first_pass = iter(batches)  # one call: an epoch-counting dataset skips one epoch, not two
+    if first_pass is batches:
         raise ValueError(
             'batches: got an iterator, which is used up after one epoch; pass a '
             're-iterable such as a list or an object whose __iter__ starts a new epoch'
         )
-    for batch in batches:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError('batches: each batch must be a tuple (x, y) of arrays')
-        return batch
-    raise ValueError('batches: empty; expected at least one (x, y) batch per epoch')
+    batch = next(first_pass, None)
+    if batch is None:
+        raise ValueError('batches: empty; expected at least one (x, y) batch per epoch')
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError('batches: each batch must be a tuple (x, y) of arrays')
+    return batch
 
 
 def search_jackpot(
