@@ -1,0 +1,279 @@
+"""Shared pieces of the benchmark and study scripts: data, models, pretraining, timing, CSV.
+
+Data: Fashion-MNIST read with `ljax.data.load_fashion_mnist_idx` and normalised exactly as
+`ljax.data.get_dataset` does (mean / std of `ljax.data.MEAN_STD`), held in memory as float32, with
+a train order that depends only on (seed, epoch): every row of the study sees the same batches in
+the same order. `pool=2` averages 2x2 pixels (28x28 -> 14x14), the resolution the ResNet-32 runs at
+on a 2-core CPU. `synthetic=True` gives a small learnable stand-in (no files), for smoke tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ljax import convert
+from ljax import data as ljax_data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ----------------------------------------------------------------------------------------- data
+class Data:
+    """Fashion-MNIST (or a synthetic stand-in) as normalised float32 NHWC arrays in memory."""
+
+    def __init__(
+        self,
+        *,
+        pool: int = 1,
+        train_examples: int | None = None,
+        test_examples: int | None = None,
+        synthetic: bool = False,
+        seed: int = 0,
+    ):
+        if synthetic:
+            (xtr, ytr), (xte, yte) = _synthetic(train_examples or 512, test_examples or 256, seed)
+        else:
+            raw = ljax_data.load_fashion_mnist_idx()
+            xtr, ytr = raw['train']
+            xte, yte = raw['test']
+            xtr, ytr = xtr[:train_examples], ytr[:train_examples]
+            xte, yte = xte[:test_examples], yte[:test_examples]
+        mean, std = (np.array(v, np.float32) * 255 for v in ljax_data.MEAN_STD['fashion_mnist'])
+        self.x_train = _pool((xtr.astype(np.float32) - mean) / std, pool)
+        self.y_train = np.asarray(ytr, np.int32)
+        self.x_test = _pool((xte.astype(np.float32) - mean) / std, pool)
+        self.y_test = np.asarray(yte, np.int32)
+        self.seed = seed
+        self.synthetic = synthetic
+
+    @property
+    def shape(self):
+        return self.x_train.shape[1:]
+
+    def steps_per_epoch(self, batch: int) -> int:
+        return len(self.y_train) // batch
+
+    def train_batches(self, epoch: int, batch: int):
+        """(x, y) batches of one epoch; the order depends only on (seed, epoch); remainder dropped."""
+        steps = self.steps_per_epoch(batch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.y_train))
+        for i in range(steps):
+            idx = np.sort(order[i * batch : (i + 1) * batch])
+            yield self.x_train[idx], self.y_train[idx]
+
+    def test_batches(self, batch: int) -> list:
+        """(x, y, weight) batches covering the test split once; the last one padded with weight 0."""
+        out = []
+        n = len(self.y_test)
+        for start in range(0, n, batch):
+            x, y = self.x_test[start : start + batch], self.y_test[start : start + batch]
+            w = np.ones(len(y), np.float32)
+            pad = batch - len(y)
+            if pad:
+                x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+                y = np.concatenate([y, np.zeros(pad, y.dtype)])
+                w = np.concatenate([w, np.zeros(pad, w.dtype)])
+            out.append((x, y, w))
+        return out
+
+
+def _pool(x, pool):
+    if pool == 1:
+        return np.ascontiguousarray(x)
+    n, h, w, c = x.shape
+    return np.ascontiguousarray(x.reshape(n, h // pool, pool, w // pool, pool, c).mean(axis=(2, 4)))
+
+
+def _synthetic(n_train, n_test, seed):
+    """Ten classes, each a fixed random 28x28 pattern plus noise, as uint8 images."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.uniform(0, 255, size=(10, 28, 28, 1))
+
+    def draw(n):
+        y = rng.integers(0, 10, n)
+        x = np.clip(0.5 * patterns[y] + rng.normal(64, 40, size=(n, 28, 28, 1)), 0, 255)
+        return x.astype(np.uint8), y
+
+    return draw(n_train), draw(n_test)
+
+
+# ------------------------------------------------------------------------------------ pretraining
+def pretrain(
+    model,
+    data: Data,
+    *,
+    epochs: int,
+    batch: int,
+    lr: float = 0.1,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """Dense training from scratch, as `ljax.train.pretrain` (SGD nesterov 0.9, cosine lr, coupled
+    weight decay), on one device; returns {'params', 'batch_stats'}."""
+    steps = data.steps_per_epoch(batch)
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(optax.cosine_decay_schedule(lr, epochs * steps), momentum=0.9, nesterov=True),
+    )
+    variables = model.init(jax.random.key(seed), jnp.zeros((1,) + data.shape), train=False)
+    params, batch_stats = variables['params'], variables.get('batch_stats', {})
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, x, y):
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {'params': p, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd[
+                'batch_stats'
+            ]
+
+        (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), bs, opt_state, loss
+
+    for epoch in range(epochs):
+        t0, losses = time.time(), []
+        for x, y in data.train_batches(epoch, batch):
+            params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x, y)
+            losses.append(loss)
+        log(
+            f'  pretrain epoch {epoch + 1}/{epochs}: loss {float(np.mean(jax.device_get(losses))):.4f} '
+            f'({time.time() - t0:.0f} s)'
+        )
+    return jax.device_get({'params': params, 'batch_stats': batch_stats})
+
+
+def evaluate(model, variables, batches) -> dict:
+    """Test accuracy and mean loss of `variables` (eval mode, running statistics) on one device."""
+
+    @jax.jit
+    def sums(variables, x, y, w):
+        logits = model.apply(variables, x, train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum((jnp.argmax(logits, -1) == y) * w), jnp.sum(loss * w), jnp.sum(w)
+
+    c = l = n = 0.0
+    for x, y, w in batches:
+        a, b, d = sums(variables, x, y, w)
+        c, l, n = c + float(a), l + float(b), n + float(d)
+    return {'accuracy': c / n, 'loss': l / n}
+
+
+def load_or_pretrain(path: str, model, data: Data, *, log=print, **kwargs) -> tuple[dict, float]:
+    """Variables cached at `path` (.npz), pretraining them first if absent; (variables, seconds spent)."""
+    if os.path.exists(path):
+        return convert.load_variables_npz(path), 0.0
+    log(f'pretraining {path} ...')
+    t0 = time.time()
+    variables = pretrain(model, data, log=log, **kwargs)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    convert.save_variables_npz(variables, path)
+    return variables, time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def machine() -> str:
+    """One line: CPU model, cores, memory, jax version and backend."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+    except (ValueError, OSError):
+        mem = float('nan')
+    dev = jax.devices()[0]
+    return (
+        f'{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; jax {jax.__version__} on '
+        f'{dev.platform} ({len(jax.devices())} device(s))'
+    )
+
+
+def load_average() -> str:
+    try:
+        return ' '.join(f'{v:.2f}' for v in os.getloadavg())
+    except OSError:
+        return 'n/a'
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def median_time(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def write_json(path: str, payload) -> None:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(str(c) for c in r) + ' |' for r in rows]
+    return '\n'.join(lines)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    return plt

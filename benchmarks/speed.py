@@ -1,0 +1,512 @@
+"""Speed and memory of the search: step time, mask-update scaling, bytes of the search state.
+
+    python benchmarks/speed.py           # full (a few minutes on a 2-core CPU)
+    python benchmarks/speed.py --quick   # tiny sizes (seconds), used by the tests
+
+1. Step time, per model of the study (the shipped BN-MLP at 28x28, the narrow ResNet-32 at
+   14x14, batch 256): a dense training step (SGD momentum 0.9 + coupled weight decay on the
+   weights, train-mode BN) against the jackpot search step (`ljax.search.Parallel.train`: STE
+   forward, SGD on the scores, mask update) with plain top-k (rate 1) and with the short
+   restriction (rate 0.5), all pmapped on one device, interleaved step by step so machine noise
+   hits each alike; median of --steps steps after compilation. The ratio is search / dense.
+2. The mask update alone (`ljax.restriction.restrict_mask_with_threshold`, all layers in one
+   jit, as the search step runs it) against the number of prunable weights: the first L kernels
+   ResNet-50 calls (conv1, layer1, ..., fc) for L giving 1M ... 25.5M weights, 10% kept, scores
+   N(0, 1) moved by N(0, 1e-3) from those that chose the previous mask (so most layers have swap
+   candidates, as during a search); also ljax's top-k without the threshold hint and `lax.top_k` +
+   scatter for reference. Median of --repeats, interleaved.
+3. Memory: bytes of `SearchState` (scores f32, mask bool, threshold keys, SGD momentum,
+   batch_stats, step, RNG) against the bytes of the frozen params, from `jax.eval_shape` (nothing
+   is allocated, so ResNet-50 costs nothing).
+
+Prints markdown tables; writes CSV to --results-dir (default docs/results) and PNG plots to
+--figures-dir (default docs/figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import jax_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+
+from ljax import masks, restriction
+from ljax import sparsity as sparsity_lib
+from ljax.models import get_model
+from ljax.search import AXIS_NAME, Parallel, Search, SearchOptions
+
+
+# ------------------------------------------------------------------------------- 1. step time
+def step_models(quick: bool):
+    """(label, model, input shape, batch)."""
+    if quick:
+        return [('BN-MLP 784-32-32-10', get_model('mlp', 10, hidden=(32, 32)), (28, 28, 1), 16)]
+    return [
+        ('BN-MLP 784-768-768-10, 28x28', get_model('mlp', 10, hidden=(768, 768)), (28, 28, 1), 256),
+        (
+            'ResNet-32 (8/16/32), 14x14',
+            get_model('resnet32_cifar', 10, widths=(8, 16, 32)),
+            (14, 14, 1),
+            256,
+        ),
+    ]
+
+
+def dense_step(model, tx, device):
+    def step(params, batch_stats, opt_state, x, y):
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {'params': p, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd[
+                'batch_stats'
+            ]
+
+        (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        g = jax.lax.pmean(g, AXIS_NAME)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), jax.lax.pmean(bs, AXIS_NAME), opt_state, loss
+
+    return jax.pmap(step, AXIS_NAME, donate_argnums=(0, 1, 2), devices=[device])
+
+
+def step_times(label, model, shape, batch, steps, sparsity=0.9):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    v = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
+    device = jax.local_devices()[0]
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    dense = dense_step(model, tx, device)
+    d_state = [
+        jax_utils.replicate(t, [device])
+        for t in (v['params'], v['batch_stats'], tx.init(v['params']))
+    ]
+    search = Search.create(
+        model, v, x[:1], sparsity=sparsity, total_steps=10**6, options=SearchOptions()
+    )
+    par = Parallel(search, [device])
+    states = {
+        'top-k': par.replicate(search.init_state()),
+        'SR 0.5': par.replicate(search.init_state()),
+    }
+    rates = {'top-k': 1.0, 'SR 0.5': 0.5}
+    flips = {k: [] for k in states}
+
+    def run_dense():
+        nonlocal d_state
+        p, b, o, loss = dense(*d_state, x[None], y[None])
+        d_state = [p, b, o]
+        return loss
+
+    def run_search(kind):
+        def fn():
+            states[kind], m = par.train(states[kind], x, y, rates[kind])
+            return m
+
+        return fn
+
+    fns = {'dense': run_dense, 'top-k': run_search('top-k'), 'SR 0.5': run_search('SR 0.5')}
+    for _ in range(3):  # compile and warm up
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            out = jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t)
+            if k != 'dense':
+                flips[k].append(int(out['flips'][0]))
+    med = {k: float(np.median(t)) for k, t in times.items()}
+    n_params = sum(int(np.size(a)) for a in jax.tree.leaves(v['params']))
+    n_prunable = sum(int(np.size(search.magnitude[n])) for n in search.names)
+    return {
+        'model': label,
+        'batch': batch,
+        'input': 'x'.join(map(str, shape)),
+        'params': n_params,
+        'prunable': n_prunable,
+        'dense_ms': 1e3 * med['dense'],
+        'search_topk_ms': 1e3 * med['top-k'],
+        'search_sr_ms': 1e3 * med['SR 0.5'],
+        'ratio_topk': med['top-k'] / med['dense'],
+        'ratio_sr': med['SR 0.5'] / med['dense'],
+        'images_per_s_dense': batch / med['dense'],
+        'images_per_s_search': batch / med['top-k'],
+        'mean_flips_topk': float(np.mean(flips['top-k'])),
+        'mean_flips_sr': float(np.mean(flips['SR 0.5'])),
+        'steps': steps,
+    }
+
+
+# --------------------------------------------------------------------------- 2. mask update
+def resnet50_kernels():
+    """Shapes of ResNet-50's conv and fc kernels, in the order the model calls them."""
+    model = get_model('resnet50', 1000)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    flat = sparsity_lib.flatten(v['params'])
+    return [
+        tuple(flat[f'{layer}/kernel'].shape) for layer in sparsity_lib.called_layers(model, v, x)
+    ]
+
+
+def prefixes(shapes, targets):
+    """For each target count, the shortest prefix of `shapes` holding at least that many weights."""
+    sizes = np.cumsum([int(np.prod(s)) for s in shapes])
+    out = []
+    for t in targets:
+        i = int(np.searchsorted(sizes, t))
+        out.append(shapes[: min(i + 1, len(shapes))])
+    return out
+
+
+def mask_update_times(shapes, repeats, with_lax=True):
+    n = sum(int(np.prod(s)) for s in shapes)
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    scores = [jax.random.normal(k, s) for k, s in zip(keys, shapes)]
+    kept = [max(1, int(np.prod(s)) // 10) for s in shapes]
+    moved = [
+        s + 1e-3 * jax.random.normal(jax.random.fold_in(k, 1), s.shape)
+        for k, s in zip(keys, scores)
+    ]
+
+    @jax.jit
+    def plain(scores):
+        return [masks.topk_mask_with_threshold(s, k) for s, k in zip(scores, kept)]
+
+    first = plain(scores)
+    prev, hints = [m for m, _ in first], [t for _, t in first]
+
+    @jax.jit
+    def update(mask, scores, hints, rate):
+        return [
+            restriction.restrict_mask_with_threshold(m, s, k, rate, hint=h)
+            for m, s, k, h in zip(mask, scores, kept, hints)
+        ]
+
+    @jax.jit
+    def lax_topk(scores):
+        out = []
+        for s, k in zip(scores, kept):
+            _, idx = jax.lax.top_k(s.reshape(-1), k)
+            out.append(jnp.zeros(s.size, bool).at[idx].set(True).reshape(s.shape))
+        return out
+
+    rows = {
+        'search update, top-k (rate 1, hint)': lambda: update(prev, moved, hints, 1.0),
+        'search update, SR (rate 0.5, hint)': lambda: update(prev, moved, hints, 0.5),
+        'ljax top-k, no hint (32 passes)': lambda: plain(moved),
+    }
+    if with_lax:
+        rows['lax.top_k + scatter'] = lambda: lax_topk(moved)
+    out = {'prunable': n, 'layers': len(shapes)}
+    for fn in rows.values():  # compile
+        jax.block_until_ready(fn())
+    times = {label: [] for label in rows}
+    for _ in range(repeats):  # interleaved, so that machine noise hits each alike
+        for label, fn in rows.items():
+            times[label].append(benchlib.median_time(fn, 1))
+    out.update({label: float(np.median(t)) for label, t in times.items()})
+    new = update(prev, moved, hints, 1.0)
+    out['candidates_per_update'] = int(sum(int(jnp.sum(a & ~b)) for (a, _), b in zip(new, prev)))
+    out['layers_with_candidates'] = int(sum(bool(jnp.any(a & ~b)) for (a, _), b in zip(new, prev)))
+    if with_lax:
+        out['identical_to_lax_top_k'] = all(
+            bool(jnp.all(a == b[0])) for a, b in zip(lax_topk(moved), new)
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------ 3. memory
+def memory_models(quick: bool):
+    small = [
+        ('BN-MLP 784-768-768-10', get_model('mlp', 10, hidden=(768, 768)), (28, 28, 1)),
+        ('ResNet-32 (8/16/32)', get_model('resnet32_cifar', 10, widths=(8, 16, 32)), (14, 14, 1)),
+        (
+            'ResNet-32 (16/32/64), He et al.',
+            get_model('resnet32_cifar', 10, widths=(16, 32, 64)),
+            (32, 32, 3),
+        ),
+        (
+            'ResNet-32 (32/64/128), authors',
+            get_model('resnet32_cifar', 10, widths=(32, 64, 128)),
+            (32, 32, 3),
+        ),
+        ('VGG-19 (CIFAR)', get_model('vgg19_cifar', 10), (32, 32, 3)),
+    ]
+    if quick:
+        return small[:2]
+    return small + [('ResNet-50', get_model('resnet50', 1000), (224, 224, 3))]
+
+
+def nbytes(tree) -> int:
+    return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def memory_row(label, model, shape):
+    x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    predicate = sparsity_lib.default_prunable(model, variables, x)
+    names = sparsity_lib.prunable_names(variables['params'], predicate)
+    flat = sparsity_lib.flatten(variables['params'])
+    kept = {n: max(1, int(np.prod(flat[n].shape)) // 10) for n in names}
+    magnitude = {n: jax.ShapeDtypeStruct(flat[n].shape, jnp.bool_) for n in names}
+
+    def init_state(params, batch_stats, magnitude):
+        search = Search(model, params, batch_stats, names, kept, magnitude, SearchOptions(), 1000)
+        return search.init_state()
+
+    state = jax.eval_shape(init_state, variables['params'], variables.get('batch_stats'), magnitude)
+    params = nbytes(variables['params'])
+    parts = {
+        'scores': nbytes(state.scores),
+        'mask': nbytes(state.mask),
+        'thresholds': nbytes(state.thresholds),
+        'optimizer': nbytes(state.opt_state),
+        'batch_stats': nbytes(state.batch_stats),
+        'step_rng': nbytes(state.step) + nbytes(state.rng),
+    }
+    total = sum(parts.values())
+    prunable = sum(int(np.prod(flat[n].shape)) for n in names)
+    return {
+        'model': label,
+        'params': sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables['params'])),
+        'prunable': prunable,
+        'params_bytes': params,
+        'state_bytes': total,
+        'state_over_params': total / params,
+        **{f'{k}_bytes': v for k, v in parts.items()},
+        'dense_training_extra_bytes': params + nbytes(variables.get('batch_stats', {})),
+    }
+
+
+# ----------------------------------------------------------------------------------------- main
+def mib(b):
+    return f'{b / 2**20:.2f}'
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--quick', action='store_true')
+    ap.add_argument(
+        '--steps', type=int, default=None, help='timed steps per kind (default 30; quick 2)'
+    )
+    ap.add_argument(
+        '--repeats', type=int, default=None, help='mask-update repeats (default 7; quick 1)'
+    )
+    ap.add_argument('--results-dir', default=None)
+    ap.add_argument('--figures-dir', default=None)
+    ap.add_argument('--parts', default='step,mask,memory')
+    args = ap.parse_args(argv)
+    out = os.path.join(benchlib.HERE, 'out', 'speed_quick')
+    results_dir = args.results_dir or (
+        out if args.quick else os.path.join(benchlib.ROOT, 'docs', 'results')
+    )
+    figures_dir = args.figures_dir or (
+        out if args.quick else os.path.join(benchlib.ROOT, 'docs', 'figures')
+    )
+    steps = args.steps or (2 if args.quick else 30)
+    repeats = args.repeats or (1 if args.quick else 7)
+    parts = args.parts.split(',')
+    plt = benchlib.pyplot()
+    os.makedirs(figures_dir, exist_ok=True)
+    t_all = time.time()
+    print(
+        f'machine: {benchlib.machine()}; load average {benchlib.load_average()}; '
+        f'ljax {benchlib.git_revision()}\n',
+        flush=True,
+    )
+
+    if 'step' in parts:
+        rows = [
+            step_times(label, model, shape, batch, steps)
+            for label, model, shape, batch in step_models(args.quick)
+        ]
+        print(
+            f'Step time (median of {steps} interleaved steps, one device; load average after: '
+            f'{benchlib.load_average()}):\n'
+        )
+        print(
+            benchlib.markdown_table(
+                [
+                    'model',
+                    'batch',
+                    'prunable',
+                    'dense ms',
+                    'search top-k ms',
+                    'search / dense',
+                    'search SR 0.5 ms',
+                    'SR / dense',
+                    'img/s dense',
+                    'img/s search',
+                ],
+                [
+                    [
+                        r['model'],
+                        r['batch'],
+                        f'{r["prunable"]:,}',
+                        f'{r["dense_ms"]:.1f}',
+                        f'{r["search_topk_ms"]:.1f}',
+                        f'{r["ratio_topk"]:.2f}',
+                        f'{r["search_sr_ms"]:.1f}',
+                        f'{r["ratio_sr"]:.2f}',
+                        f'{r["images_per_s_dense"]:.0f}',
+                        f'{r["images_per_s_search"]:.0f}',
+                    ]
+                    for r in rows
+                ],
+            ),
+            flush=True,
+        )
+        benchlib.write_csv(os.path.join(results_dir, 'speed_step_time.csv'), rows)
+
+    if 'mask' in parts:
+        if args.quick:
+            shapes = [(3, 3, 8, 16), (64, 64)]
+            targets = [1000, 5248]
+        else:
+            shapes = resnet50_kernels()
+            targets = [1_000_000, 2_500_000, 5_000_000, 10_000_000, 15_000_000, 25_502_912]
+        rows = [mask_update_times(p, repeats) for p in prefixes(shapes, targets)]
+        labels = [
+            k
+            for k in rows[0]
+            if k
+            not in (
+                'prunable',
+                'layers',
+                'candidates_per_update',
+                'layers_with_candidates',
+                'identical_to_lax_top_k',
+            )
+        ]
+        print(
+            f'\nMask update, all layers in one jit, first L ResNet-50 kernels (call order), 10% kept '
+            f'(median of {repeats}; load average after: {benchlib.load_average()}):\n'
+        )
+        print(
+            benchlib.markdown_table(
+                ['prunable weights', 'layers']
+                + [f'{k} (ms)' for k in labels]
+                + ['ns / weight (top-k)', 'same as lax.top_k'],
+                [
+                    [f'{r["prunable"]:,}', r['layers']]
+                    + [f'{1e3 * r[k]:.1f}' for k in labels]
+                    + [
+                        f'{1e9 * r[labels[0]] / r["prunable"]:.1f}',
+                        r.get('identical_to_lax_top_k', ''),
+                    ]
+                    for r in rows
+                ],
+            ),
+            flush=True,
+        )
+        benchlib.write_csv(
+            os.path.join(results_dir, 'speed_mask_update.csv'),
+            [
+                {
+                    **{k: v for k, v in r.items() if k not in labels},
+                    **{f'{k} (s)': r[k] for k in labels},
+                }
+                for r in rows
+            ],
+        )
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        n = [r['prunable'] / 1e6 for r in rows]
+        for k, mk in zip(labels, 'osd^'):
+            ax.plot(n, [1e3 * r[k] for r in rows], mk + '-', ms=4, label=k)
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('prunable weights (millions; first L ResNet-50 kernels)')
+        ax.set_ylabel('one mask update, all layers (ms)')
+        ax.grid(alpha=0.3, which='both')
+        ax.legend(fontsize=7)
+        ax.set_title('Mask-update time vs size (2-core CPU)', fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(figures_dir, 'speed_mask_update.png'), dpi=90)
+        plt.close(fig)
+
+    if 'memory' in parts:
+        rows = [memory_row(*m) for m in memory_models(args.quick)]
+        print('\nMemory: search state vs frozen params (jax.eval_shape, 90% sparsity; MiB):\n')
+        print(
+            benchlib.markdown_table(
+                [
+                    'model',
+                    'params',
+                    'prunable',
+                    'params MiB',
+                    'state MiB',
+                    'state / params',
+                    'scores',
+                    'mask',
+                    'optimizer (momentum)',
+                    'batch_stats',
+                    'thresholds + step + rng (bytes)',
+                ],
+                [
+                    [
+                        r['model'],
+                        f'{r["params"]:,}',
+                        f'{r["prunable"]:,}',
+                        mib(r['params_bytes']),
+                        mib(r['state_bytes']),
+                        f'{r["state_over_params"]:.2f}',
+                        mib(r['scores_bytes']),
+                        mib(r['mask_bytes']),
+                        mib(r['optimizer_bytes']),
+                        mib(r['batch_stats_bytes']),
+                        f'{r["thresholds_bytes"] + r["step_rng_bytes"]:,}',
+                    ]
+                    for r in rows
+                ],
+            ),
+            flush=True,
+        )
+        benchlib.write_csv(os.path.join(results_dir, 'speed_memory.csv'), rows)
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        y = np.arange(len(rows))
+        ax.barh(
+            y + 0.2,
+            [r['params_bytes'] / r['params_bytes'] for r in rows],
+            0.4,
+            color='gray',
+            label='frozen params (= 1)',
+        )
+        left = np.zeros(len(rows))
+        for part, color in (
+            ('scores', 'tab:blue'),
+            ('optimizer', 'tab:orange'),
+            ('mask', 'tab:green'),
+            ('batch_stats', 'tab:purple'),
+        ):
+            w = np.array([r[f'{part}_bytes'] / r['params_bytes'] for r in rows])
+            ax.barh(y - 0.2, w, 0.4, left=left, color=color, label=f'state: {part}')
+            left += w
+        ax.set_yticks(y, [r['model'] for r in rows], fontsize=7)
+        ax.set_xlabel('bytes relative to the params')
+        ax.legend(fontsize=7, loc='lower right')
+        ax.grid(alpha=0.3, axis='x')
+        ax.set_title('Search state vs params', fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(figures_dir, 'speed_memory.png'), dpi=90)
+        plt.close(fig)
+    print(
+        f'\ntotal {time.time() - t_all:.0f} s; CSV in {results_dir}, figures in {figures_dir}',
+        flush=True,
+    )
+
+
+if __name__ == '__main__':
+    main()

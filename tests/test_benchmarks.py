@@ -1,0 +1,112 @@
+"""Smoke tests of the benchmark and study scripts at tiny sizes, so that they never rot.
+
+They run the real code paths (data, pretraining, search rows, resume, analysis, CSV, plots) on a
+synthetic stand-in for Fashion-MNIST; the measured numbers live in docs/RESULTS.md.
+"""
+
+import csv
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+)
+
+import speed
+import study
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_study_quick_runs_resumes_and_reports(tmp_path):
+    argv = [
+        '--quick',
+        '--out',
+        str(tmp_path),
+        '--models',
+        'mlp',
+        '--schedules',
+        'cosine',
+        '--extra-schedules',
+        '',
+    ]
+    rows = study.main(argv)
+    methods = {r['method'] for r in rows.values()}
+    assert methods == {
+        'dense',
+        'magnitude_oneshot',
+        'magnitude_bn',
+        'random_init',
+        'magnitude_init',
+        'magnitude_third',
+        'sr_cosine',
+    }
+    for r in rows.values():
+        assert 0.0 <= r['final_accuracy'] <= 1.0
+    jackpot = rows['mlp_s90_magnitude_init']
+    assert jackpot['kept'] == round(0.1 * jackpot['prunable'])
+    assert len(jackpot['curve']) == 1 + jackpot['epochs'] * jackpot['evals_per_epoch']
+    assert len(jackpot['flips']) == jackpot['epochs'] * jackpot['steps_per_epoch']
+    assert rows['mlp_s90_magnitude_third']['epochs'] == max(1, round(jackpot['epochs'] / 3))
+    # a rerun finds every row done and only re-analyses
+    t = time.time()
+    again = study.main(argv)
+    assert {k: r['final_accuracy'] for k, r in again.items()} == {
+        k: r['final_accuracy'] for k, r in rows.items()
+    }
+    assert all(r['wall_seconds'] == rows[k]['wall_seconds'] for k, r in again.items())
+    summary = _csv(tmp_path / 'study_summary.csv')
+    assert {r['method'] for r in summary} == methods
+    overlap = _csv(tmp_path / 'study_overlap.csv')
+    assert {'magnitude', 'random', 'SNIP', 'SynFlow'} <= set(overlap[0])
+    jackpot_overlap = next(r for r in overlap if r['searched_mask'] == 'magnitude_init')
+    assert float(jackpot_overlap['magnitude']) > 0.5
+    for name in ('study_accuracy_mlp.png', 'study_flips_loss_mlp.png'):
+        assert 0 < os.path.getsize(tmp_path / name) < 200_000
+    assert (tmp_path / 'tables.md').read_text().count('|') > 20
+    assert time.time() - t < 60
+
+
+def test_speed_quick(tmp_path):
+    speed.main(['--quick', '--results-dir', str(tmp_path), '--figures-dir', str(tmp_path)])
+    steps = _csv(tmp_path / 'speed_step_time.csv')
+    assert len(steps) == 1 and all(
+        float(r['dense_ms']) > 0 and float(r['search_topk_ms']) > 0 for r in steps
+    )
+    updates = _csv(tmp_path / 'speed_mask_update.csv')
+    assert all(r['identical_to_lax_top_k'] == 'True' for r in updates)
+    memory = _csv(tmp_path / 'speed_memory.csv')
+    mlp = memory[0]
+    # scores f32 + momentum f32 + mask bool per prunable weight, BN statistics, a few scalars
+    prunable = int(mlp['prunable'])
+    assert int(mlp['scores_bytes']) == 4 * prunable and int(mlp['mask_bytes']) == prunable
+    assert (
+        4 * prunable <= int(mlp['optimizer_bytes']) <= 4 * prunable + 64
+    )  # momentum + a step count
+    for name in ('speed_mask_update.png', 'speed_memory.png'):
+        assert 0 < os.path.getsize(tmp_path / name) < 200_000
+
+
+def test_fashion_mnist_loader_matches_ljax_data():
+    """benchlib.Data normalises exactly as ljax.data.get_dataset (when the data is installed)."""
+    import benchlib
+    import numpy as np
+
+    from ljax import data as ljax_data
+
+    try:
+        ours = benchlib.Data(train_examples=64, test_examples=100)
+    except ljax_data.DatasetNotFoundError:
+        pytest.skip('Fashion-MNIST is not installed')
+    theirs = ljax_data.get_dataset(
+        'fashion_mnist', 'test', batch_size=100, train=False, num_examples=100
+    )
+    x, y, _ = next(iter(theirs))
+    np.testing.assert_allclose(ours.x_test, x, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(ours.y_test, y)
