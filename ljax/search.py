@@ -454,12 +454,13 @@ def search_jackpot(
     state = par.replicate(search.init_state())
     history, step = [], 0
     for epoch in range(epochs):
-        per_step = []  # fetched once per epoch, so the host never waits on a step
+        per_step = []
         for x, y, *_ in batches:
             state, metrics = par.train(state, x, y, search.rate(step))
-            per_step.append(metrics)
+            # Fetched every step: an unbounded queue of pmapped steps on CPU devices aborted
+            # XLA's collectives here (tests/test_end_to_end.py).
+            per_step.append(par.unreplicate(metrics))
             step += 1
-        per_step = [par.unreplicate(m) for m in per_step]
         row = {
             'epoch': epoch + 1,
             'loss': float(np.mean([m['loss'] for m in per_step])),
