@@ -24,6 +24,9 @@ import optax
 
 from ljax import convert
 from ljax import data as ljax_data
+from ljax.loop import Loop
+from ljax.parallel import Parallel
+from ljax.pretrain import DenseTraining
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -121,41 +124,23 @@ def pretrain(
     seed: int = 0,
     log=print,
 ) -> dict:
-    """Dense training from scratch, as `ljax.train.pretrain` (SGD nesterov 0.9, cosine lr, coupled
-    weight decay), on one device; returns {'params', 'batch_stats'}."""
+    """Dense training from scratch on the loop that `ljax.train.pretrain` runs
+    (`ljax.pretrain.DenseTraining`: SGD nesterov 0.9, cosine lr, coupled weight decay), on one
+    device; returns {'params', 'batch_stats'}."""
     steps = data.steps_per_epoch(batch)
-    tx = optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.sgd(optax.cosine_decay_schedule(lr, epochs * steps), momentum=0.9, nesterov=True),
-    )
+    task = DenseTraining(model, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps)
     variables = model.init(jax.random.key(seed), jnp.zeros((1,) + data.shape), train=False)
-    params, batch_stats = variables['params'], variables.get('batch_stats', {})
-    opt_state = tx.init(params)
+    par = Parallel(task, jax.local_devices()[:1])
 
-    @jax.jit
-    def step(params, batch_stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, upd = model.apply(
-                {'params': p, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd[
-                'batch_stats'
-            ]
+    def on_epoch(epoch, state, row):
+        log(f'  pretrain epoch {epoch}/{epochs}: loss {row["loss"]:.4f} ({row["seconds"]:.0f} s)')
 
-        (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), bs, opt_state, loss
-
-    for epoch in range(epochs):
-        t0, losses = time.time(), []
-        for x, y in data.train_batches(epoch, batch):
-            params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x, y)
-            losses.append(loss)
-        log(
-            f'  pretrain epoch {epoch + 1}/{epochs}: loss {float(np.mean(jax.device_get(losses))):.4f} '
-            f'({time.time() - t0:.0f} s)'
-        )
-    return jax.device_get({'params': params, 'batch_stats': batch_stats})
+    loop = Loop(par, epochs, steps, batch, on_epoch=on_epoch, progress=False, desc='pretrain')
+    state, _ = loop.run(
+        par.replicate(task.init_state(variables)), lambda epoch, _: data.train_batches(epoch, batch)
+    )
+    final = par.unreplicate(state)
+    return {'params': final['params'], 'batch_stats': final['batch_stats']}
 
 
 def evaluate(model, variables, batches) -> dict:

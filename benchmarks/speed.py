@@ -42,7 +42,61 @@ import benchlib
 from ljax import masks, restriction
 from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
+from ljax import search_jackpot
+from ljax.loop import Loop
+from ljax.pretrain import DenseTraining
 from ljax.search import AXIS_NAME, Parallel, Search, SearchOptions
+
+
+# ------------------------------------------------------------------ 0. steady state through the loop
+def loop_models(quick: bool):
+    """(label, model, input shape, batch, target search / dense)."""
+    if quick:
+        return [('BN-MLP 784-32-32-10', get_model('mlp', 10, hidden=(32, 32)), (28, 28, 1), 16, None)]
+    return [
+        ('shipped BN-MLP 784-768-768-10', get_model('mlp', 10, hidden=(768, 768)), (28, 28, 1), 256, 1.15),
+        ('ResNet-50, 32x32', get_model('resnet50', 10), (32, 32, 3), 16, 1.10),
+    ]
+
+
+def loop_times(label, model, shape, batch, target, steps_per_epoch, epochs, rounds):
+    """Epoch times through the one loop (`ljax.loop.Loop`), steady state: `search_jackpot` timed by
+    its per-epoch callback, against dense training (`ljax.pretrain.DenseTraining`) on the same loop,
+    rounds alternated; the median over every epoch but each run's first (compilation)."""
+    rng = np.random.default_rng(0)
+    batches = [
+        (
+            rng.normal(size=(batch,) + shape).astype(np.float32),
+            rng.integers(0, 10, batch).astype(np.int32),
+        )
+        for _ in range(steps_per_epoch)
+    ]
+    v = jax.device_get(model.init(jax.random.key(0), batches[0][0][:1], train=False))
+    seconds = {'dense': [], 'search': []}
+    for _ in range(rounds):
+        task = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=epochs * steps_per_epoch)
+        par = Parallel(task)
+        loop = Loop(par, epochs, steps_per_epoch, batch * jax.process_count(), progress=False)
+        _, rows = loop.run(par.replicate(task.init_state(v)), lambda e, s: iter(batches))
+        seconds['dense'] += [r['seconds'] for r in rows[1:]]
+        rows = []
+        search_jackpot(
+            model, v, batches, sparsity=0.9, epochs=epochs, progress=False,
+            callback=lambda epoch, row: rows.append(row['seconds']),
+        )
+        seconds['search'] += rows[1:]
+    dense, search = (float(np.median(seconds[k])) / steps_per_epoch for k in ('dense', 'search'))
+    return {
+        'model': label,
+        'batch': batch,
+        'input': 'x'.join(map(str, shape)),
+        'devices': jax.device_count(),
+        'dense_ms_per_step': 1e3 * dense,
+        'search_ms_per_step': 1e3 * search,
+        'ratio': search / dense,
+        'target': target,
+        'epochs_timed': len(seconds['search']),
+    }
 
 
 # ------------------------------------------------------------------------------- 1. step time
@@ -91,15 +145,20 @@ def step_times(label, model, shape, batch, steps, sparsity=0.9):
         jax_utils.replicate(t, [device])
         for t in (v['params'], v['batch_stats'], tx.init(v['params']))
     ]
-    search = Search.create(
-        model, v, x[:1], sparsity=sparsity, total_steps=10**6, options=SearchOptions()
-    )
-    par = Parallel(search, [device])
-    states = {
-        'top-k': par.replicate(search.init_state()),
-        'SR 0.5': par.replicate(search.init_state()),
+    searches = {
+        kind: Search.create(
+            model,
+            v,
+            x[:1],
+            sparsity=sparsity,
+            total_steps=10**6,
+            options=SearchOptions(restriction=restriction_),
+        )
+        for kind, restriction_ in (('top-k', 'none'), ('SR 0.5', 0.5))
     }
-    rates = {'top-k': 1.0, 'SR 0.5': 0.5}
+    pars = {kind: Parallel(search, [device]) for kind, search in searches.items()}
+    states = {kind: pars[kind].replicate(s.init_state()) for kind, s in searches.items()}
+    search = searches['top-k']
     flips = {k: [] for k in states}
 
     def run_dense():
@@ -110,7 +169,7 @@ def step_times(label, model, shape, batch, steps, sparsity=0.9):
 
     def run_search(kind):
         def fn():
-            states[kind], m = par.train(states[kind], x, y, rates[kind])
+            states[kind], m = pars[kind].train(states[kind], x, y)
             return m
 
         return fn
@@ -307,7 +366,7 @@ def main(argv=None):
     )
     ap.add_argument('--results-dir', default=None)
     ap.add_argument('--figures-dir', default=None)
-    ap.add_argument('--parts', default='step,mask,memory')
+    ap.add_argument('--parts', default='loop,step,mask,memory')
     args = ap.parse_args(argv)
     out = os.path.join(benchlib.HERE, 'out', 'speed_quick')
     results_dir = args.results_dir or (
@@ -327,6 +386,28 @@ def main(argv=None):
         f'ljax {benchlib.git_revision()}\n',
         flush=True,
     )
+
+    if 'loop' in parts:
+        spe, epochs, rounds = (2, 2, 1) if args.quick else (8, 4, 2)
+        rows = [
+            loop_times(label, model, shape, batch, target, spe, epochs, rounds)
+            for label, model, shape, batch, target in loop_models(args.quick)
+        ]
+        benchlib.write_csv(os.path.join(results_dir, 'speed_loop.csv'), rows)
+        print('## Steady state through the loop: search step / dense step\n')
+        print(
+            benchlib.markdown_table(
+                ['model', 'batch', 'devices', 'dense ms/step', 'search ms/step', 'search / dense', 'target'],
+                [
+                    [r['model'], r['batch'], r['devices'], f"{r['dense_ms_per_step']:.1f}",
+                     f"{r['search_ms_per_step']:.1f}", f"{r['ratio']:.3f}",
+                     f"<= {r['target']}" if r['target'] else '']
+                    for r in rows
+                ],
+            )
+            + '\n',
+            flush=True,
+        )
 
     if 'step' in parts:
         rows = [

@@ -50,6 +50,7 @@ from ljax import masks
 from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
 from ljax.models.resnet_cifar import ResNetCifar
+from ljax.loop import Loop, Periodic
 from ljax.search import Parallel, Search, SearchOptions
 
 TARGET_DROP = 0.005  # "reaches the dense accuracy": within 0.5 pt of it
@@ -332,9 +333,8 @@ class Study:
         }
         eval_steps = {e * spe + s for e in range(epochs) for s in within}
 
-        def evaluate(step):
-            s = par.unreplicate(state)
-            ev = par.evaluate(test, s.mask, s.batch_stats)
+        def evaluate(step, state):
+            ev = par.evaluate_state(test, state)
             return {
                 'epoch': step / spe,
                 'step': step,
@@ -342,23 +342,36 @@ class Study:
                 'loss': ev['loss'],
             }
 
-        curve = [evaluate(0)]  # the initial mask (for magnitude init: one-shot magnitude pruning)
-        losses, accs, flips, step, eval_seconds = [], [], [], 0, 0.0
-        t0 = time.time()
-        for epoch in range(epochs):
-            for x, y in data.train_batches(epoch, spec.batch):
-                state, m = par.train(state, x, y, search.rate(step))
-                m = jax.device_get(par.unreplicate(m))
-                step += 1
+        curve = [evaluate(0, state)]  # the initial mask (magnitude init: one-shot magnitude)
+        losses, accs, flips, eval_seconds = [], [], [], 0.0
+
+        def on_metrics(values):
+            for m in values:
                 losses.append(float(m['loss']))
                 accs.append(float(m['accuracy']))
                 flips.append(int(m['flips']))
-                if step in eval_steps:
-                    t_eval = time.time()
-                    curve.append(evaluate(step))
-                    eval_seconds += time.time() - t_eval
+
+        def timed_eval(step, state):
+            nonlocal eval_seconds
+            t_eval = time.time()
+            curve.append(evaluate(step, state))
+            eval_seconds += time.time() - t_eval
+
+        loop = Loop(
+            par,
+            epochs,
+            spe,
+            spec.batch,
+            log_every=spe,
+            on_metrics=on_metrics,
+            on_epoch=lambda epoch, state, row: timed_eval(epoch * spe, state),
+            periodic=[Periodic(None, timed_eval, frozenset(eval_steps))],
+            progress=False,
+        )
+        t0 = time.time()
+        state, _ = loop.run(state, lambda epoch, _: data.train_batches(epoch, spec.batch))
         search_seconds = time.time() - t0 - eval_seconds
-        final = jax.device_get(par.unreplicate(state))
+        final = par.unreplicate(state)
         mask = {n: np.asarray(final.mask[n]) for n in search.names}
         save_mask(self.mask_path(spec.name, sparsity, method.key), mask)
         kept = sum(int(m.sum()) for m in mask.values())

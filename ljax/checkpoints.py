@@ -18,7 +18,17 @@ import orbax.checkpoint as ocp
 CONFIG_FILE = 'config.json'
 # Fields that change how a run is watched, not what it computes: they may differ on a rerun.
 VOLATILE_FIELDS = frozenset(
-    {'log_every_steps', 'checkpoint_every_steps', 'progress', 'mode', 'max_to_keep'}
+    {
+        'log_every_steps',
+        'checkpoint_every_steps',
+        'progress',
+        'mode',
+        'max_to_keep',
+        'coordinator_address',
+        'num_processes',
+        'process_id',
+        'distributed',
+    }
 )
 
 

@@ -18,8 +18,13 @@ def base() -> ml_collections.ConfigDict:
     c.image_size = ml_collections.config_dict.placeholder(int)
     c.train_examples = ml_collections.config_dict.placeholder(int)  # a subset, for quick runs
     c.eval_examples = ml_collections.config_dict.placeholder(int)
-    c.sync_bn = False  # BatchNorm statistics over the global batch (axis 'batch')
-    c.distributed = False  # multi-host: jax.distributed.initialize() (run on every host)
+    c.sync_bn = True  # BatchNorm statistics over the global batch (axis 'batch'), as on 1 device
+    # multi-host: run the same command on every host with these three, or distributed=True alone
+    # to let JAX detect the cluster (SLURM, Open MPI, Cloud TPU)
+    c.coordinator_address = ml_collections.config_dict.placeholder(str)  # 'HOST:PORT' of process 0
+    c.num_processes = ml_collections.config_dict.placeholder(int)
+    c.process_id = ml_collections.config_dict.placeholder(int)
+    c.distributed = False
     # the search (the paper's hyper-parameter table)
     c.pretrained = ''  # .npz of ljax variables, or a PyTorch .pth/.pt/.safetensors
     c.sparsity = 0.9
@@ -34,6 +39,7 @@ def base() -> ml_collections.ConfigDict:
     c.allocation = 'global_magnitude'  # 'global_magnitude' | 'uniform'
     c.restriction = 'none'  # 'none' | 'cosine' | 'poly4' | 'linear' | 'constant:R'
     c.seed = 0
+    c.dtype = 'float32'  # 'float32' | 'bfloat16': forward/backward; scores, BN statistics stay f32
     # dense pretraining (mode='pretrain')
     c.pretrain_epochs = 10
     c.pretrain_lr = 0.1

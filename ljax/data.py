@@ -5,8 +5,11 @@ NHWC normalised, y int32 and w float32 (1 real, 0 padding). Train order and augm
 `(seed, epoch)`, so `batches.epoch(e, start_step=s)` replays the tail of epoch e exactly (resume).
 
 Sources: Fashion-MNIST from IDX files (Debian `dataset-fashion-mnist`) or a prepared TFDS copy;
-CIFAR and ImageNet from TFDS. Fashion-MNIST and CIFAR are held in memory, sharded per JAX process
-contiguously (like `tfds.even_splits`) and shuffled with a full numpy permutation; ImageNet streams
+CIFAR and ImageNet from TFDS. Fashion-MNIST and CIFAR are held in memory and shuffled with a full
+numpy permutation drawn from (seed, epoch); global batch b is the slice [b*B, (b+1)*B) of it, and
+process p takes its rows [p*B/P, (p+1)*B/P) of every global batch, with augmentation seeded by the
+global position: the sequence of global batches does not depend on the number of processes or
+devices (`Batches.layout_independent`), so a run can resume on another layout. ImageNet streams
 from TFDS (`tfds.split_for_jax_process`) with seeded file shuffling and a seeded shuffle buffer, whose
 order, like any seeded tf op, also depends on TF's global seed (ljax never sets it). From decoded
 examples on, every dataset goes through the same augment / batch / normalise code.
@@ -59,7 +62,8 @@ class DatasetNotFoundError(FileNotFoundError):
 class Batches:
     """One split as re-iterable numpy batches; `for batch in batches` runs epoch 0, then 1, 2, ...
 
-    num_examples: examples in this process's shard of the split.
+    num_examples: examples in this process's share of the split (train, in memory: the split's size
+        / processes, drawn afresh from every global batch each epoch).
     batch_size: examples per batch in this process (the global batch / `jax.process_count()`).
     steps_per_epoch: train: num_examples // batch_size (remainder dropped); eval: enough padded batches
         to cover every example once (the same count on every process).
@@ -69,6 +73,8 @@ class Batches:
     batch_size: int
     steps_per_epoch: int
     _make_epoch: Callable[[int, int], Iterator[tuple]] = dataclasses.field(repr=False)
+    # True when the global batches depend on (seed, epoch) only, not on the number of processes
+    layout_independent: bool = True
     _next_epoch: int = dataclasses.field(default=0, repr=False)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple]:
@@ -141,25 +147,31 @@ def get_dataset(
         )
     images, labels = _load_in_memory(name, split, data_dir=data_dir, num_examples=num_examples)
     total = len(labels)
-    start, stop = _process_slice(total, process_index, process_count, drop_remainder=train)
-    images, labels = images[start:stop], labels[start:stop]
     example_fn = _cifar_augment if (train and name.startswith('cifar')) else None
-    steps = _steps(len(labels), total, local_batch, process_count, train)
+    if train:
+        steps = _steps(total, total, batch_size, 1, True)
+        mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    else:
+        start, stop = _process_slice(total, process_index, process_count, drop_remainder=False)
+        images, labels = images[start:stop], labels[start:stop]
+        steps = _steps(len(labels), total, local_batch, process_count, False)
 
     def examples(epoch, start_step):
         if not train:
             return tf.data.Dataset.from_tensor_slices((np.arange(len(labels)), images, labels))
-        # A full permutation drawn by numpy from (seed, epoch) alone: resuming is slicing it.
-        first = start_step * local_batch
-        order = _rng(seed, epoch, 'shuffle').permutation(len(labels))[first : steps * local_batch]
-        positions = np.arange(first, first + len(order))
+        # A full permutation drawn by numpy from (seed, epoch) alone, cut into global batches;
+        # this process's rows of each. Resuming is slicing it; positions are global.
+        order = _rng(seed, epoch, 'shuffle').permutation(total)[: steps * batch_size]
+        order = order.reshape(steps, batch_size)[start_step:, mine].reshape(-1)
+        positions = np.arange(steps * batch_size).reshape(steps, batch_size)
+        positions = positions[start_step:, mine].reshape(-1)
         return tf.data.Dataset.from_tensor_slices((positions, images[order], labels[order]))
 
     return _batches(
         name,
         examples,
         example_fn,
-        num_examples=len(labels),
+        num_examples=total // process_count if train else len(labels),
         local_batch=local_batch,
         steps=steps,
         train=train,
@@ -245,7 +257,7 @@ def _streaming_batches(
         ds = ds.enumerate().skip(start_step * local_batch if train else 0)
         return ds.map(lambda i, example: (i, example[0], example[1]))
 
-    return _batches(
+    batches = _batches(
         name,
         examples,
         example_fn,
@@ -255,6 +267,9 @@ def _streaming_batches(
         train=train,
         seed=seed,
     )
+    # Files and shuffle buffers are per process: the global batches depend on the process count.
+    batches.layout_independent = False
+    return batches
 
 
 def _prepared_builder(name, data_dir):

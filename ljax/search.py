@@ -5,10 +5,14 @@ the forward pass uses `w * ste(scores, mask)`, so d loss / d scores = d loss / d
 After each optax update the mask moves by the short restriction (`ljax.restriction`), which keeps
 each layer's count exactly k_l.
 
-Data parallelism: `jax.pmap` over the local devices with the axis named `AXIS_NAME`; gradients,
-metrics and BatchNorm running statistics are averaged with `lax.pmean`, so masks, scores and
-statistics stay identical on every device. A model whose BatchNorm takes `axis_name=AXIS_NAME`
-also normalises with the statistics of the whole global batch (synchronised BN).
+Data parallelism (`ljax.parallel`): `jax.pmap` over every device of every process with the axis
+named `AXIS_NAME`; gradients, metrics and BatchNorm running statistics are averaged with
+`lax.pmean`, so masks, scores and statistics stay identical on every device. A model whose
+BatchNorm takes `axis_name=AXIS_NAME` also normalises with the statistics of the whole global
+batch (synchronised BN), which makes the result independent of how many devices share a batch.
+
+A step whose loss or gradients are not finite (a NaN pixel, an exploding learning rate) leaves
+scores, optimizer state, mask and BN statistics unchanged; it is counted in the metrics.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import jax_utils, struct
+from flax import struct
 from jax import lax
 
+from ljax import loop as loop_lib
 from ljax import masks, restriction, sparsity as sparsity_lib
+from ljax.parallel import AXIS_NAME, Parallel
 
-AXIS_NAME = 'batch'
+__all__ = ['AXIS_NAME', 'Jackpot', 'Parallel', 'Search', 'SearchOptions', 'search_jackpot']
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,8 @@ class SearchOptions:
     prunable: predicate (path tuple inside params, leaf) -> bool; None = every Dense/Conv kernel but
       the classifier (the last layer the model calls).
     seed: for random score init and dropout.
+    dtype: 'float32' or 'bfloat16': the dtype of the forward and backward pass; scores, optimizer
+      state and BN statistics stay float32, and evaluation runs in float32.
     """
 
     lr: float = 0.1
@@ -56,6 +65,7 @@ class SearchOptions:
     restriction: Any = 'none'
     prunable: Callable[[tuple, Any], bool] | None = None
     seed: int = 0
+    dtype: str = 'float32'
 
 
 class SearchState(struct.PyTreeNode):
@@ -136,6 +146,7 @@ class Search:
     magnitude: dict[str, jax.Array]  # the one-shot magnitude mask (step 0 of a magnitude search)
     options: SearchOptions
     total_steps: int
+    num_classes: int = 0  # the model's output width
 
     @classmethod
     def create(
@@ -149,6 +160,11 @@ class Search:
         options: SearchOptions = SearchOptions(),
     ) -> 'Search':
         _check_fraction(sparsity)
+        o = options
+        for name in ('lr', 'momentum', 'weight_decay', 'score_margin'):
+            value = getattr(o, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise ValueError(f'{name}: expected a number, got {value!r}')
         check_variables(model, variables, sample_x)
         params = variables['params']
         predicate = options.prunable or sparsity_lib.default_prunable(model, variables, sample_x)
@@ -174,7 +190,26 @@ class Search:
             int(total_steps),
         )
         search.rate(0)  # an unknown restriction schedule fails here, before any work
+        logits = jax.eval_shape(
+            lambda: search.apply(params, search.batch_stats or {}, sample_x, train=False)[0]
+        )
+        search.num_classes = int(logits.shape[-1])
+        for name, ok, want in (
+            ('lr', o.lr > 0 and np.isfinite(o.lr), 'a finite number > 0'),
+            ('momentum', 0 <= o.momentum < 1, 'a number in [0, 1)'),
+            ('weight_decay', o.weight_decay >= 0, 'a number >= 0'),
+            ('score_margin', 0 < o.score_margin < 1, 'a number in (0, 1)'),
+        ):
+            if not ok:
+                raise ValueError(f'{name}: expected {want}, got {getattr(o, name)!r}')
+        if options.dtype not in DTYPES:
+            raise ValueError(f'dtype: expected one of {sorted(DTYPES)}, got {options.dtype!r}')
         return search
+
+    @property
+    def frozen(self):
+        """What `Parallel` replicates once and passes to every step: the pre-trained params."""
+        return self.params
 
     # ---------------------------------------------------------------- state
     def optimizer(self) -> optax.GradientTransformation:
@@ -192,9 +227,7 @@ class Search:
         scores = sparsity_lib.init_scores(
             weights, self.magnitude, o.score_init, rng_scores, o.score_margin
         )
-        mask, thresholds = {}, {}
-        for n in self.names:
-            mask[n], thresholds[n] = masks.topk_mask_with_threshold(scores[n], self.kept[n])
+        mask, thresholds = masks.topk_masks(scores, self.kept)
         bs = jax.tree.map(jnp.array, self.batch_stats) if self.batch_stats is not None else {}
         return SearchState(
             step=jnp.zeros((), jnp.int32),
@@ -211,7 +244,7 @@ class Search:
         return restriction.rate_schedule(self.options.restriction, self.total_steps)
 
     def rate(self, step: int) -> float:
-        """The short restriction's rate at `step` (host side; passed to the step as an argument)."""
+        """The short restriction's rate at `step`, on the host (the step computes its own)."""
         return float(self._rate_schedule(step))
 
     # ---------------------------------------------------------------- pure functions
@@ -228,42 +261,45 @@ class Search:
             flat[n] = jnp.where(mask[n], flat[n], jnp.zeros((), flat[n].dtype))
         return sparsity_lib.unflatten(flat)
 
-    def train_step(self, state: SearchState, params, x, y, rate):
+    def apply(self, params, batch_stats, x, *, train: bool, rng=None):
+        """(logits, new batch_stats) of the model: the one place the search calls it."""
+        variables = self._variables(params, batch_stats)
+        if not train:
+            return self.model.apply(variables, x, train=False), batch_stats
+        logits, updates = self.model.apply(
+            variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng}
+        )
+        return logits, updates.get('batch_stats', {})
+
+    def train_step(self, state: SearchState, params, x, y):
         """One search step on this device's share of the batch; call under pmap (axis AXIS_NAME)."""
         flat = sparsity_lib.flatten(params)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        dtype = DTYPES[self.options.dtype]
+        rate = self._rate_schedule(state.step)  # on the device: no host value per step
 
         def loss_fn(scores):
-            f = dict(flat)
+            f = {n: _cast(w, dtype) for n, w in flat.items()}
             for n in self.names:
                 f[n] = f[n] * masks.ste(scores[n], state.mask[n]).astype(f[n].dtype)
-            logits, updates = self.model.apply(
-                self._variables(sparsity_lib.unflatten(f), state.batch_stats),
-                x,
-                train=True,
-                mutable=['batch_stats'],
-                rngs={'dropout': rng},
+            logits, batch_stats = self.apply(
+                sparsity_lib.unflatten(f), state.batch_stats, _cast(x, dtype), train=True, rng=rng
             )
+            logits = logits.astype(jnp.float32)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, (logits, updates.get('batch_stats', {}))
+            return loss, (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.scores
         )
         grads = lax.pmean(grads, AXIS_NAME)
+        loss = lax.pmean(loss, AXIS_NAME)
         updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
         scores = optax.apply_updates(state.scores, updates)
-        mask, thresholds, flips = {}, {}, jnp.zeros((), jnp.int32)
-        for n in self.names:
-            mask[n], thresholds[n] = restriction.restrict_mask_with_threshold(
-                state.mask[n], scores[n], self.kept[n], rate, hint=state.thresholds[n]
-            )
-            flips += jnp.sum(mask[n] != state.mask[n], dtype=jnp.int32)
-        metrics = {
-            'loss': lax.pmean(loss, AXIS_NAME),
-            'accuracy': lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS_NAME),
-            'flips': flips,
-        }
+        mask, thresholds = restriction.restrict_masks(
+            state.mask, scores, self.kept, rate, state.thresholds
+        )
+        flips = sum(jnp.sum(mask[n] != state.mask[n], dtype=jnp.int32) for n in self.names)
         new = state.replace(
             step=state.step + 1,
             scores=scores,
@@ -272,14 +308,26 @@ class Search:
             opt_state=opt_state,
             batch_stats=lax.pmean(batch_stats, AXIS_NAME),
         )
+        # loss and grads are pmean'd: every replica skips a non-finite step alike
+        new, finite = loop_lib.keep_if_not_finite(
+            loss, grads, new, state.replace(step=new.step), updated=scores
+        )
+        metrics = {
+            'loss': loss,
+            'accuracy': lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS_NAME),
+            'flips': flips * finite,
+            'finite': finite,
+        }
         return new, metrics
 
     def eval_step(self, params, mask, batch_stats, x, y, weight):
         """Sums of (correct, loss, weight) over this device's share; psum'd across devices."""
-        variables = self._variables(
-            self.masked_params(params, mask) if mask is not None else params, batch_stats
+        logits, _ = self.apply(
+            self.masked_params(params, mask) if mask is not None else params,
+            batch_stats,
+            x,
+            train=False,
         )
-        logits = self.model.apply(variables, x, train=False)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         sums = {
             'correct': jnp.sum((jnp.argmax(logits, -1) == y) * weight),
@@ -297,74 +345,6 @@ class Search:
         flat = {n: None for n in sparsity_lib.flatten(self.params)}
         flat.update({n: np.asarray(mask[n]) for n in self.names})
         return sparsity_lib.unflatten(flat)
-
-
-class Parallel:
-    """pmapped step and evaluation of a `Search` over the local devices."""
-
-    def __init__(self, search: Search, devices=None):
-        self.search = search
-        self.devices = list(devices or jax.local_devices())
-        self.n = len(self.devices)
-        self.params = self.replicate(search.params)
-        self.step = jax.pmap(
-            search.train_step, AXIS_NAME, devices=self.devices, donate_argnums=(0,)
-        )
-        self.eval = jax.pmap(search.eval_step, AXIS_NAME, devices=self.devices)
-
-    def shard(self, *arrays):
-        out = []
-        for a in arrays:
-            a = np.asarray(a)
-            if a.shape[0] % self.n:
-                raise ValueError(
-                    f'batches: a global batch of {a.shape[0]} does not divide across {self.n} '
-                    f'devices; use a batch size that is a multiple of {self.n}'
-                )
-            out.append(a.reshape((self.n, a.shape[0] // self.n) + a.shape[1:]))
-        return out
-
-    def replicate(self, tree):
-        return jax_utils.replicate(tree, self.devices, axis_name=AXIS_NAME)
-
-    @staticmethod
-    def unreplicate(tree):
-        """The first local device's copy of every leaf, as host NumPy arrays.
-
-        Reads the shard buffers directly: `a[0]` would dispatch one device op per leaf (about
-        1.6 ms each on CPU, most of a second for ResNet-50's search state).
-        """
-
-        def first(a):
-            if isinstance(a, jax.Array):
-                return np.asarray(a.addressable_shards[0].data)[0]
-            return np.asarray(a)[0]
-
-        return jax.tree.map(first, tree)
-
-    def train(self, state, x, y, rate: float):
-        x, y = self.shard(x, y)
-        return self.step(state, self.params, x, y, np.full((self.n,), rate, np.float32))
-
-    def evaluate(self, batches: Iterable, mask, batch_stats) -> dict:
-        """Accuracy and mean loss over (x, y) or (x, y, weight) batches; mask None = dense."""
-        mask_r = self.replicate(mask) if mask is not None else None
-        return self.evaluate_replicated(batches, mask_r, self.replicate(batch_stats))
-
-    def evaluate_state(self, batches: Iterable, state) -> dict:
-        """`evaluate` of a replicated search state's mask and statistics, left on the devices."""
-        return self.evaluate_replicated(batches, state.mask, state.batch_stats)
-
-    def evaluate_replicated(self, batches: Iterable, mask_r, batch_stats_r) -> dict:
-        sums = []
-        for batch in batches:
-            x, y = batch[0], batch[1]
-            w = batch[2] if len(batch) > 2 else np.ones(np.shape(y), np.float32)
-            x, y, w = self.shard(x, y, w)
-            sums.append(self.eval(self.params, mask_r, batch_stats_r, x, y, w))
-        total = jax.tree.map(lambda *a: np.sum([np.asarray(v)[0] for v in a]), *sums)
-        count = float(total['count'])
-        return {'accuracy': float(total['correct']) / count, 'loss': float(total['loss']) / count}
 
 
 @dataclasses.dataclass
@@ -401,9 +381,46 @@ def _first_batch(batches):
     batch = next(first_pass, None)
     if batch is None:
         raise ValueError('batches: empty; expected at least one (x, y) batch per epoch')
+    return _as_xy(batch, 0)
+
+
+def _as_xy(batch, index):
+    """(x, y) of a tuple (x, y, ...) or of a dict with 'image'/'label' (as tfds yields) or 'x'/'y'."""
+    if isinstance(batch, Mapping):
+        for xk, yk in (('image', 'label'), ('x', 'y')):
+            if xk in batch and yk in batch:
+                return np.asarray(batch[xk]), np.asarray(batch[yk])
+        raise ValueError(
+            f"batches: batch {index} is a dict with keys {sorted(batch)}; expected 'image' and "
+            "'label' (or 'x' and 'y')"
+        )
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ValueError('batches: each batch must be a tuple (x, y) of arrays')
-    return batch
+        raise ValueError(
+            f'batches: batch {index} is a {type(batch).__name__}; expected a tuple (x, y) of '
+            "arrays or a dict {'image': x, 'label': y}"
+        )
+    return np.asarray(batch[0]), np.asarray(batch[1])
+
+
+def checked_batches(batches: Iterable, num_classes: int, x_shape: tuple) -> Iterable[tuple]:
+    """(x, y) of every batch, after checking what would otherwise poison the search silently:
+    integer labels in [0, num_classes), as many labels as inputs, the same x shape throughout.
+    (Non-finite inputs are the step's business: such steps are skipped and counted.)"""
+    for i, batch in enumerate(batches):
+        x, y = _as_xy(batch, i)
+        problem = None
+        if x.shape[1:] != tuple(x_shape):
+            problem = f'x of shape {x.shape}, where the first batch had (N,) + {tuple(x_shape)}'
+        elif y.shape != (len(x),):
+            problem = f'{len(x)} inputs but labels of shape {y.shape}; expected ({len(x)},)'
+        elif not np.issubdtype(y.dtype, np.integer):
+            problem = f'labels of dtype {y.dtype}; expected integer class indices'
+        elif y.size and (y.min() < 0 or y.max() >= num_classes):
+            bad = y[(y < 0) | (y >= num_classes)][0]
+            problem = f'label {bad} outside [0, {num_classes}) for a model with {num_classes} outputs'
+        if problem:
+            raise ValueError(f'batches: batch {i}: {problem}')
+        yield x, y
 
 
 def search_jackpot(
@@ -415,6 +432,8 @@ def search_jackpot(
     epochs: int,
     eval_batches: Iterable | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+    log_every: int = 50,
     **options,
 ) -> Jackpot:
     """Find a lottery jackpot: a mask over the frozen pre-trained weights of `model`.
@@ -422,14 +441,17 @@ def search_jackpot(
     model: flax module called as `model.apply(variables, x, train=...)`, returning logits.
     variables: {'params': ..., 'batch_stats': ...} pre-trained; never modified or donated.
     batches: re-iterable of (x, y) NumPy batches (integer labels); each pass is one epoch. Every
-      batch is split across the local devices, so its size must divide by their number.
+      batch is split across the local devices, so its size must divide by their number. With
+      several processes (`jax.distributed`), each process passes its own share of every batch.
     sparsity: fraction of prunable weights *removed*, 0 <= sparsity < 1 (0.9 keeps 10%).
     epochs: passes over `batches`, >= 1.
     eval_batches: optional (x, y) or (x, y, weight) batches scored after every epoch (history).
     callback: optional callable(epoch, history_row) after every epoch.
+    progress: show a progress bar (steps, loss, images/s) and a line per epoch.
+    log_every: steps between reads of the metrics from the devices (the bar's refresh).
     **options: the fields of `SearchOptions` (lr=0.1, momentum=0.9, weight_decay=5e-4,
       score_init='magnitude', score_margin=0.01, allocation='global_magnitude',
-      restriction='none', prunable=None, seed=0); see its docstring.
+      restriction='none', prunable=None, seed=0, dtype='float32'); see its docstring.
     """
     unknown = set(options) - {f.name for f in dataclasses.fields(SearchOptions)}
     if unknown:
@@ -440,7 +462,9 @@ def search_jackpot(
     _check_fraction(sparsity)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f'epochs: expected an integer >= 1, got {epochs!r}')
-    x0 = np.asarray(_first_batch(batches)[0])
+    if isinstance(log_every, bool) or not isinstance(log_every, (int, np.integer)) or log_every < 1:
+        raise ValueError(f'log_every: expected an integer >= 1, got {log_every!r}')
+    x0, _ = _first_batch(batches)
     steps_per_epoch = len(batches) if hasattr(batches, '__len__') else sum(1 for _ in batches)
     search = Search.create(
         model,
@@ -451,27 +475,26 @@ def search_jackpot(
         options=SearchOptions(**options),
     )
     par = Parallel(search)
-    state = par.replicate(search.init_state())
-    history, step = [], 0
-    for epoch in range(epochs):
-        per_step = []
-        for x, y, *_ in batches:
-            state, metrics = par.train(state, x, y, search.rate(step))
-            # Fetched every step: an unbounded queue of pmapped steps on CPU devices aborted
-            # XLA's collectives here (tests/test_end_to_end.py).
-            per_step.append(par.unreplicate(metrics))
-            step += 1
-        row = {
-            'epoch': epoch + 1,
-            'loss': float(np.mean([m['loss'] for m in per_step])),
-            'accuracy': float(np.mean([m['accuracy'] for m in per_step])),
-            'flips': int(np.sum([m['flips'] for m in per_step])),
-        }
+
+    def on_epoch(epoch, state, row):
         if eval_batches is not None:
             row['eval_accuracy'] = par.evaluate_state(eval_batches, state)['accuracy']
-        history.append(row)
         if callback is not None:
-            callback(epoch + 1, row)
+            callback(epoch, row)
+
+    loop = loop_lib.Loop(
+        par,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=len(x0) * jax.process_count(),
+        log_every=log_every,
+        on_epoch=on_epoch,
+        progress=progress,
+    )
+    state, history = loop.run(
+        par.replicate(search.init_state()),
+        lambda epoch, start: checked_batches(batches, search.num_classes, x0.shape[1:]),
+    )
     final = par.unreplicate(state)
     total = sum(int(np.size(final.mask[n])) for n in search.names)
     kept = {n: int(np.sum(final.mask[n])) for n in search.names}
@@ -483,3 +506,8 @@ def search_jackpot(
         scores=final.scores,
         history=history,
     )
+
+
+def _cast(x, dtype):
+    """Floating arrays to `dtype`; integer and boolean arrays as they are."""
+    return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x

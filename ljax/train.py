@@ -7,22 +7,21 @@ and at the end jackpot.npz (masked params, batch_stats, mask, scores) and result
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import jax_utils
-from tqdm import tqdm
-
 from ljax import checkpoints, convert, data, report
+from ljax import loop as loop_lib
 from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
-from ljax.search import AXIS_NAME, Parallel, Search, SearchOptions
+from ljax.parallel import AXIS_NAME, Parallel
+from ljax.pretrain import DenseTraining
+from ljax.search import Search, SearchOptions
 
 JACKPOT_FILE = 'jackpot.npz'
 RESULTS_FILE = 'results.json'
@@ -136,19 +135,45 @@ def _writer(workdir):
     return tensorboard.SummaryWriter(os.path.join(workdir, 'tb'))
 
 
-def _progress(total, initial, desc, config):
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit='step',
-        dynamic_ncols=True,
-        disable=not config.get('progress', True),
-        mininterval=1.0,
+# --------------------------------------------------------------------------------------- search
+def _layout(train) -> dict:
+    return {
+        'processes': jax.process_count(),
+        'devices': jax.device_count(),
+        'layout_independent': bool(train.layout_independent),
+    }
+
+
+def _check_layout(saved: dict | None, now: dict, sync_bn: bool, workdir: str) -> None:
+    """Refuse to resume on another layout where the result would depend on it."""
+    if not saved or (saved['processes'], saved['devices']) == (now['processes'], now['devices']):
+        return
+    if now['layout_independent'] and sync_bn:
+        return  # same global batches, BN over the global batch: only float rounding differs
+    why = (
+        'this dataset streams per process'
+        if not now['layout_independent']
+        else 'sync_bn=False makes BatchNorm statistics per device'
+    )
+    raise ValueError(
+        f'workdir {workdir} was run on {saved["processes"]} process(es) x {saved["devices"]} '
+        f'device(s), now {now["processes"]} x {now["devices"]}; {why}, so resuming would mix two '
+        'searches: rerun on the same layout, or use another --workdir'
     )
 
 
-# --------------------------------------------------------------------------------------- search
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _is_writer() -> bool:
+    """Only process 0 writes results, exports and logs (checkpoints go through orbax)."""
+    return jax.process_index() == 0
+
+
 def search(config, workdir: str) -> dict:
     _check_batch(config.batch_size, 'batch_size')
     _check_batch(config.eval_batch_size, 'eval_batch_size')
@@ -165,6 +190,7 @@ def search(config, workdir: str) -> dict:
         allocation=config.allocation,
         restriction=config.restriction,
         seed=config.seed,
+        dtype=config.dtype,
     )
     if not isinstance(config.epochs, int) or config.epochs < 1:
         raise ValueError(f'epochs: expected an integer >= 1, got {config.epochs!r}')
@@ -185,19 +211,23 @@ def search(config, workdir: str) -> dict:
             ) from None
         raise
     # Everything is validated before the workdir is touched.
-    checkpoints.check_or_write_config(workdir, config.to_dict())
+    _write_config(workdir, config)
     par = Parallel(search_)
     ckpt = checkpoints.Checkpoints(workdir, config.get('max_to_keep', 2))
     state = search_.init_state()
-    meta: dict[str, Any] = {'wall_seconds': 0.0, 'history': []}
+    layout = _layout(train)
+    meta: dict[str, Any] = {'wall_seconds': 0.0, 'history': [], 'layout': layout}
     restored = ckpt.restore(state)
     if restored is not None:
         step, state, meta = restored
+        _check_layout(meta.get('layout'), layout, config.sync_bn, workdir)
+        meta['layout'] = layout
         _log(f'resumed from step {step} ({workdir})')
     else:
         _log(
             f'searching a {100 * config.sparsity:g}%-sparse jackpot of {config.model} on '
-            f'{config.dataset}: {total_steps} steps on {par.n} device(s)'
+            f'{config.dataset}: {total_steps} steps on {jax.device_count()} device(s)'
+            + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
         )
     if 'dense_accuracy' not in meta:
         meta['dense_accuracy'] = par.evaluate(test, None, search_.batch_stats)['accuracy']
@@ -209,63 +239,65 @@ def search(config, workdir: str) -> dict:
             f'{100 * meta["magnitude_accuracy"]:.2f}% (no search)'
         )
     step = int(state.step)
-    state_r = par.replicate(state)
-    writer = _writer(workdir)
+    writer = _writer(workdir) if _is_writer() else None
     started = time.time() - meta['wall_seconds']
-    bar = _progress(total_steps, step, 'search', config)
-    log_every = config.get('log_every_steps', 50)
-    ckpt_every = config.get('checkpoint_every_steps', 500)
 
-    def save(step):
+    def save(step, state_r):
         meta['wall_seconds'] = time.time() - started
+        meta['epoch_sums'] = dataclasses.asdict(loop.sums)
         ckpt.save(step, par.unreplicate(state_r), meta)
 
-    for epoch in range(step // train.steps_per_epoch, config.epochs):
-        sums, n, t0 = {'loss': 0.0, 'accuracy': 0.0, 'flips': 0}, 0, time.time()
-        for x, y in train.epoch(epoch, start_step=step % train.steps_per_epoch):
-            state_r, metrics = par.train(state_r, x, y, search_.rate(step))
-            step, n = step + 1, n + 1
-            if step % log_every == 0 or step == total_steps:
-                m = par.unreplicate(metrics)
-                for k in sums:
-                    sums[k] += m[k]
-                ips = n * config.batch_size / (time.time() - t0)
-                bar.set_postfix(
-                    loss=f'{m["loss"]:.3f}', acc=f'{m["accuracy"]:.3f}', img_s=f'{ips:.0f}'
-                )
-                for k in sums:
-                    writer.scalar(f'train/{k}', float(m[k]), step)
-                writer.scalar('train/images_per_second', ips, step)
-                writer.scalar('train/restriction_rate', search_.rate(step), step)
-            bar.update(1)
-            if step % ckpt_every == 0 and step % train.steps_per_epoch:
-                save(step)
-        acc = par.evaluate_state(test, state_r)['accuracy']
-        meta['history'].append(
-            {
-                'epoch': epoch + 1,
-                'step': step,
-                'jackpot_accuracy': acc,
-                'seconds': time.time() - started,
-            }
-        )
-        writer.scalar('eval/jackpot_accuracy', acc, step)
-        writer.flush()
-        bar.write(f'epoch {epoch + 1}/{config.epochs}: jackpot test accuracy {100 * acc:.2f}%')
-        save(step)
-    bar.close()
+    def on_log(step, metrics):
+        if writer is None:
+            return
+        for k in ('loss', 'accuracy', 'flips', 'images_per_second'):
+            writer.scalar(f'train/{k}', float(metrics[k]), step)
+        writer.scalar('train/restriction_rate', search_.rate(step), step)
+
+    def on_epoch(epoch, state_r, row):
+        row['jackpot_accuracy'] = par.evaluate_state(test, state_r)['accuracy']
+        row['seconds'] = time.time() - started  # since the start of the search, across resumes
+        meta['history'].append(row)
+        if writer is not None:
+            writer.scalar('eval/jackpot_accuracy', row['jackpot_accuracy'], row['step'])
+            writer.flush()
+        save(row['step'], state_r)
+
+    loop = loop_lib.Loop(
+        par,
+        epochs=config.epochs,
+        steps_per_epoch=train.steps_per_epoch,
+        batch_size=config.batch_size,
+        log_every=config.get('log_every_steps', 50),
+        on_log=on_log,
+        on_epoch=on_epoch,
+        periodic=[loop_lib.Periodic(config.get('checkpoint_every_steps', 500), save)],
+        progress=config.get('progress', True) and _is_writer(),
+        sums=loop_lib.EpochSums(**meta.get('epoch_sums', {})),
+    )
+    state_r, _ = loop.run(par.replicate(state), train.epoch, start_step=step)
     ckpt.wait()
     final = par.unreplicate(state_r)
     results = _finish(config, workdir, search_, final, meta, time.time() - started)
     ckpt.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
     return results
+
+
+def _write_config(workdir: str, config) -> None:
+    """Process 0 writes (or checks) config.json; the others check it once it is there."""
+    if _is_writer():
+        checkpoints.check_or_write_config(workdir, config.to_dict())
+    _barrier('config written')
+    if not _is_writer():
+        checkpoints.check_or_write_config(workdir, config.to_dict())
 
 
 def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
     mask = {n: np.asarray(final.mask[n]) for n in search_.names}
     jackpot = search_.jackpot_variables(mask, final.batch_stats)
-    if jax.process_index() == 0:  # every process holds the same state; one writes it
+    if _is_writer():  # every process holds the same state; one writes it
         convert.save_variables_npz(
             {
                 **jax.device_get(jackpot),
@@ -290,10 +322,13 @@ def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
         'overlap_with_magnitude': report.overlap(mask, magnitude),
         'kept_per_layer': report.kept_per_layer(mask),
         'history': meta['history'],
-        'devices': jax.local_device_count(),
+        'devices': jax.device_count(),
+        'processes': jax.process_count(),
         'platform': jax.devices()[0].platform,
+        'dtype': config.dtype,
+        'nonfinite_steps': sum(int(r.get('nonfinite_steps', 0)) for r in meta['history']),
     }
-    if jax.process_index() == 0:
+    if _is_writer():
         report.write_json(os.path.join(workdir, RESULTS_FILE), results)
     _log('\n' + report.results_table(results))
     _log(f'\nwrote {os.path.join(workdir, JACKPOT_FILE)} and {os.path.join(workdir, RESULTS_FILE)}')
@@ -341,64 +376,40 @@ def pretrain(config, workdir: str) -> dict:
     _check_batch(config.batch_size, 'batch_size')
     model = build_model(config)
     train, test = _datasets(config, config.batch_size)
-    checkpoints.check_or_write_config(workdir, config.to_dict())
+    _write_config(workdir, config)
     epochs = config.pretrain_epochs
-    total = epochs * train.steps_per_epoch
-    tx = optax.chain(
-        optax.add_decayed_weights(config.pretrain_weight_decay),
-        optax.sgd(
-            optax.cosine_decay_schedule(config.pretrain_lr, total), momentum=0.9, nesterov=True
-        ),
+    task = DenseTraining(
+        model,
+        lr=config.pretrain_lr,
+        weight_decay=config.pretrain_weight_decay,
+        total_steps=epochs * train.steps_per_epoch,
     )
     variables = model.init(jax.random.key(config.seed), sample_input(config), train=False)
-    state = {
-        'step': jnp.zeros((), jnp.int32),
-        'params': variables['params'],
-        'batch_stats': variables.get('batch_stats', {}),
-        'opt_state': tx.init(variables['params']),
-    }
+    state = task.init_state(variables)
     ckpt = checkpoints.Checkpoints(workdir, config.get('max_to_keep', 2))
     meta = {'wall_seconds': 0.0}
     restored = ckpt.restore(state)
     if restored is not None:
         step, state, meta = restored
         _log(f'resumed from step {step} ({workdir})')
-
-    def train_step(state, x, y):
-        def loss_fn(p):
-            v = {'params': p, 'batch_stats': state['batch_stats']}
-            logits, upd = model.apply(v, x, train=True, mutable=['batch_stats'])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd.get(
-                'batch_stats', {}
-            )
-
-        (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-        updates, opt = tx.update(jax.lax.pmean(g, AXIS_NAME), state['opt_state'], state['params'])
-        return {
-            'step': state['step'] + 1,
-            'params': optax.apply_updates(state['params'], updates),
-            'batch_stats': jax.lax.pmean(bs, AXIS_NAME),
-            'opt_state': opt,
-        }, jax.lax.pmean(loss, AXIS_NAME)
-
-    devices = jax.local_devices()
-    p_step = jax.pmap(train_step, AXIS_NAME, donate_argnums=(0,))
-    state_r = jax_utils.replicate(state, devices)
-    step = int(state['step'])
+    par = Parallel(task)
     started = time.time() - meta['wall_seconds']
-    bar = _progress(total, step, 'pretrain', config)
-    n = len(devices)
-    for epoch in range(step // train.steps_per_epoch, epochs):
-        for x, y in train.epoch(epoch, start_step=step % train.steps_per_epoch):
-            x = x.reshape((n, -1) + x.shape[1:])
-            state_r, loss = p_step(state_r, x, y.reshape(n, -1))
-            step += 1
-            bar.update(1)
-            if step % config.get('log_every_steps', 50) == 0:
-                bar.set_postfix(loss=f'{float(loss[0]):.3f}')
+
+    def save(step, state_r):
         meta['wall_seconds'] = time.time() - started
-        ckpt.save(step, Parallel.unreplicate(state_r), meta)
-    bar.close()
+        ckpt.save(step, par.unreplicate(state_r), meta)
+
+    loop = loop_lib.Loop(
+        par,
+        epochs=epochs,
+        steps_per_epoch=train.steps_per_epoch,
+        batch_size=config.batch_size,
+        log_every=config.get('log_every_steps', 50),
+        on_epoch=lambda epoch, state_r, row: save(row['step'], state_r),
+        progress=config.get('progress', True) and _is_writer(),
+        desc='pretrain',
+    )
+    state_r, _ = loop.run(par.replicate(state), train.epoch, start_step=int(state['step']))
     ckpt.close()
     final = Parallel.unreplicate(state_r)
     variables = {'params': final['params']}
@@ -407,23 +418,44 @@ def pretrain(config, workdir: str) -> dict:
     search_ = Search.create(model, variables, sample_input(config), sparsity=0.0, total_steps=1)
     acc = Parallel(search_).evaluate(test, None, variables.get('batch_stats'))['accuracy']
     out_path = os.path.join(workdir, 'pretrained.npz')
-    convert.save_variables_npz(variables, out_path)
     results = {
         'dense_accuracy': acc,
         'epochs': epochs,
         'wall_seconds': time.time() - started,
         'pretrained': out_path,
     }
-    report.write_json(os.path.join(workdir, 'pretrain_results.json'), results)
+    if _is_writer():
+        convert.save_variables_npz(variables, out_path)
+        report.write_json(os.path.join(workdir, 'pretrain_results.json'), results)
     _log(f'dense test accuracy {100 * acc:.2f}% after {epochs} epochs; wrote {out_path}')
     return results
 
 
-def run(config, workdir: str) -> dict:
-    if config.get('distributed', False):
-        # Multi-host (TPU pods, several GPU machines): every process runs this same command; pmap's
-        # collectives then span all hosts, and each process reads its own shard of the data.
+def initialize_distributed(config) -> None:
+    """Join the processes of a multi-host run (every process runs the same command).
+
+    --config.coordinator_address=HOST:PORT --config.num_processes=N --config.process_id=I name
+    the run explicitly; --config.distributed=True alone lets JAX detect the cluster (SLURM,
+    Open MPI, Cloud TPU). pmap's collectives then span every process's devices.
+    """
+    address = config.get('coordinator_address', None)
+    if address:
+        if config.get('num_processes', None) is None or config.get('process_id', None) is None:
+            raise ValueError(
+                'coordinator_address: also set --config.num_processes=N and '
+                '--config.process_id=I (0 on the coordinator)'
+            )
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
+    elif config.get('distributed', False):
         jax.distributed.initialize()
+
+
+def run(config, workdir: str) -> dict:
+    initialize_distributed(config)
     modes = {'search': search, 'pretrain': pretrain, 'evaluate': evaluate}
     if config.mode not in modes:
         raise ValueError(f'mode: expected one of {sorted(modes)}, got {config.mode!r}')

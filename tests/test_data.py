@@ -249,6 +249,24 @@ def test_process_shards_are_disjoint_and_in_step(fashion_dir, monkeypatch):
         data.get_dataset('fashion_mnist', 'train', batch_size=15, train=True, data_dir=fashion_dir)
 
 
+def test_global_batches_do_not_depend_on_the_process_count(fashion_dir, monkeypatch):
+    """Process p's batch b is rows [8p, 8p+8) of the one-process batch b, also when resuming."""
+
+    def batches(index, count, start_step):
+        monkeypatch.setattr(data, '_jax_process', lambda: (index, count))
+        train = data.get_dataset(
+            'fashion_mnist', 'train', batch_size=16, train=True, data_dir=fashion_dir, seed=3
+        )
+        return [x for x, _ in train.epoch(1, start_step=start_step)]
+
+    for start_step in (0, 4):
+        one = batches(0, 1, start_step)
+        two = [batches(0, 2, start_step), batches(1, 2, start_step)]
+        assert len(one) == len(two[0]) == len(two[1]) == 6 - start_step
+        for b, x in enumerate(one):
+            np.testing.assert_array_equal(np.concatenate([two[0][b], two[1][b]]), x)
+
+
 @pytest.mark.skipif(
     not os.path.isdir(REAL_FASHION_DIR), reason='dataset-fashion-mnist not installed'
 )

@@ -101,7 +101,7 @@ def test_every_step_keeps_exactly_k_per_layer(score_init, allocation):
     assert sum(search.kept.values()) == round(0.3 * (12 * 32 + 32 * 32))
     for step in range(6):
         x, y = batches[step % 3]
-        state, _ = par.train(state, x, y, search.rate(step))
+        state, _ = par.train(state, x, y)
         for n, k in search.kept.items():
             counts = np.asarray(state.mask[n]).reshape(4, -1).sum(1)
             assert np.all(counts == k), (step, n, counts, k)  # on each of the 4 devices
@@ -135,7 +135,7 @@ def test_score_gradient_is_dL_dmasked_weight_times_weight():
     )
     par = Parallel(search, jax.local_devices()[:1])
     s0 = search.init_state()
-    s1, _ = par.train(par.replicate(s0), x, y, 1.0)
+    s1, _ = par.train(par.replicate(s0), x, y)
 
     def loss(masked_kernels):
         p = jax.tree.map(jnp.asarray, v['params'])
@@ -182,7 +182,7 @@ def test_four_devices_agree_with_one_device():
         par = Parallel(search, devices)
         state = par.replicate(search.init_state())
         for step in range(8):
-            state, _ = par.train(state, *batches[step % 4], search.rate(step))
+            state, _ = par.train(state, *batches[step % 4])
         results.append(jax.device_get(state))
     one, four = results
     for n in one.mask:
@@ -250,7 +250,8 @@ def test_bad_variables_and_batches():
 def test_model_without_batchnorm():
     model = NoBN()
     v = model.init(jax.random.key(0), np.zeros((1, 12), np.float32), train=False)
-    jp = search_jackpot(model, v, data(2), sparsity=0.5, epochs=1, restriction='cosine')
+    batches = [(x, y % 3) for x, y in data(2)]  # 3 classes
+    jp = search_jackpot(model, v, batches, sparsity=0.5, epochs=1, restriction='cosine')
     assert 'batch_stats' not in jp.variables
     # Dense(3) is constructed first (Dense_0) but called last: it is the classifier
     assert jp.kept_per_layer == {'Dense_1/kernel': 48}

@@ -1,0 +1,67 @@
+"""Dense training of every parameter, on the same parallel step machinery and loop as the search.
+
+Used to make the pre-trained models that ljax ships and that the benchmarks search: SGD with
+Nesterov momentum 0.9, coupled weight decay and a cosine learning rate over the whole run;
+BatchNorm in training mode with statistics averaged across devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from ljax import loop as loop_lib
+from ljax.parallel import AXIS_NAME
+
+
+class DenseTraining:
+    """The task for `Parallel` / `Loop`: state {'step', 'params', 'batch_stats', 'opt_state'}."""
+
+    frozen: dict = {}
+
+    def __init__(self, model, *, lr: float, weight_decay: float, total_steps: int, momentum=0.9):
+        self.model = model
+        self.tx = optax.chain(
+            optax.add_decayed_weights(weight_decay),
+            optax.sgd(
+                optax.cosine_decay_schedule(lr, max(int(total_steps), 1)),
+                momentum=momentum,
+                nesterov=True,
+            ),
+        )
+
+    def init_state(self, variables) -> dict:
+        return {
+            'step': jnp.zeros((), jnp.int32),
+            'params': variables['params'],
+            'batch_stats': variables.get('batch_stats', {}),
+            'opt_state': self.tx.init(variables['params']),
+        }
+
+    def train_step(self, state, frozen, x, y):
+        def loss_fn(params):
+            variables = {'params': params}
+            if state['batch_stats']:
+                variables['batch_stats'] = state['batch_stats']
+            logits, updates = self.model.apply(variables, x, train=True, mutable=['batch_stats'])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (logits, updates.get('batch_stats', {}))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state['params']
+        )
+        grads, loss = lax.pmean(grads, AXIS_NAME), lax.pmean(loss, AXIS_NAME)
+        updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+        new = {
+            'step': state['step'] + 1,
+            'params': optax.apply_updates(state['params'], updates),
+            'batch_stats': lax.pmean(batch_stats, AXIS_NAME),
+            'opt_state': opt_state,
+        }
+        new, finite = loop_lib.keep_if_not_finite(
+            loss, grads, new, {**state, 'step': new['step']}, updated=new['params']
+        )
+        accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS_NAME)
+        return new, {'loss': loss, 'accuracy': accuracy, 'finite': finite}

@@ -1,0 +1,136 @@
+"""The one loop (`ljax.loop`) and the search step's guards: no host reads between log points,
+non-finite steps skipped and counted, bfloat16, bad batches named."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src import array as jax_array
+
+from ljax import search_jackpot
+from ljax.loop import NonFiniteError, keep_if_not_finite
+from ljax.parallel import Parallel
+from ljax.search import Search, SearchOptions
+from tests.test_search import Net, data, pretrained
+
+
+def test_no_device_to_host_read_between_log_points(monkeypatch):
+    """Every read of a device value (`ArrayImpl._value`: np.asarray, float(), device_get) is
+    recorded with the number of steps dispatched so far: reads happen only at log points.
+
+    (`jax.transfer_guard_device_to_host`, which the loop also sets around each step, cannot see
+    such reads on CPU, where device buffers are host memory.)"""
+    events, steps = [], [0]
+    train = Parallel.train
+
+    def counted_train(self, *args):
+        steps[0] += 1
+        return train(self, *args)
+
+    value = jax_array.ArrayImpl._value
+
+    def recorded(self):
+        events.append(steps[0])
+        return value.fget(self)
+
+    monkeypatch.setattr(Parallel, 'train', counted_train)
+    monkeypatch.setattr(jax_array.ArrayImpl, '_value', property(recorded))
+    search_jackpot(Net(), pretrained(), data(12), sparsity=0.8, epochs=2, log_every=4, progress=False)
+    during = sorted({s for s in events if 0 < s < 24})
+    assert steps[0] == 24 and during, events  # metrics were read, at some points
+    assert set(during) <= {4, 8, 12, 16, 20}, during
+
+
+def _search(total_steps=4, **options):
+    model, v = Net(), pretrained()
+    search = Search.create(
+        model, v, data(1)[0][0][:1], sparsity=0.7, total_steps=total_steps,
+        options=SearchOptions(**options),
+    )
+    return search, Parallel(search)
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged_and_is_counted():
+    search, par = _search()
+    (x0, y0), (x1, y1) = data(2)
+    x1 = x1.copy()
+    x1[3, 5] = np.nan  # one pixel
+    state, m0 = par.train(par.replicate(search.init_state()), x0, y0)
+    before = par.unreplicate(state)
+    state, m1 = par.train(state, x1, y1)
+    after = par.unreplicate(state)
+    assert int(m0['finite'][0]) == 1 and int(m1['finite'][0]) == 0 and int(m1['flips'][0]) == 0
+    assert int(after.step) == int(before.step) + 1  # the schedules and the data move on
+    for field in ('scores', 'mask', 'thresholds', 'opt_state', 'batch_stats'):
+        jax.tree.map(np.testing.assert_array_equal, getattr(after, field), getattr(before, field))
+
+
+def test_non_finite_steps_are_counted_in_history_and_a_hopeless_epoch_stops():
+    batches = data(4)
+    x = batches[1][0].copy()
+    x[0, 7] = np.inf
+    batches[1] = (x, batches[1][1])
+    jp = search_jackpot(Net(), pretrained(), batches, sparsity=0.7, epochs=2, progress=False)
+    assert [row['nonfinite_steps'] for row in jp.history] == [1, 1]
+    assert all(np.isfinite(s).all() for s in jp.scores.values())
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(jp.variables['batch_stats']))
+    poisoned = [(np.full_like(x, np.nan), y) for x, y in data(2)]
+    with pytest.raises(NonFiniteError, match='every step of epoch 1 had a non-finite loss'):
+        search_jackpot(Net(), pretrained(), poisoned, sparsity=0.7, epochs=1, progress=False)
+
+
+def test_an_update_that_overflows_is_skipped_too():
+    """An exploding learning rate leaves loss and gradients finite (the weights are frozen) but
+    overflows the scores: such a step is skipped as well."""
+    grads = {'a': jnp.ones(3)}
+    new, old = {'a': jnp.full(3, 2.0)}, {'a': jnp.zeros(3)}
+    kept, finite = keep_if_not_finite(jnp.float32(1), grads, new, old, updated={'a': jnp.full(3, jnp.inf)})
+    assert int(finite) == 0 and np.all(np.asarray(kept['a']) == 0)
+    kept, finite = keep_if_not_finite(jnp.float32(1), grads, new, old, updated=new)
+    assert int(finite) == 1 and np.all(np.asarray(kept['a']) == 2)
+    with pytest.raises(ValueError, match='lr: expected a finite number > 0'):
+        search_jackpot(Net(), pretrained(), data(1), sparsity=0.5, epochs=1, lr=-1.0)
+
+
+def test_bfloat16_search_keeps_float32_state_and_exact_counts():
+    runs = {}
+    for dtype in ('float32', 'bfloat16'):
+        search, par = _search(dtype=dtype)
+        state = par.replicate(search.init_state())
+        losses = []
+        for x, y in data(4):
+            state, m = par.train(state, x, y)
+            losses.append(float(m['loss'][0]))
+        final = par.unreplicate(state)
+        for n, k in search.kept.items():
+            assert int(final.mask[n].sum()) == k
+        assert all(a.dtype == np.float32 for a in jax.tree.leaves(final.scores))
+        assert all(a.dtype == np.float32 for a in jax.tree.leaves(final.batch_stats))
+        runs[dtype] = losses
+    # Same first step up to bfloat16 rounding; then the masks drift apart a little.
+    np.testing.assert_allclose(runs['bfloat16'][0], runs['float32'][0], rtol=0.01)
+    np.testing.assert_allclose(runs['bfloat16'], runs['float32'], rtol=0.15)
+    with pytest.raises(ValueError, match='dtype'):
+        _search(dtype='float16')
+
+
+@pytest.mark.parametrize(
+    'damage, message',
+    [
+        (lambda x, y: (x, y + 5), r'batches: batch 2: label \d+ outside \[0, 5\)'),
+        (lambda x, y: (x, y[:-1]), r'batches: batch 2: 16 inputs but labels of shape \(15,\)'),
+        (lambda x, y: (x[:, :6], y), r'batches: batch 2: x of shape \(16, 6\)'),
+        (lambda x, y: (x, y.astype(np.float32)), 'batches: batch 2: labels of dtype float32'),
+    ],
+)
+def test_bad_batches_are_named(damage, message):
+    batches = data(3)
+    batches[2] = damage(*batches[2])
+    with pytest.raises(ValueError, match=message):
+        search_jackpot(Net(), pretrained(), batches, sparsity=0.5, epochs=1, progress=False)
+
+
+def test_dict_batches_as_tfds_yields_them():
+    batches = [{'image': x, 'label': y} for x, y in data(2)]
+    jp = search_jackpot(Net(), pretrained(), batches, sparsity=0.5, epochs=1, progress=False)
+    assert len(jp.history) == 1
