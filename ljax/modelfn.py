@@ -158,18 +158,23 @@ class _Split:
         return self.to_dict(jax.tree_util.tree_leaves(state))
 
 
+def _is_key(a) -> bool:
+    return jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
 def _reseeded(rest: _Split, rng):
     """The non-weight state with every RNG key derived from `rng`: dropout randomness comes from
     the argument, not from mutable Rngs state, so the function stays pure and replicas agree."""
-    variables = jax.tree_util.tree_leaves(rest.state(), is_leaf=lambda v: isinstance(v, nnx.Variable))
+    state = rest.state()
+    variables = jax.tree_util.tree_leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     if rng is None or len(variables) != len(rest.values):
-        return rest.state()
-    key = rng if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+        return state
+    key = rng if _is_key(rng) else jax.random.wrap_key_data(rng)
     values = []
     for i, (var, old) in enumerate(zip(variables, rest.values)):
         if isinstance(var, nnx.RngKey):
             new = jax.random.fold_in(key, i)
-            if not jax.dtypes.issubdtype(old.dtype, jax.dtypes.prng_key):
+            if not _is_key(old):
                 new = jax.random.key_data(new)
             old = new
         values.append(old)
@@ -185,7 +190,10 @@ def _nnx_fn(module: nnx.Module) -> ModelFn:
 
     def apply(v, x, train, rng):
         merged = nnx.merge(
-            graphdef, params.state(v['params']), stats.state(v.get('batch_stats')), _reseeded(rest, rng)
+            graphdef,
+            params.state(v['params']),
+            stats.state(v.get('batch_stats')),
+            _reseeded(rest, rng),
         )
         merged = nnx.view(
             merged, deterministic=not train, use_running_average=not train, raise_if_not_found=False
