@@ -21,7 +21,7 @@ from flax.core import unfreeze
 COLLECTIONS = ('params', 'batch_stats')
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, as a static arg
 class ModelFn:
     """A uniform, pure view of a user's model.
 

@@ -2,6 +2,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -163,29 +164,47 @@ def test_dropout_draws_from_the_rng_argument(kind):
 
 
 @pytest.mark.parametrize('kind', ['linen', 'nnx'])
-def test_synchronised_batch_norm_under_pmap(kind):
+def test_synchronised_batch_norm_and_gradients_under_pmap(kind):
+    """As the search uses it: pmapped over axis 'batch', gradients w.r.t. the params pmean'd."""
     n = jax.local_device_count()
     assert n == 4  # tests/conftest.py
     x = x_of(16)
+    y = jnp.arange(16) % 3
     if kind == 'linen':
         plain = model_fn(LinenNet(rate=0.0), linen_variables(), x[:1])
         synced = model_fn(LinenNet(bn_axis='batch', rate=0.0), linen_variables(), x[:1])
     else:
         plain = model_fn(NnxNet(nnx.Rngs(0), rate=0.0))
         synced = model_fn(NnxNet(nnx.Rngs(0), bn_axis='batch', rate=0.0))
-    want, want_stats = plain.apply(plain.variables, x, train=True, rng=jax.random.key(0))
+
+    def loss_grads(fn, v, x, y):
+        def loss(params):
+            logits, stats = fn.apply(
+                {'params': params, 'batch_stats': v['batch_stats']}, x, train=True,
+                rng=jax.random.key(0),
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, stats)
+
+        return jax.grad(loss, has_aux=True)(v['params'])
+
+    want_grads, (want, want_stats) = loss_grads(plain, plain.variables, x, y)
+    def shard_step(v, x, y):
+        grads, aux = loss_grads(synced, v, x, y)
+        return jax.lax.pmean(grads, 'batch'), aux  # statistics are not averaged: BN syncs them
+
     step = jax.pmap(
-        lambda v, x: synced.apply(v, x, train=True, rng=jax.random.key(0)),
+        shard_step,
         axis_name='batch',
-        in_axes=(None, 0),
+        in_axes=(None, 0, 0),
     )
-    logits, stats = step(synced.variables, x.reshape(n, -1, 4))
-    np.testing.assert_allclose(np.asarray(logits).reshape(16, -1), want, rtol=1e-5, atol=1e-6)
-    got, want = sparsity.flatten(stats), sparsity.flatten(want_stats)
-    assert set(got) == set(want) and got
-    for name in want:
-        for replica in np.asarray(got[name]):  # every replica holds the global-batch statistics
-            np.testing.assert_allclose(replica, want[name], rtol=1e-5, atol=1e-6)
+    grads, (logits, stats) = step(synced.variables, x.reshape(n, -1, 4), y.reshape(n, -1))
+    np.testing.assert_allclose(np.asarray(logits).reshape(16, 3), want, rtol=1e-5, atol=1e-6)
+    for tree, ref in ((stats, want_stats), (grads, want_grads)):
+        got, ref = sparsity.flatten(tree), sparsity.flatten(ref)
+        assert set(got) == set(ref) and got
+        for name in ref:
+            for replica in np.asarray(got[name]):  # every replica: the global-batch value
+                np.testing.assert_allclose(replica, ref[name], rtol=1e-4, atol=1e-6)
 
 
 def test_errors_name_the_argument():
