@@ -30,7 +30,8 @@ class ModelFn:
     apply(variables, x, *, train, rng) -> (logits, batch_stats): train=True normalises with batch
       statistics and returns the updated running averages, dropout draws from `rng` (a PRNG key);
       train=False uses running statistics, no dropout (rng may be None) and returns
-      variables['batch_stats'] unchanged.
+      variables['batch_stats'] unchanged. rng=None with train=True: linen draws from key(0), nnx
+      from the keys the module holds (the same masks every call).
     rebuild(variables): nnx: a new nnx.Module holding these values (the input module is never
       modified); linen: the variables dict itself.
     """
@@ -84,7 +85,9 @@ def check_variables(model: nn.Module, variables, x) -> None:
     if x is None:
         return
     try:
-        expected = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        # A 'dropout' stream too: an nnx.bridge.to_linen module builds its Dropout at init.
+        rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+        expected = jax.eval_shape(lambda: model.init(rngs, x, train=False))
     except Exception as e:  # the model itself does not run on this input
         raise ValueError(
             f'batches: the model does not accept x of shape {np.shape(x)}: '
@@ -123,7 +126,8 @@ def _linen_fn(model: nn.Module, variables, sample_x) -> ModelFn:
         vs = dict(extra, params=v['params'])
         if v.get('batch_stats'):
             vs['batch_stats'] = v['batch_stats']
-        rngs = {'dropout': rng} if rng is not None else {}
+        # Never empty: a to_linen-wrapped module builds its Dropout (off in eval) on every call.
+        rngs = {'dropout': rng if rng is not None else jax.random.key(0)}
         if not train:
             return model.apply(vs, x, train=False, rngs=rngs), v.get('batch_stats', {})
         logits, updates = model.apply(vs, x, train=True, mutable=['batch_stats'], rngs=rngs)

@@ -145,13 +145,64 @@ def test_rebuild_gives_a_module_with_these_values():
     assert not np.allclose(rebuilt(x), fn.apply(fn.variables, x, train=False)[0])
 
 
-@pytest.mark.parametrize('kind', ['linen', 'nnx'])
+class CallFlags(nnx.Module):
+    """An NNX module that takes `train` in its call (flags there override mode attributes), and
+    one with no BatchNorm at all."""
+
+    def __init__(self, rngs, bn=True):
+        self.dense = nnx.Linear(4, 3, rngs=rngs)
+        self.bn = nnx.BatchNorm(3, rngs=rngs) if bn else None
+
+    def __call__(self, x, train=False):
+        x = self.dense(x)
+        return self.bn(x, use_running_average=not train) if self.bn is not None else x
+
+
+def test_nnx_call_with_a_train_argument_and_without_batch_norm():
+    x = x_of()
+    fn = model_fn(CallFlags(nnx.Rngs(0)))
+    logits, stats = fn.apply(fn.variables, x, train=True, rng=jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(logits).mean(0), 0.0, atol=1e-5)  # batch statistics
+    assert not np.allclose(stats['bn']['mean'], 0.0)
+    direct = CallFlags(nnx.Rngs(0))
+    np.testing.assert_allclose(fn.apply(fn.variables, x, train=False)[0], direct(x), rtol=1e-6)
+
+    fn = model_fn(CallFlags(nnx.Rngs(0), bn=False))
+    assert fn.variables['batch_stats'] == {}
+    logits, stats = jax.jit(lambda v: fn.apply(v, x, train=True, rng=jax.random.key(0)))(
+        fn.variables
+    )
+    assert stats == {}
+    np.testing.assert_allclose(logits, CallFlags(nnx.Rngs(0), bn=False)(x), rtol=1e-6)
+    assert isinstance(fn.rebuild(fn.variables), CallFlags)
+
+
+class Bridged(nnx.Module):
+    """Wrapped by nnx.bridge.to_linen: its Dropout is built (and needs a 'dropout' stream) on
+    every linen call, eval included."""
+
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(4, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x, train=False):
+        return self.head(self.drop(self.dense(x), deterministic=not train))
+
+
+@pytest.mark.parametrize('kind', ['linen', 'nnx', 'bridge'])
 def test_dropout_draws_from_the_rng_argument(kind):
     x = x_of(16)
     if kind == 'linen':
         fn = model_fn(LinenNet(), linen_variables(), x[:1])
-    else:
+    elif kind == 'nnx':
         fn = model_fn(NnxNet(nnx.Rngs(0)))
+    else:
+        model = nnx.bridge.to_linen(Bridged)
+        v = model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x[:1])
+        fn = model_fn(model, v, x[:1])
+        direct = model.apply(v, x, rngs={'dropout': jax.random.key(7)})  # eval by default
+        np.testing.assert_allclose(fn.apply(fn.variables, x, train=False)[0], direct, rtol=1e-6)
     step = jax.jit(lambda v, x, k: fn.apply(v, x, train=True, rng=k)[0])
     a, b, c = (step(fn.variables, x, jax.random.key(k)) for k in (1, 1, 2))
     np.testing.assert_array_equal(a, b)  # same key, same masks: pure
