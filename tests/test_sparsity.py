@@ -54,10 +54,10 @@ def test_classifier_is_the_last_product_not_the_last_in_tree_order():
 
 
 class NnxNet(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, bn_axis=None):
         self.head = nnx.Linear(6, 3, rngs=rngs)  # created first, called last
         self.layers = nnx.List([nnx.Conv(3, 6, (3, 3), rngs=rngs), nnx.Linear(6, 6, rngs=rngs)])
-        self.bn = nnx.BatchNorm(6, rngs=rngs)
+        self.bn = nnx.BatchNorm(6, axis_name=bn_axis, rngs=rngs)
 
     def __call__(self, x):
         x = nnx.relu(self.bn(self.layers[0](x))).mean((1, 2))
@@ -65,8 +65,9 @@ class NnxNet(nnx.Module):
 
 
 def test_nnx_model():
-    names, classifier = detect(NnxNet(nnx.Rngs(0)), jnp.ones((1, 8, 8, 3)))
-    assert names == ['layers/0/kernel', 'layers/1/kernel'] and classifier == 'head/kernel'
+    for axis in (None, 'batch'):  # synchronised BN traces outside pmap (eval mode)
+        names, classifier = detect(NnxNet(nnx.Rngs(0), axis), jnp.ones((1, 8, 8, 3)))
+        assert names == ['layers/0/kernel', 'layers/1/kernel'] and classifier == 'head/kernel'
 
 
 class Stem(nnx.Module):
@@ -163,6 +164,7 @@ def test_undecidable_classifier_asks_for_prunable():
     'name, shape, kwargs',
     [
         ('mlp', (1, 28, 28, 1), {'hidden': (8, 8)}),
+        ('mlp', (1, 28, 28, 1), {'hidden': (8, 8), 'bn_axis_name': 'batch'}),  # outside pmap
         ('vgg19_cifar', (1, 32, 32, 3), {}),
         ('resnet32_cifar', (1, 32, 32, 3), {}),
         ('resnet50', (1, 32, 32, 3), {}),
