@@ -11,12 +11,14 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
 from ljax import masks
+from ljax.modelfn import ModelFn, model_fn
 
 PrunablePredicate = Callable[[tuple, Any], bool]
 _LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.ConvLocal)
@@ -32,10 +34,8 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
 
 def called_layers(model: nn.Module, variables, x) -> list[str]:
-    """Paths ('block/Dense_0') of the Dense/Conv modules in the order the model calls them.
-
-    Runs `model.apply` abstractly (`jax.eval_shape`) under `nn.intercept_methods`: costs no compute.
-    """
+    """Paths ('block/Dense_0') of the flax.linen Dense/Conv modules in the order the model calls
+    them (a linen-only utility for benchmarks; detection uses `find_kernels`)."""
     order: list[str] = []
 
     def record(next_fun, args, kwargs, context):
@@ -53,22 +53,139 @@ def called_layers(model: nn.Module, variables, x) -> list[str]:
     return order
 
 
-def default_prunable(model: nn.Module, variables, x) -> PrunablePredicate:
-    """Every conv/dense kernel except the classifier: the last such layer the model *calls*.
+# ---------------------------------------------------------------- kernels, from the computation
+# Ops that only move, cast or select a weight's values: a kernel reshaped to (kh*kw*in, out) for a
+# patches + matmul convolution is still that kernel.
+_VIEW_OPS = frozenset(
+    {
+        'reshape', 'transpose', 'convert_element_type', 'broadcast_in_dim', 'squeeze',
+        'expand_dims', 'slice', 'dynamic_slice', 'gather', 'rev', 'copy', 'copy_p', 'concatenate',
+        'pad', 'reduce_precision', 'sharding_constraint', 'device_put', 'optimization_barrier',
+    }
+)  # fmt: skip
+_PRODUCTS = frozenset({'dot_general', 'conv_general_dilated'})
+_NONE: frozenset = frozenset()
 
-    Pytree order is not call order (keys flatten as strings: 'Dense_11' < 'Dense_9', 'conv_init'
-    after 'head'), so the call order is recorded. Falls back to the last kernel in tree order when
-    no flax Dense/Conv module is called (hand-written `self.param` kernels).
+
+def _union(sets) -> frozenset:
+    return frozenset().union(*sets)
+
+
+class _Trace:
+    """Follows parameters through a jaxpr. Per variable: `view`, the params it is a shape-only
+    view of; `last`, the params of the weight products it depends on with no other weight product
+    in between. A weight product (dot_general / conv with a param view as an operand) marks those
+    params as kernels."""
+
+    def __init__(self):
+        self.kernels: set[str] = set()
+
+    def run(self, jaxpr, inputs):
+        jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)  # ClosedJaxpr -> Jaxpr; consts hold no params
+        env = dict(zip(jaxpr.invars, inputs))
+
+        def read(v):
+            return env.get(v, (_NONE, _NONE)) if isinstance(v, jex.Var) else (_NONE, _NONE)
+
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            outs = self._eqn(eqn, ins)
+            env.update(zip(eqn.outvars, outs))
+        return [read(v) for v in jaxpr.outvars]
+
+    def _eqn(self, eqn, ins):
+        n = len(eqn.outvars)
+        views, lasts = [i[0] for i in ins], [i[1] for i in ins]
+        name, p = eqn.primitive.name, eqn.params
+        if name in _PRODUCTS and any(views):
+            self.kernels |= _union(views)
+            return [(_NONE, _union(views))] * n
+        if name in _VIEW_OPS:
+            return [(_union(views), _union(lasts))] * n
+        if 'branches' in p:  # cond: the index, then the operands of every branch
+            runs = [self.run(b, ins[1:]) for b in p['branches']]
+            return [tuple(_union(r[i][j] for r in runs) for j in (0, 1)) for i in range(n)]
+        if name == 'scan':
+            consts, k = p['num_consts'], p['num_carry']
+            return self._loop(p['jaxpr'], ins[:consts], ins[consts : consts + k], ins[consts + k :])
+        if name == 'while':
+            c = p['cond_nconsts']
+            body = ins[c : c + p['body_nconsts']]
+            return self._loop(p['body_jaxpr'], body, ins[c + p['body_nconsts'] :], [])
+        for key in ('jaxpr', 'call_jaxpr', 'fun_jaxpr'):  # jit, remat, custom_jvp/vjp, call
+            sub = p.get(key)
+            sub_jaxpr = getattr(sub, 'jaxpr', sub)
+            if isinstance(sub_jaxpr, jex.Jaxpr) and len(sub_jaxpr.invars) == len(ins):
+                return self.run(sub, ins)
+        return [(_NONE, _union(lasts))] * n  # anything else computes: views end here
+
+    def _loop(self, body, consts, carry, xs):
+        """A loop body run to a fixed point: the carry that comes out goes back in."""
+        while True:
+            outs = self.run(body, list(consts) + list(carry) + list(xs))
+            new = [(a[0] | b[0], a[1] | b[1]) for a, b in zip(carry, outs)]
+            if new == list(carry):
+                return outs
+            carry = new
+
+
+def find_kernels(fn, sample_x) -> tuple[list[str], frozenset[str]]:
+    """(kernels, output kernels) of a `ModelFn` on input `sample_x`, traced abstractly.
+
+    kernels: params (tree order) that reach a `dot_general` or `conv_general_dilated` operand
+    through shape-only ops, also inside jit / remat / custom_jvp / custom_vjp / cond / scan.
+    output kernels: those whose product the logits depend on with no other weight product in
+    between (one name for a model with a single classifier).
     """
-    kernels = [
-        p
-        for p, w in flatten(variables['params']).items()
-        if p.endswith('kernel') and np.ndim(w) >= 2
-    ]
-    calls = called_layers(model, variables, x)
-    classifier = f'{calls[-1]}/kernel' if calls else (kernels[-1] if kernels else None)
-    chosen = frozenset(p for p in kernels if p != classifier)
-    return lambda path, leaf: '/'.join(path) in chosen
+    params, stats = fn.variables['params'], fn.variables.get('batch_stats', {})
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in leaves]
+
+    def logits(p):
+        return fn.apply({'params': p, 'batch_stats': stats}, sample_x, train=False, rng=None)[0]
+
+    closed = jax.make_jaxpr(logits)(params)
+    trace = _Trace()
+    outs = trace.run(closed, [(frozenset({n}), _NONE) for n in names])
+    order = [n for n in flatten(params) if n in trace.kernels]
+    return order, _union(o[1] for o in outs)
+
+
+def classifier_name(fn, sample_x) -> str:
+    """The kernel whose product feeds the logits of a `ModelFn`; ValueError naming `prunable=`
+    when that is not exactly one parameter (never a guess)."""
+    return _classifier(*find_kernels(fn, sample_x))
+
+
+def _classifier(kernels, out) -> str:
+    if len(out) == 1:
+        return next(iter(out))
+    why = (
+        f'the products of {sorted(out)} all feed the output directly'
+        if out
+        else 'no matmul or convolution with a parameter operand feeds the output (kernels '
+        f'found: {kernels[:6]})'
+    )
+    raise ValueError(
+        f'prunable: cannot tell which kernel is the classifier: {why}; pass prunable=, a '
+        'predicate (path tuple, leaf) -> bool that is true for the kernels to prune'
+    )
+
+
+def default_prunable(fn, *args) -> PrunablePredicate:
+    """Every kernel (weight operand of a matmul or convolution) except the classifier.
+
+    `default_prunable(fn: ModelFn, sample_x)`; `default_prunable(model, variables, sample_x)` for
+    a linen module is the same through `model_fn`. Found from the computation, so pytree order,
+    layer types and names do not matter (keys flatten as strings: 'Dense_11' < 'Dense_9').
+    """
+    if not isinstance(fn, ModelFn):
+        variables, *args = args
+        fn = model_fn(fn, variables)
+    (sample_x,) = args
+    kernels, out = find_kernels(fn, sample_x)
+    chosen = frozenset(kernels) - {_classifier(kernels, out)}
+    return lambda path, leaf: '/'.join(map(str, path)) in chosen
 
 
 def prunable_names(params, predicate: PrunablePredicate) -> list[str]:

@@ -3,10 +3,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings, strategies as st
+from jax import lax
 
 from ljax import masks, sparsity
+from ljax.modelfn import model_fn
+from ljax.models import get_model
 from tests import reference
+
+
+def detect(model, x, variables=None):
+    """(prunable names, classifier) found by the search's default, for a linen or NNX model."""
+    if variables is None and isinstance(model, nn.Module):
+        variables = model.init(jax.random.key(0), x, train=False)
+    fn = model_fn(model, variables, x)
+    names = sparsity.prunable_names(fn.variables['params'], sparsity.default_prunable(fn, x))
+    return names, sparsity.classifier_name(fn, x)
 
 
 class TwelveDense(nn.Module):
@@ -25,23 +38,149 @@ class HeadFirst(nn.Module):
         return nn.Dense(2, name='head')(x.mean((1, 2)))
 
 
-def test_classifier_is_the_last_layer_called_not_the_last_in_tree_order():
-    model = TwelveDense()
-    v = model.init(jax.random.key(0), jnp.ones((1, 4)))
+def test_classifier_is_the_last_product_not_the_last_in_tree_order():
+    model, x = TwelveDense(), jnp.ones((1, 4))
+    v = model.init(jax.random.key(0), x)
     last_path = jax.tree_util.tree_flatten_with_path(v['params'])[0][-1][0]
     assert jax.tree_util.keystr(last_path) == "['Dense_9']['kernel']"  # jax sorts dict keys
-    names = sparsity.prunable_names(
-        v['params'], sparsity.default_prunable(model, v, jnp.ones((1, 4)))
-    )
-    assert 'Dense_11/kernel' not in names and len(names) == 11
-    assert all(n.endswith('kernel') for n in names)
+    names, classifier = detect(model, x)
+    assert classifier == 'Dense_11/kernel'
+    assert sorted(names) == sorted(f'Dense_{i}/kernel' for i in range(11))
+    # the linen form (model, variables, x) is the same
+    legacy = sparsity.prunable_names(v['params'], sparsity.default_prunable(model, v, x))
+    assert legacy == names
 
-    model = HeadFirst()
-    v = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
-    names = sparsity.prunable_names(
-        v['params'], sparsity.default_prunable(model, v, jnp.ones((1, 8, 8, 3)))
-    )
-    assert names == ['conv_init/kernel']
+    assert detect(HeadFirst(), jnp.ones((1, 8, 8, 3))) == (['conv_init/kernel'], 'head/kernel')
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs, bn_axis=None):
+        self.head = nnx.Linear(6, 3, rngs=rngs)  # created first, called last
+        self.layers = nnx.List([nnx.Conv(3, 6, (3, 3), rngs=rngs), nnx.Linear(6, 6, rngs=rngs)])
+        self.bn = nnx.BatchNorm(6, axis_name=bn_axis, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.layers[0](x))).mean((1, 2))
+        return self.head(nnx.relu(self.layers[1](x)))
+
+
+def test_nnx_model():
+    for axis in (None, 'batch'):  # synchronised BN traces outside pmap (eval mode)
+        names, classifier = detect(NnxNet(nnx.Rngs(0), axis), jnp.ones((1, 8, 8, 3)))
+        assert names == ['layers/0/kernel', 'layers/1/kernel'] and classifier == 'head/kernel'
+
+
+class Stem(nnx.Module):
+    def __init__(self, din, rngs):
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+        self.stem = nnx.Linear(din, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+
+    def __call__(self, x, train=False):
+        return self.head(nnx.relu(self.bn(self.stem(x), use_running_average=not train)))
+
+
+def test_bridge_wrapped_nnx_model_keeps_its_classifier_dense():
+    """Issue 13: no linen Dense/Conv is called inside `to_linen`, and the old fallback (last
+    kernel in tree order, 'stem') pruned the classifier and left the stem dense."""
+    model, x = nnx.bridge.to_linen(Stem, 5), jnp.ones((2, 5))
+    v = model.init(jax.random.key(0), x)
+    assert sparsity.called_layers(model, v, x) == []  # what the old detection saw
+    assert detect(model, x, v) == (['stem/kernel'], 'head/kernel')
+
+
+class Handwritten(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        init = nn.initializers.lecun_normal()
+        b = self.param('b', nn.initializers.zeros, (8,))
+        h = nn.relu(jnp.dot(x, self.param('w_in', init, (4, 8))) + b)
+        return jnp.einsum('oi,bi->bo', self.param('w_out', init, (3, 8)), h)  # (out, in) layout
+
+
+class PatchesConv(nn.Module):
+    """A convolution as patches + matmul, the kernel reshaped to (kh*kw*in, out)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        k = self.param('filters', nn.initializers.lecun_normal(), (3, 3, 3, 8))
+        p = lax.conv_general_dilated_patches(
+            x, (3, 3), (1, 1), 'SAME', dimension_numbers=('NHWC', 'OIHW', 'NHWC')
+        )
+        y = nn.relu(p @ k.transpose(2, 0, 1, 3).reshape(-1, 8)).mean((1, 2))
+        return nn.Dense(2, name='a_head')(y)
+
+
+@jax.custom_vjp
+def _identity(a):
+    return a
+
+
+_identity.defvjp(lambda a: (a, None), lambda _, g: (g,))
+
+
+class ControlFlow(nn.Module):
+    """Stacked kernels under lax.scan, then remat, cond and a custom_vjp around the head."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        init = nn.initializers.lecun_normal()
+        stack, out = self.param('stack', init, (3, 4, 4)), self.param('out', init, (4, 2))
+        x, _ = lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, stack)
+        x = jax.checkpoint(nn.relu)(x)
+        x = lax.cond(x.sum() > 0, lambda h: h @ out, lambda h: 2 * (h @ out), x)
+        return _identity(x)
+
+
+def test_hand_written_kernels_patch_convolutions_and_control_flow():
+    assert detect(Handwritten(), jnp.ones((2, 4))) == (['w_in'], 'w_out')
+    assert detect(PatchesConv(), jnp.ones((1, 6, 6, 3))) == (['filters'], 'a_head/kernel')
+    assert detect(ControlFlow(), jnp.ones((2, 4))) == (['stack'], 'out')
+
+
+class TwoHeads(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Dense(4)(x))
+        return nn.Dense(2, name='a')(x) + nn.Dense(2, name='b')(x)
+
+
+class NoProduct(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return x * self.param('scale', nn.initializers.ones, (4,))
+
+
+def test_undecidable_classifier_asks_for_prunable():
+    with pytest.raises(ValueError, match=r"^prunable: .*'a/kernel', 'b/kernel'.*pass prunable="):
+        detect(TwoHeads(), jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match=r'^prunable: .*no matmul or convolution.*pass prunable='):
+        detect(NoProduct(), jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match=r'^model: expected a flax.linen or flax.nnx Module'):
+        sparsity.default_prunable(lambda x: x, {'params': {}}, jnp.ones((1, 4)))
+
+
+@pytest.mark.parametrize(
+    'name, shape, kwargs',
+    [
+        ('mlp', (1, 28, 28, 1), {'hidden': (8, 8)}),
+        ('mlp', (1, 28, 28, 1), {'hidden': (8, 8), 'bn_axis_name': 'batch'}),  # outside pmap
+        ('vgg19_cifar', (1, 32, 32, 3), {}),
+        ('resnet32_cifar', (1, 32, 32, 3), {}),
+        ('resnet50', (1, 32, 32, 3), {}),
+    ],
+)
+def test_shipped_models_as_before(name, shape, kwargs):
+    """Same prunable set and classifier as the intercept-based detection it replaces: every
+    linen Dense/Conv kernel but the last one called."""
+    model, x = get_model(name, 10, **kwargs), jnp.zeros(shape)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    v = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    calls = sparsity.called_layers(model, v, x)
+    kernels = [n for n in sparsity.flatten(v['params']) if n.endswith('kernel')]
+    before = [n for n in kernels if n != f'{calls[-1]}/kernel']
+    names, classifier = detect(model, x, v)
+    assert classifier == f'{calls[-1]}/kernel' and names == before
 
 
 @st.composite
