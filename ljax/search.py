@@ -21,7 +21,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterable, Mapping
 
-import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +31,18 @@ from jax import lax
 
 from ljax import loop as loop_lib
 from ljax import masks, restriction, sparsity as sparsity_lib
+from ljax.modelfn import ModelFn, check_variables, model_fn
 from ljax.parallel import AXIS_NAME, Parallel
 
-__all__ = ['AXIS_NAME', 'Jackpot', 'Parallel', 'Search', 'SearchOptions', 'search_jackpot']
+__all__ = [
+    'AXIS_NAME',
+    'Jackpot',
+    'Parallel',
+    'Search',
+    'SearchOptions',
+    'check_variables',
+    'search_jackpot',
+]
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -49,8 +58,10 @@ class SearchOptions:
       'uniform' (k_l ~ (1-s) n_l).
     restriction: rate schedule of the short restriction: 'none' (plain top-k every step), 'cosine',
       'poly4' ((1-t/T)^4), 'linear', 'constant:R', a float, or a callable step -> rate.
-    prunable: predicate (path tuple inside params, leaf) -> bool; None = every Dense/Conv kernel but
-      the classifier (the last layer the model calls).
+    prunable: predicate (path tuple inside params, leaf) -> bool; None = every parameter used as
+      the weight of a matmul or convolution, except the classifier (the product that feeds the
+      output), both found by tracing the model (`ljax.sparsity.find_kernels`); a ValueError asks
+      for `prunable=` where that cannot decide.
     seed: for random score init and dropout.
     dtype: 'float32' or 'bfloat16': the dtype of the forward and backward pass; scores, optimizer
       state and BN statistics stay float32, and evaluation runs in float32.
@@ -92,53 +103,11 @@ def _check_fraction(sparsity):
         )
 
 
-def check_variables(model: nn.Module, variables, x) -> None:
-    """ValueError unless `variables['params']` has exactly the names and shapes the model creates."""
-    if not isinstance(variables, Mapping) or 'params' not in variables:
-        raise ValueError(
-            "variables: expected a mapping {'params': ..., 'batch_stats': ...} "
-            f'of pre-trained variables, got {type(variables).__name__}'
-        )
-    try:
-        expected = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    except Exception as e:  # the model itself does not run on this input
-        raise ValueError(
-            f'batches: the model does not accept x of shape {np.shape(x)}: '
-            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-        ) from None
-    for collection in ('params', 'batch_stats'):
-        want = {
-            n: tuple(v.shape) for n, v in sparsity_lib.flatten(expected.get(collection, {})).items()
-        }
-        got = {
-            n: tuple(np.shape(v))
-            for n, v in sparsity_lib.flatten(variables.get(collection, {})).items()
-        }
-        if collection == 'batch_stats' and not got:
-            if want:
-                raise ValueError(
-                    'variables: the model has BatchNorm but variables hold no batch_stats'
-                )
-            continue
-        problems = [f'{n}: missing (expected {want[n]})' for n in want if n not in got]
-        problems += [f'{n}: unexpected' for n in got if n not in want]
-        problems += [
-            f'{n}: expected {want[n]}, found {got[n]}'
-            for n in want
-            if n in got and want[n] != got[n]
-        ]
-        if problems:
-            raise ValueError(
-                f'variables: {collection} do not fit the model ({len(problems)} problems): '
-                + '; '.join(problems[:5])
-            )
-
-
 @dataclasses.dataclass
 class Search:
     """A prepared search: which layers, how many weights each keeps, the optimizer and the step."""
 
-    model: nn.Module
+    fn: ModelFn  # the user's linen or NNX model as a pure function (ljax.modelfn)
     params: Any  # the frozen pre-trained params (caller's tree, never modified)
     batch_stats: Any  # initial BN statistics, or None
     names: list[str]  # prunable layers, tree order
@@ -165,9 +134,9 @@ class Search:
             value = getattr(o, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                 raise ValueError(f'{name}: expected a number, got {value!r}')
-        check_variables(model, variables, sample_x)
-        params = variables['params']
-        predicate = options.prunable or sparsity_lib.default_prunable(model, variables, sample_x)
+        fn = model_fn(model, variables, sample_x)
+        params = fn.variables['params']
+        predicate = options.prunable or sparsity_lib.default_prunable(fn, sample_x)
         names = sparsity_lib.prunable_names(params, predicate)
         if not names:
             some = list(sparsity_lib.flatten(params))[:6]
@@ -180,9 +149,9 @@ class Search:
         magnitude = sparsity_lib.magnitude_masks(weights, sparsity, options.allocation)
         kept = {n: int(jnp.sum(magnitude[n])) for n in names}
         search = cls(
-            model,
+            fn,
             params,
-            variables.get('batch_stats') or None,
+            fn.variables['batch_stats'] or None,
             names,
             kept,
             magnitude,
@@ -263,13 +232,8 @@ class Search:
 
     def apply(self, params, batch_stats, x, *, train: bool, rng=None):
         """(logits, new batch_stats) of the model: the one place the search calls it."""
-        variables = self._variables(params, batch_stats)
-        if not train:
-            return self.model.apply(variables, x, train=False), batch_stats
-        logits, updates = self.model.apply(
-            variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng}
-        )
-        return logits, updates.get('batch_stats', {})
+        variables = {'params': params, 'batch_stats': batch_stats if batch_stats is not None else {}}
+        return self.fn.apply(variables, x, train=train, rng=rng)
 
     def train_step(self, state: SearchState, params, x, y):
         """One search step on this device's share of the batch; call under pmap (axis AXIS_NAME)."""
@@ -353,6 +317,7 @@ class Jackpot:
 
     variables: {'params': pre-trained params with pruned weights exactly 0.0 and all else
       bit-identical, 'batch_stats': as updated by the search} (batch_stats absent if the model has none).
+    model: for an NNX model, a new module holding `variables` (None for linen).
     mask: pytree shaped like params: bool arrays on prunable leaves, None elsewhere.
     sparsity: achieved fraction of prunable weights removed.
     kept_per_layer: {layer path: kept count}. scores: final scores per layer.
@@ -365,6 +330,7 @@ class Jackpot:
     kept_per_layer: dict[str, int]
     scores: dict
     history: list[dict]
+    model: Any = None
 
 
 def _first_batch(batches):
@@ -424,9 +390,9 @@ def checked_batches(batches: Iterable, num_classes: int, x_shape: tuple) -> Iter
 
 
 def search_jackpot(
-    model: nn.Module,
-    variables: Mapping,
-    batches: Iterable,
+    model,
+    variables,
+    batches: Iterable | None = None,
     *,
     sparsity: float,
     epochs: int,
@@ -438,8 +404,12 @@ def search_jackpot(
 ) -> Jackpot:
     """Find a lottery jackpot: a mask over the frozen pre-trained weights of `model`.
 
-    model: flax module called as `model.apply(variables, x, train=...)`, returning logits.
-    variables: {'params': ..., 'batch_stats': ...} pre-trained; never modified or donated.
+    linen: `search_jackpot(model, variables, batches, ...)`, the module called as
+      `model.apply(variables, x, train=...)`, variables {'params': ..., 'batch_stats': ...}.
+    NNX: `search_jackpot(module, batches, ...)`, an `nnx.Module` holding its pre-trained weights,
+      called as `module(x)` (or `module(x, train=...)`), searched in training mode (BatchNorm on
+      batch statistics, Dropout on) and evaluated in eval mode; `.model` of the result is a new
+      module holding the jackpot. Either way the caller's weights are never modified or donated.
     batches: re-iterable of (x, y) NumPy batches (integer labels); each pass is one epoch. Every
       batch is split across the local devices, so its size must divide by their number. With
       several processes (`jax.distributed`), each process passes its own share of every batch.
@@ -453,6 +423,8 @@ def search_jackpot(
       score_init='magnitude', score_margin=0.01, allocation='global_magnitude',
       restriction='none', prunable=None, seed=0, dtype='float32'); see its docstring.
     """
+    if batches is None and isinstance(model, nnx.Module):
+        variables, batches = None, variables  # search_jackpot(module, batches, ...)
     unknown = set(options) - {f.name for f in dataclasses.fields(SearchOptions)}
     if unknown:
         raise ValueError(
@@ -498,8 +470,10 @@ def search_jackpot(
     final = par.unreplicate(state)
     total = sum(int(np.size(final.mask[n])) for n in search.names)
     kept = {n: int(np.sum(final.mask[n])) for n in search.names}
+    jackpot_variables = search.jackpot_variables(final.mask, final.batch_stats)
     return Jackpot(
-        variables=search.jackpot_variables(final.mask, final.batch_stats),
+        model=search.fn.rebuild(jackpot_variables) if search.fn.kind == 'nnx' else None,
+        variables=jackpot_variables,
         mask=search.params_mask(final.mask),
         sparsity=1.0 - sum(kept.values()) / total,
         kept_per_layer=kept,

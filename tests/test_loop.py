@@ -134,3 +134,33 @@ def test_dict_batches_as_tfds_yields_them():
     batches = [{'image': x, 'label': y} for x, y in data(2)]
     jp = search_jackpot(Net(), pretrained(), batches, sparsity=0.5, epochs=1, progress=False)
     assert len(jp.history) == 1
+
+
+def test_nnx_search_result():
+    """search_jackpot(module, batches): a new module whose pruned kernels are 0.0, the input
+    module untouched, BN running statistics as searched."""
+    from flax import nnx
+
+    class NNXNet(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(12, 32, rngs=rngs)
+            self.bn = nnx.BatchNorm(32, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+            self.head = nnx.Linear(32, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.drop(nnx.relu(self.bn(self.l1(x)))))
+
+    module = NNXNet(nnx.Rngs(0))
+    weights = lambda m: nnx.state(m, nnx.Param, nnx.BatchStat)
+    before = jax.tree.map(np.array, weights(module))
+    jp = search_jackpot(module, data(3), sparsity=0.75, epochs=2, progress=False)
+    jax.tree.map(np.testing.assert_array_equal, weights(module), before)  # input untouched
+    assert jp.kept_per_layer == {'l1/kernel': 96}  # the head is the classifier: left dense
+    mask = np.asarray(jp.mask['l1']['kernel'])
+    kernel = np.asarray(jp.model.l1.kernel[...])
+    np.testing.assert_array_equal(kernel[mask], np.asarray(module.l1.kernel[...])[mask])
+    assert np.all(kernel[~mask] == 0.0)
+    np.testing.assert_array_equal(jp.model.head.kernel[...], module.head.kernel[...])
+    assert not np.allclose(jp.model.bn.mean[...], module.bn.mean[...])  # searched statistics
+    assert len(jp.history) == 2
