@@ -44,6 +44,7 @@ from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
 from ljax import search_jackpot
 from ljax.loop import Loop
+from ljax.modelfn import model_fn
 from ljax.pretrain import DenseTraining
 from ljax.search import AXIS_NAME, Parallel, Search, SearchOptions
 
@@ -316,14 +317,16 @@ def nbytes(tree) -> int:
 def memory_row(label, model, shape):
     x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    predicate = sparsity_lib.default_prunable(model, variables, x)
+    # Kernel detection traces the model (make_jaxpr) on concrete zeros: no compute, ~100 MB at most.
+    zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), (variables, x))
+    predicate = sparsity_lib.default_prunable(model_fn(model, *zeros), zeros[1])
     names = sparsity_lib.prunable_names(variables['params'], predicate)
     flat = sparsity_lib.flatten(variables['params'])
     kept = {n: max(1, int(np.prod(flat[n].shape)) // 10) for n in names}
     magnitude = {n: jax.ShapeDtypeStruct(flat[n].shape, jnp.bool_) for n in names}
 
     def init_state(params, batch_stats, magnitude):
-        search = Search(model, params, batch_stats, names, kept, magnitude, SearchOptions(), 1000)
+        search = Search(None, params, batch_stats, names, kept, magnitude, SearchOptions(), 1000)
         return search.init_state()
 
     state = jax.eval_shape(init_state, variables['params'], variables.get('batch_stats'), magnitude)

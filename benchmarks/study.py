@@ -294,10 +294,15 @@ class Study:
         search = Search.create(model, variables, data.x_train[:1], sparsity=sparsity, total_steps=1)
         variables_m = search.jackpot_variables(search.magnitude, variables.get('batch_stats'))
         if method.key == 'magnitude_bn':
+            par = Parallel(search, jax.local_devices()[:1])
+            batches = (b for e in range(10**6) for b in data.train_batches(e, spec.batch))
             variables_m = dict(
                 variables_m,
-                batch_stats=reestimate_bn(
-                    model, variables_m, data, spec.batch, batches=100 if not self.args.quick else 4
+                batch_stats=par.reestimate_batch_stats(
+                    batches,
+                    search.magnitude,
+                    variables['batch_stats'],
+                    steps=100 if not self.args.quick else 4,
                 ),
             )
         ev = benchlib.evaluate(model, variables_m, test)
@@ -418,32 +423,6 @@ def load_mask(path: str, shapes: dict) -> dict:
             n: np.unpackbits(f[n.replace('/', '|')], count=int(np.prod(s))).astype(bool).reshape(s)
             for n, s in shapes.items()
         }
-
-
-def reestimate_bn(model, variables, data: benchlib.Data, batch: int, batches: int):
-    """BN running statistics of the masked model re-estimated on `batches` train batches (no learning)."""
-
-    @jax.jit
-    def update(bs, x):
-        _, upd = model.apply(
-            {'params': variables['params'], 'batch_stats': bs},
-            x,
-            train=True,
-            mutable=['batch_stats'],
-        )
-        return upd['batch_stats']
-
-    bs = variables['batch_stats']
-    done = 0
-    epoch = 0
-    while done < batches:
-        for x, _ in data.train_batches(epoch, batch):
-            bs = update(bs, x)
-            done += 1
-            if done >= batches:
-                break
-        epoch += 1
-    return jax.device_get(bs)
 
 
 # ------------------------------------------------------------------------------- other criteria

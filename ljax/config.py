@@ -31,6 +31,7 @@ def base() -> ml_collections.ConfigDict:
     c.epochs = 30
     c.batch_size = 256  # global, split across the local devices
     c.eval_batch_size = 500
+    c.bn_batches = 50  # train batches that re-estimate BN statistics for the one-shot baseline
     c.lr = 0.1  # cosine decay over the whole search
     c.momentum = 0.9
     c.weight_decay = 5e-4  # coupled, on the scores

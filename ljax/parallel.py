@@ -59,6 +59,8 @@ class Parallel:
         )
         eval_step = getattr(task, 'eval_step', None)
         self.eval = jax.pmap(eval_step, AXIS_NAME, devices=pmap_devices) if eval_step else None
+        bn_step = getattr(task, 'bn_step', None)
+        self.bn = jax.pmap(bn_step, AXIS_NAME, devices=pmap_devices) if bn_step else None
 
     # ------------------------------------------------------------------ placement
     def shard(self, *arrays):
@@ -91,6 +93,16 @@ class Parallel:
         if not isinstance(x, jax.Array):
             x, y = self.shard(x, y)
         return self.step(state, self.frozen, x, y)
+
+    def reestimate_batch_stats(self, batches: Iterable, mask, batch_stats, steps: int):
+        """BN running statistics of the masked model after `steps` train-mode forward passes
+        over `batches` ((x, y, ...) tuples), starting from `batch_stats`; host values."""
+        mask_r, stats_r = self.replicate(mask), self.replicate(batch_stats)
+        for i, batch in enumerate(batches):
+            if i == steps:
+                break
+            stats_r = self.bn(self.frozen, mask_r, stats_r, *self.shard(batch[0]))
+        return first(stats_r)
 
     def evaluate(self, batches: Iterable, mask, batch_stats) -> dict:
         """Accuracy and mean loss over (x, y) or (x, y, weight) batches; mask None = dense."""

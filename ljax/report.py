@@ -31,11 +31,22 @@ def overlap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
 
 
 def results_table(results: dict) -> str:
-    lines = [
-        f'{"":<34}{"top-1 (%)":>10}',
-        f'{"dense (pre-trained)":<34}{100 * results["dense_accuracy"]:>10.2f}',
-        f'{"one-shot magnitude, no search":<34}{100 * results["magnitude_accuracy"]:>10.2f}',
-        f'{"lottery jackpot":<34}{100 * results["jackpot_accuracy"]:>10.2f}',
+    top5 = 'jackpot_top5_accuracy' in results
+    rows = [
+        ('dense (pre-trained)', 'dense'),
+        ('one-shot magnitude, no search', 'magnitude'),
+        ('  + BN statistics re-estimated', 'magnitude_bn'),
+        ('lottery jackpot', 'jackpot'),
+    ]
+    lines = [f'{"":<34}{"top-1 (%)":>10}' + (f'{"top-5 (%)":>10}' if top5 else '')]
+    for label, key in rows:
+        if results.get(f'{key}_accuracy') is None:
+            continue
+        line = f'{label:<34}{100 * results[f"{key}_accuracy"]:>10.2f}'
+        if top5 and f'{key}_top5_accuracy' in results:
+            line += f'{100 * results[f"{key}_top5_accuracy"]:>10.2f}'
+        lines.append(line)
+    lines += [
         '',
         f'sparsity {100 * results["sparsity"]:.2f}% of {results["prunable_weights"]:,} prunable '
         f'weights, {results["epochs"]} epochs, {results["wall_seconds"]:.0f} s, overlap with the '
@@ -55,3 +66,57 @@ def write_json(path: str, payload: dict) -> None:
     with open(tmp, 'w') as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
+
+
+def plot_results(results: dict, directory: str) -> list[str]:
+    """PNG plots of a finished search in `directory`; returns their paths.
+
+    accuracy.png: jackpot test accuracy per epoch against dense and the one-shot baselines;
+    kept_per_layer.png: the fraction of weights each layer keeps; flips.png: mask flips per epoch.
+    """
+    import matplotlib
+
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+
+    history = results['history']
+    epochs = [row['epoch'] for row in history]
+    paths = []
+
+    def save(fig, name):
+        path = os.path.join(directory, name)
+        fig.tight_layout()
+        fig.savefig(path + '.tmp.png', dpi=100)
+        plt.close(fig)
+        os.replace(path + '.tmp.png', path)
+        paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [100 * r['jackpot_accuracy'] for r in history], 'o-', label='lottery jackpot')
+    styles = {'dense': ('k', '--'), 'magnitude': ('tab:red', ':'), 'magnitude_bn': ('tab:orange', ':')}
+    labels = {
+        'dense': 'dense',
+        'magnitude': 'one-shot magnitude',
+        'magnitude_bn': 'one-shot magnitude, BN re-estimated',
+    }
+    for key, (color, style) in styles.items():
+        if results.get(f'{key}_accuracy') is not None:
+            value = 100 * results[f'{key}_accuracy']
+            ax.axhline(value, color=color, linestyle=style, label=f'{labels[key]}: {value:.2f}%')
+    ax.set(xlabel='search epoch', ylabel='test top-1 (%)', title='accuracy per epoch')
+    ax.legend(fontsize=8)
+    save(fig, 'accuracy.png')
+
+    layers = results['kept_per_layer']
+    fig, ax = plt.subplots(figsize=(6, max(3, 0.25 * len(layers))))
+    ax.barh(range(len(layers)), [1 - r['sparsity'] for r in layers.values()])
+    ax.set_yticks(range(len(layers)), list(layers), fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel='fraction kept', title=f'kept per layer ({100 * results["sparsity"]:.1f}% sparse)')
+    save(fig, 'kept_per_layer.png')
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r.get('flips', 0) for r in history], 'o-')
+    ax.set(xlabel='search epoch', ylabel='mask flips', title='mask flips per epoch')
+    save(fig, 'flips.png')
+    return paths

@@ -285,7 +285,7 @@ class Search:
         return new, metrics
 
     def eval_step(self, params, mask, batch_stats, x, y, weight):
-        """Sums of (correct, loss, weight) over this device's share; psum'd across devices."""
+        """Sums of (correct, top-5 correct, loss, weight) over this device's share; psum'd."""
         logits, _ = self.apply(
             self.masked_params(params, mask) if mask is not None else params,
             batch_stats,
@@ -298,7 +298,17 @@ class Search:
             'loss': jnp.sum(loss * weight),
             'count': jnp.sum(weight),
         }
+        if logits.shape[-1] > 5:
+            top5 = jnp.any(lax.top_k(logits, 5)[1] == y[:, None], axis=-1)
+            sums['correct5'] = jnp.sum(top5 * weight)
         return lax.psum(sums, AXIS_NAME)
+
+    def bn_step(self, params, mask, batch_stats, x):
+        """BN running statistics after one train-mode forward of the masked model (no learning)."""
+        _, batch_stats = self.apply(
+            self.masked_params(params, mask), batch_stats, x, train=True, rng=jax.random.key(0)
+        )
+        return lax.pmean(batch_stats, AXIS_NAME)
 
     # ---------------------------------------------------------------- results
     def jackpot_variables(self, mask, batch_stats) -> dict:

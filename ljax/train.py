@@ -230,14 +230,7 @@ def search(config, workdir: str) -> dict:
             + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
         )
     if 'dense_accuracy' not in meta:
-        meta['dense_accuracy'] = par.evaluate(test, None, search_.batch_stats)['accuracy']
-        meta['magnitude_accuracy'] = par.evaluate(test, search_.magnitude, search_.batch_stats)[
-            'accuracy'
-        ]
-        _log(
-            f'dense {100 * meta["dense_accuracy"]:.2f}%, one-shot magnitude '
-            f'{100 * meta["magnitude_accuracy"]:.2f}% (no search)'
-        )
+        _baselines(config, par, search_, train, test, meta)
     step = int(state.step)
     writer = _writer(workdir) if _is_writer() else None
     started = time.time() - meta['wall_seconds']
@@ -255,7 +248,7 @@ def search(config, workdir: str) -> dict:
         writer.scalar('train/restriction_rate', search_.rate(step), step)
 
     def on_epoch(epoch, state_r, row):
-        row['jackpot_accuracy'] = par.evaluate_state(test, state_r)['accuracy']
+        _record(row, 'jackpot', par.evaluate_state(test, state_r))
         row['seconds'] = time.time() - started  # since the start of the search, across resumes
         meta['history'].append(row)
         if writer is not None:
@@ -285,6 +278,31 @@ def search(config, workdir: str) -> dict:
     return results
 
 
+def _record(meta: dict, name: str, metrics: dict) -> None:
+    meta[f'{name}_accuracy'] = metrics['accuracy']
+    if 'top5_accuracy' in metrics:
+        meta[f'{name}_top5_accuracy'] = metrics['top5_accuracy']
+
+
+def _baselines(config, par: Parallel, search_: Search, train, test, meta: dict) -> None:
+    """Accuracy of the dense model and of one-shot magnitude pruning with no search: with the
+    dense BN statistics, and with them re-estimated on `bn_batches` training batches (the fair
+    one-shot baseline: a pruned net's activations no longer match the dense statistics)."""
+    _record(meta, 'dense', par.evaluate(test, None, search_.batch_stats))
+    _record(meta, 'magnitude', par.evaluate(test, search_.magnitude, search_.batch_stats))
+    line = (
+        f'dense {100 * meta["dense_accuracy"]:.2f}%, one-shot magnitude '
+        f'{100 * meta["magnitude_accuracy"]:.2f}%'
+    )
+    if search_.batch_stats is not None:
+        stats = par.reestimate_batch_stats(
+            train.epoch(0), search_.magnitude, search_.batch_stats, config.bn_batches
+        )
+        _record(meta, 'magnitude_bn', par.evaluate(test, search_.magnitude, stats))
+        line += f' ({100 * meta["magnitude_bn_accuracy"]:.2f}% with BN statistics re-estimated)'
+    _log(line + ', no search')
+
+
 def _write_config(workdir: str, config) -> None:
     """Process 0 writes (or checks) config.json; the others check it once it is there."""
     if _is_writer():
@@ -310,9 +328,13 @@ def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
     results = {
         'model': config.model,
         'dataset': config.dataset,
-        'dense_accuracy': meta['dense_accuracy'],
-        'magnitude_accuracy': meta['magnitude_accuracy'],
+        **{k: v for k, v in meta.items() if k.endswith('accuracy')},
         'jackpot_accuracy': meta['history'][-1]['jackpot_accuracy'] if meta['history'] else None,
+        **(
+            {'jackpot_top5_accuracy': meta['history'][-1]['jackpot_top5_accuracy']}
+            if meta['history'] and 'jackpot_top5_accuracy' in meta['history'][-1]
+            else {}
+        ),
         'sparsity': report.achieved_sparsity(mask),
         'target_sparsity': config.sparsity,
         'prunable_weights': sum(int(m.size) for m in mask.values()),
@@ -330,8 +352,12 @@ def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
     }
     if _is_writer():
         report.write_json(os.path.join(workdir, RESULTS_FILE), results)
-    _log('\n' + report.results_table(results))
-    _log(f'\nwrote {os.path.join(workdir, JACKPOT_FILE)} and {os.path.join(workdir, RESULTS_FILE)}')
+        plots = report.plot_results(results, workdir)
+        _log('\n' + report.results_table(results))
+        _log(
+            f'\nwrote {os.path.join(workdir, JACKPOT_FILE)}, {os.path.join(workdir, RESULTS_FILE)} '
+            f'and plots {", ".join(os.path.basename(p) for p in plots)}'
+        )
     return results
 
 

@@ -64,6 +64,16 @@ def test_search_writes_results_and_jackpot(finished):
         assert key in results
     assert results['sparsity'] == pytest.approx(0.9, abs=1e-6)
     assert results['jackpot_accuracy'] > results['magnitude_accuracy'] + 0.3
+    # the fair one-shot baseline: BN statistics re-estimated for the pruned net
+    assert results['magnitude_bn_accuracy'] > results['magnitude_accuracy'] + 0.2
+    assert results['jackpot_top5_accuracy'] >= results['jackpot_accuracy']
+    for row in results['history']:
+        assert {'loss', 'accuracy', 'flips', 'nonfinite_steps', 'jackpot_accuracy'} <= set(row)
+        assert row['nonfinite_steps'] == 0
+    for name in ('accuracy.png', 'kept_per_layer.png', 'flips.png'):
+        with open(os.path.join(workdir, name), 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+        assert name in proc.stdout
     assert sum(r['kept'] for r in results['kept_per_layer'].values()) == round(
         0.1 * results['prunable_weights']
     )
