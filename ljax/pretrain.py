@@ -21,8 +21,11 @@ class DenseTraining:
 
     frozen: dict = {}
 
-    def __init__(self, model, *, lr: float, weight_decay: float, total_steps: int, momentum=0.9):
+    def __init__(
+        self, model, *, lr: float, weight_decay: float, total_steps: int, momentum=0.9, dtype='float32'
+    ):
         self.model = model
+        self.dtype = jnp.dtype(dtype)  # of the forward and backward; params stay float32
         self.tx = optax.chain(
             optax.add_decayed_weights(weight_decay),
             optax.sgd(
@@ -42,10 +45,13 @@ class DenseTraining:
 
     def train_step(self, state, frozen, x, y):
         def loss_fn(params):
-            variables = {'params': params}
+            variables = {'params': jax.tree.map(lambda a: a.astype(self.dtype), params)}
             if state['batch_stats']:
                 variables['batch_stats'] = state['batch_stats']
-            logits, updates = self.model.apply(variables, x, train=True, mutable=['batch_stats'])
+            logits, updates = self.model.apply(
+                variables, x.astype(self.dtype), train=True, mutable=['batch_stats']
+            )
+            logits = logits.astype(jnp.float32)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, (logits, updates.get('batch_stats', {}))
 

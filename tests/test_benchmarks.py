@@ -110,3 +110,13 @@ def test_fashion_mnist_loader_matches_ljax_data():
     x, y, _ = next(iter(theirs))
     np.testing.assert_allclose(ours.x_test, x, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(ours.y_test, y)
+
+
+def test_accelerator_quick(tmp_path):
+    import accelerator
+
+    rows = accelerator.main(['--quick', '--out', str(tmp_path / 'acc.csv')])
+    assert [r['dtype'] for r in rows] == ['float32', 'bfloat16']
+    for r in rows:
+        assert r['dense_ms'] > 0 and r['search_ms'] > 0 and r['devices'] == 4
+    assert len(_csv(tmp_path / 'acc.csv')) == 2

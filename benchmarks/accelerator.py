@@ -1,0 +1,115 @@
+"""Dense and search step time on whatever accelerator is present (GPU, TPU; CPU for a smoke run).
+
+    python benchmarks/accelerator.py            # ResNet-50 224x224 batch 128/256 f32/bf16, VGG-19 32x32 batch 256
+    python benchmarks/accelerator.py --quick    # tiny shapes, seconds on a CPU (the tests run it)
+
+Synthetic data, every local device (pmap; the global batch is split across them). Each row times
+`--steps` steps dispatched back to back with one wait at the end (the steady state of the loop,
+which reads metrics only once per log interval), after `--warmup` steps that include compilation:
+the dense training step (`ljax.pretrain.DenseTraining`: every weight trained, SGD momentum) and the
+jackpot search step (`ljax.search.Search.train_step`: STE forward, SGD on the scores, exact top-k
+mask update of every prunable layer), both at 90% sparsity. Prints a markdown table and writes
+CSV to --out (default benchmarks/out/accelerator.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+
+from ljax.models import get_model
+from ljax.parallel import Parallel
+from ljax.pretrain import DenseTraining
+from ljax.search import Search, SearchOptions
+
+
+def cases(quick: bool):
+    """(label, model, input shape, global batch, dtype)."""
+    if quick:
+        mlp = get_model('mlp', 10, hidden=(32, 32))
+        return [('BN-MLP 784-32-32-10', mlp, (28, 28, 1), 8, d) for d in ('float32', 'bfloat16')]
+    resnet50 = get_model('resnet50', 1000)
+    return [
+        ('ResNet-50, 224x224', resnet50, (224, 224, 3), batch, dtype)
+        for batch in (128, 256)
+        for dtype in ('float32', 'bfloat16')
+    ] + [('VGG-19, 32x32', get_model('vgg19_cifar', 10), (32, 32, 3), 256, 'float32')]
+
+
+def throughput(par, state, x, y, steps: int, warmup: int) -> float:
+    """Seconds per step, `steps` steps dispatched back to back, one wait at the end."""
+    x, y = par.put(x, y)
+    for _ in range(warmup):
+        state, metrics = par.train(state, x, y)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = par.train(state, x, y)
+    jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - t0) / steps
+
+
+def row(label, model, shape, batch, dtype, steps, warmup) -> dict:
+    rng = np.random.default_rng(0)
+    local = batch // jax.process_count()
+    x = rng.normal(size=(local,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, local).astype(np.int32)
+    variables = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
+    dense = DenseTraining(model, lr=0.1, weight_decay=1e-4, total_steps=10**6, dtype=dtype)
+    par = Parallel(dense)
+    dense_s = throughput(par, par.replicate(dense.init_state(variables)), x, y, steps, warmup)
+    search = Search.create(
+        model, variables, x[:1], sparsity=0.9, total_steps=10**6, options=SearchOptions(dtype=dtype)
+    )
+    par = Parallel(search)
+    search_s = throughput(par, par.replicate(search.init_state()), x, y, steps, warmup)
+    return {
+        'model': label,
+        'batch': batch,
+        'dtype': dtype,
+        'devices': jax.device_count(),
+        'dense_ms': 1e3 * dense_s,
+        'search_ms': 1e3 * search_s,
+        'dense_img_s': batch / dense_s,
+        'search_img_s': batch / search_s,
+        'search_over_dense': search_s / dense_s,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--quick', action='store_true')
+    ap.add_argument('--steps', type=int, default=None, help='timed steps (default 20; quick 2)')
+    ap.add_argument('--warmup', type=int, default=3)
+    ap.add_argument('--out', default=os.path.join(benchlib.HERE, 'out', 'accelerator.csv'))
+    args = ap.parse_args(argv)
+    steps = args.steps or (2 if args.quick else 20)
+    device = jax.devices()[0]
+    print(f'{jax.device_count()} x {device.device_kind} ({device.platform}); {benchlib.machine()}\n', flush=True)
+    rows = []
+    for case in cases(args.quick):
+        rows.append(row(*case, steps, args.warmup))
+        r = rows[-1]
+        print(f"{r['model']} batch {r['batch']} {r['dtype']}: dense {r['dense_ms']:.1f} ms, "
+              f"search {r['search_ms']:.1f} ms", flush=True)
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    benchlib.write_csv(args.out, rows)
+    print()
+    print(benchlib.markdown_table(
+        ['model', 'batch', 'dtype', 'devices', 'dense ms', 'search ms', 'dense img/s', 'search img/s', 'search / dense'],
+        [[r['model'], r['batch'], r['dtype'], r['devices'], f"{r['dense_ms']:.1f}", f"{r['search_ms']:.1f}",
+          f"{r['dense_img_s']:.0f}", f"{r['search_img_s']:.0f}", f"{r['search_over_dense']:.3f}"] for r in rows],
+    ))
+    return rows
+
+
+if __name__ == '__main__':
+    main()
