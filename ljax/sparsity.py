@@ -213,11 +213,55 @@ def uniform_kept(sizes: Mapping[str, int], sparsity: float) -> dict[str, int]:
     return {n: min(k, sizes[n]) for n, k in zip(names, kept)}
 
 
+def erk_densities(shapes: Mapping[str, tuple], sparsity: float) -> dict[str, float]:
+    """RigL's Erdos-Renyi-Kernel densities: d_l = min(1, eps * sum(shape_l) / prod(shape_l)),
+    with eps such that sum_l d_l n_l = round((1-s) N).
+
+    Found as jaxpruner's `sparsity_distributions.erk` does: solve eps over the layers not yet
+    dense; if the largest density exceeds 1, make the layers with the largest ratio dense and
+    solve again (eps only grows, so a layer made dense stays dense).
+    """
+    sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
+    ratio = {n: float(np.sum(s)) / sizes[n] for n, s in shapes.items()}
+    budget = num_kept(sum(sizes.values()), sparsity)
+    dense: set[str] = set()
+    eps = 0.0
+    while len(dense) < len(sizes):
+        rest = [n for n in sizes if n not in dense]
+        eps = (budget - sum(sizes[n] for n in dense)) / sum(ratio[n] * sizes[n] for n in rest)
+        top = max(ratio[n] for n in rest)
+        if eps * top <= 1.0:
+            break
+        dense |= {n for n in rest if ratio[n] == top}
+    return {n: 1.0 if n in dense else eps * ratio[n] for n in sizes}
+
+
+def erk_kept(shapes: Mapping[str, tuple], sparsity: float) -> dict[str, int]:
+    """Integer k_l of the ERK allocation summing to exactly round((1-s) N): floor of d_l n_l, the
+    remaining units to the largest fractional parts (ties: earlier layer), as `uniform_kept`."""
+    names = list(shapes)
+    sizes = [int(np.prod(shapes[n])) for n in names]
+    d = erk_densities(shapes, sparsity)
+    exact = [min(d[n] * s, float(s)) for n, s in zip(names, sizes)]
+    kept = [min(math.floor(e), s) for e, s in zip(exact, sizes)]
+    extra = num_kept(sum(sizes), sparsity) - sum(kept)
+    room = [i for i in range(len(names)) if kept[i] < sizes[i]]
+    # float error may leave |extra| > #layers' fractions; cycle so the total is always exact
+    order = sorted(room, key=lambda i: (-(exact[i] - kept[i]), i))
+    while extra > 0 and order:
+        for i in order[:extra]:
+            kept[i] += 1
+        extra = num_kept(sum(sizes), sparsity) - sum(kept)
+        order = [i for i in order if kept[i] < sizes[i]]
+    return dict(zip(names, kept))
+
+
 def magnitude_masks(
     weights: Mapping[str, jax.Array], sparsity: float, allocation: str = 'global_magnitude'
 ) -> dict[str, jax.Array]:
     """Exact magnitude masks: `global_magnitude` (one threshold on |w| over all layers together,
-    ties by tree order then row-major index) or `uniform` (top-|w| within each layer)."""
+    ties by tree order then row-major index), `uniform` or `erk` (k_l from `uniform_kept` or
+    `erk_kept`, then the top-|w| within each layer)."""
     names = list(weights)
     if allocation == 'global_magnitude':
         flat = jnp.concatenate(
@@ -229,13 +273,18 @@ def magnitude_masks(
             n: keep[bounds[i] : bounds[i + 1]].reshape(np.shape(weights[n]))
             for i, n in enumerate(names)
         }
-    if allocation == 'uniform':
-        kept = uniform_kept({n: int(np.size(weights[n])) for n in names}, sparsity)
+    if allocation in ('uniform', 'erk'):
+        if allocation == 'uniform':
+            kept = uniform_kept({n: int(np.size(weights[n])) for n in names}, sparsity)
+        else:
+            kept = erk_kept({n: np.shape(weights[n]) for n in names}, sparsity)
         return {
             n: masks.topk_mask(jnp.abs(jnp.asarray(weights[n], jnp.float32)), kept[n])
             for n in names
         }
-    raise ValueError(f"allocation: expected 'global_magnitude' or 'uniform', got {allocation!r}")
+    raise ValueError(
+        f"allocation: expected 'global_magnitude', 'uniform' or 'erk', got {allocation!r}"
+    )
 
 
 def fan_in(kernel_shape) -> int:

@@ -247,3 +247,62 @@ def test_unknown_allocation_and_init():
         sparsity.magnitude_masks(w, 0.5, 'erk?')
     with pytest.raises(ValueError, match='score_init'):
         sparsity.init_scores(w, w, 'zeros', jax.random.key(0))
+
+
+# ------------------------------------------------------------------ ERK allocation
+def ref_erk_densities(shapes, s):
+    """Brute force: d_l = min(1, eps p_l) with eps found by bisection on sum d_l n_l = K."""
+    n = {k: int(np.prod(v)) for k, v in shapes.items()}
+    p = {k: sum(v) / n[k] for k, v in shapes.items()}
+    budget = round((1 - s) * sum(n.values()))
+    kept = lambda eps: sum(min(1.0, eps * p[k]) * n[k] for k in n)
+    lo, hi = 0.0, 1.0
+    while kept(hi) < budget and hi < 1e12:
+        hi *= 2
+    for _ in range(200):
+        lo, hi = ((lo + hi) / 2, hi) if kept((lo + hi) / 2) < budget else (lo, (lo + hi) / 2)
+    return {k: min(1.0, hi * p[k]) for k in n}
+
+
+def test_erk_exact_counts_by_hand():
+    shapes = {'a': (4, 4), 'b': (2, 8), 'c': (10,)}  # p = 0.5, 0.625, 1; N = 42
+    # s = 0.5: K = 21, eps = 21 / 28: exact 6, 7.5, 7.5 -> the tie goes to the earlier layer
+    assert sparsity.erk_kept(shapes, 0.5) == {'a': 6, 'b': 8, 'c': 7}
+    # s = 0.2: K = 34; c would get 1.21 > 1: dense, then eps = 24 / 18: exact 10.67, 13.33
+    assert sparsity.erk_kept(shapes, 0.2) == {'a': 11, 'b': 13, 'c': 10}
+    assert sparsity.erk_densities(shapes, 0.2)['c'] == 1.0
+    assert sparsity.erk_kept(shapes, 0.0) == {'a': 16, 'b': 16, 'c': 10}
+    assert sparsity.erk_kept(shapes, 0.999) == {'a': 0, 'b': 0, 'c': 0}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([(3, 3, 3, 16), (3, 3, 16, 16), (3, 3, 16, 32), (64, 10), (5, 7), (9,)]),
+        min_size=1,
+        max_size=5,
+    ),
+    st.floats(0.0, 0.999),
+)
+def test_erk_against_the_density_formula(shape_list, s):
+    shapes = {f'l{i}': v for i, v in enumerate(shape_list)}
+    sizes = {k: int(np.prod(v)) for k, v in shapes.items()}
+    want = ref_erk_densities(shapes, s)
+    got = sparsity.erk_densities(shapes, s)
+    for k in shapes:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
+    kept = sparsity.erk_kept(shapes, s)
+    assert sum(kept.values()) == round((1 - s) * sum(sizes.values()))
+    for k in shapes:  # floor or ceil of the exact share (float slack of 1e-6)
+        exact = want[k] * sizes[k]
+        assert np.floor(exact - 1e-6) <= kept[k] <= np.ceil(exact + 1e-6) and kept[k] <= sizes[k]
+
+
+@settings(max_examples=20, deadline=None)
+@given(layers())
+def test_erk_masks_are_top_magnitude_within_each_layer(args):
+    w, s = args
+    m = sparsity.magnitude_masks(w, s, 'erk')
+    kept = sparsity.erk_kept({n: v.shape for n, v in w.items()}, s)
+    for n, v in w.items():
+        np.testing.assert_array_equal(np.asarray(m[n]), reference.topk(np.abs(v), kept[n]))
