@@ -16,6 +16,11 @@ many prune candidates as came in there leave, the lowest-ranked first. Equivalen
 pair the j-th best revive candidate with the j-th worst prune candidate, and perform the r pairs
 whose revive candidate ranks highest across the layer. Every group keeps exactly N; rate=1 gives
 nm_mask(scores), rate=0 the mask unchanged.
+
+In a search: check_nm before anything; every layer keeps k_l = size_l * N / M (sparsity 1 - N/M);
+the initial mask is nm_mask of the initial scores (magnitude init: `nm_magnitude_masks`, then
+`sparsity.mask_scores` of it, whose nm_mask is that mask again); each step calls `nm_restrict_all`
+where the unstructured search calls `restriction.restrict_masks` (no threshold hints here).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ def check_nm(nm, shapes: Mapping[str, tuple]) -> None:
     ok = isinstance(nm, (tuple, list)) and len(nm) == 2
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in nm)
     if not ok or not 0 < nm[0] < nm[1]:
-        raise ValueError(f'nm: expected a pair of ints (N, M) with 0 < N < M such as (2, 4), got {nm!r}')
+        raise ValueError(
+            f'nm: expected a pair of ints (N, M) with 0 < N < M such as (2, 4), got {nm!r}'
+        )
     m = nm[1]
     for name, shape in shapes.items():
         shape = tuple(shape)
