@@ -42,10 +42,14 @@ _RESHAPE = frozenset(
     {'reshape', 'transpose', 'broadcast_in_dim', 'squeeze', 'expand_dims', 'slice',
      'dynamic_slice', 'gather', 'rev'}
 )  # fmt: skip
+# Primitives that call one jaxpr once on their operands (inlined); a call-like primitive not
+# listed is inlined too when its 'jaxpr' / 'call_jaxpr' / 'fun_jaxpr' takes exactly its operands,
+# except those that map or loop (_NOT_CALLS).
 _CALLS = frozenset(
-    {'jit', 'pjit', 'closed_call', 'core_call', 'remat', 'checkpoint', 'custom_jvp_call',
-     'custom_vjp_call', 'custom_vjp_call_jaxpr'}
+    {'jit', 'pjit', 'closed_call', 'core_call', 'remat', 'remat2', 'checkpoint',
+     'custom_jvp_call', 'custom_vjp_call', 'custom_vjp_call_jaxpr'}
 )  # fmt: skip
+_NOT_CALLS = frozenset({'scan', 'while', 'cond', 'shard_map', 'xla_pmap', 'pmap'})
 
 
 def _name(path) -> str:
@@ -90,8 +94,13 @@ class _Interpreter:
 
     def _eqn(self, eqn, ins, views):
         name, p, n_out = eqn.primitive.name, eqn.params, len(eqn.outvars)
-        if name in _CALLS:
-            sub = next(p[k] for k in ('jaxpr', 'call_jaxpr', 'fun_jaxpr') if k in p)
+        sub = next((p[k] for k in ('jaxpr', 'call_jaxpr', 'fun_jaxpr') if k in p), None)
+        inner = getattr(sub, 'jaxpr', sub)
+        if name in _CALLS or (
+            name not in _NOT_CALLS
+            and isinstance(inner, jex.Jaxpr)
+            and len(inner.invars) == len(ins)
+        ):
             return self.run(sub, getattr(sub, 'consts', []), ins, views)
         outs = eqn.primitive.bind(*ins, **p)
         outs = list(outs) if eqn.primitive.multiple_results else [outs]

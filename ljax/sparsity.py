@@ -331,6 +331,8 @@ def wanda_masks(
         return {n: nm_lib.nm_mask(s, nm[0], nm[1]) for n, s in scores.items()}
     out = {}
     for n, s in scores.items():
+        if not 0 <= kept[n] <= s.size:
+            raise ValueError(f'wanda: kept[{n!r}] = {kept[n]} outside [0, {s.size}]')
         cols = s.reshape(-1, s.shape[-1])
         cols = jnp.where(cols == 0, 0.0, cols)  # -0.0 ranks as +0.0
         order = jnp.argsort(-cols, axis=0, stable=True)  # stable: ties to the lower index

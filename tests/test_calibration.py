@@ -165,3 +165,33 @@ def test_padded_and_concatenated_kernels():
     got = calibration.input_norms(fn, fn.variables, [x], ['a', 'b'])
     np.testing.assert_allclose(got['a'], _norm(x[:, 1:5], 0), rtol=1e-5)
     np.testing.assert_allclose(got['b'], _norm(x[:, 2:], 0), rtol=1e-5)
+
+
+@jax.custom_vjp
+def _matmul(x, w):
+    return x @ w
+
+
+_matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+
+
+class Wrapped(nn.Module):
+    """Kernels reached through remat, a custom_vjp and a jitted function."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        h = nn.relu(nn.remat(nn.Dense)(5, name='r')(x))
+        h = jnp.tanh(_matmul(h, self.param('c', nn.initializers.lecun_normal(), (5, 4))))
+        return jax.jit(jnp.matmul)(h, self.param('j', nn.initializers.lecun_normal(), (4, 2)))
+
+
+def test_kernels_inside_remat_custom_vjp_and_jit():
+    model, x = Wrapped(), _rand(7, (6, 3))
+    v = model.init(jax.random.key(0), x)
+    fn = model_fn(model, v, x)
+    got = calibration.input_norms(fn, fn.variables, [x], ['r/kernel', 'c', 'j'])
+    p = v['params']
+    h = nn.relu(x @ p['r']['kernel'] + p['r']['bias'])
+    want = {'r/kernel': _norm(x, 0), 'c': _norm(h, 0), 'j': _norm(jnp.tanh(h @ p['c']), 0)}
+    for n, w in want.items():
+        np.testing.assert_allclose(got[n], w, rtol=1e-5)

@@ -377,5 +377,7 @@ def test_wanda_masks_arguments():
         sparsity.wanda_masks(w, norms, kept={'a': 3}, nm=(2, 4))
     with pytest.raises(ValueError, match=r'^nm: kernel a .*prunable='):
         sparsity.wanda_masks(w, norms, nm=(1, 3))
+    with pytest.raises(ValueError, match=r"^wanda: kept\['a'\] = 17 outside \[0, 16\]"):
+        sparsity.wanda_masks(w, norms, kept={'a': 17})
     assert list(sparsity.column_kept(7, 3)) == [3, 2, 2]
     assert list(sparsity.column_kept(6, 3)) == [2, 2, 2]
