@@ -113,7 +113,8 @@ def test_ties_signed_zeros_and_nan():
     col = lambda v: jnp.asarray(np.array(v, np.float32)[:, None])
     np.testing.assert_array_equal(nm.nm_mask(col([-0.0, 0.0, 0.0, -0.0]), 2, 4)[:, 0], [1, 1, 0, 0])
     np.testing.assert_array_equal(nm.nm_mask(col([0.0, 1.0, -0.0, 1.0]), 2, 4)[:, 0], [0, 1, 0, 1])
-    np.testing.assert_array_equal(nm.nm_mask(col([np.nan, -1.0, 2.0, 0.5]), 2, 4)[:, 0], [0, 0, 1, 1])
+    nan_first = col([np.nan, -1.0, 2.0, 0.5])
+    np.testing.assert_array_equal(nm.nm_mask(nan_first, 2, 4)[:, 0], [0, 0, 1, 1])
     np.testing.assert_array_equal(nm.nm_mask(col([np.nan] * 4), 1, 4)[:, 0], [1, 0, 0, 0])
 
 
@@ -188,3 +189,36 @@ def test_exported_2_4_pattern_in_torch_layout():
             checked += 1
         assert checked == len(chosen)
     assert state['fc.weight'].shape == (10, 64)
+
+
+def test_search_steps_as_the_search_would_call_them():
+    """Init from the N:M magnitude mask through `mask_scores`, then jitted steps: STE gradient,
+    SGD on the scores, `nm_restrict_all` with a traced rate. Every step keeps 2:4 and the mask
+    moves."""
+    from ljax import masks, sparsity
+
+    rng = np.random.default_rng(5)
+    w = {'l/kernel': jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+    mask = nm.nm_magnitude_masks(w, 2, 4)
+    scores = sparsity.mask_scores(mask, 0.01)
+    np.testing.assert_array_equal(nm.nm_mask(scores['l/kernel'], 2, 4), mask['l/kernel'])
+
+    @jax.jit
+    def step(scores, mask, rate):
+        def loss(s):
+            kernel = w['l/kernel'] * masks.ste(s['l/kernel'], mask['l/kernel'])
+            return jnp.mean((x @ kernel - y) ** 2)
+
+        g = jax.grad(loss)(scores)
+        scores = jax.tree.map(lambda s, d: s - 0.5 * d, scores, g)
+        return scores, nm.nm_restrict_all(mask, scores, 2, 4, rate)
+
+    start, flips = mask['l/kernel'], 0
+    for rate in (1.0, 0.5, 0.5, 0.2):
+        scores, new = step(scores, mask, rate)
+        assert (_per_group(np.asarray(new['l/kernel']), 4) == 2).all()
+        flips += int(np.sum(np.asarray(new['l/kernel']) != np.asarray(mask['l/kernel'])))
+        mask = new
+    assert flips > 0 and (np.asarray(mask['l/kernel']) != np.asarray(start)).any()
