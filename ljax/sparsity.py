@@ -17,7 +17,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from ljax import masks
+from ljax import masks, nm as nm_lib
 from ljax.modelfn import ModelFn, model_fn
 
 PrunablePredicate = Callable[[tuple, Any], bool]
@@ -213,11 +213,55 @@ def uniform_kept(sizes: Mapping[str, int], sparsity: float) -> dict[str, int]:
     return {n: min(k, sizes[n]) for n, k in zip(names, kept)}
 
 
+def erk_densities(shapes: Mapping[str, tuple], sparsity: float) -> dict[str, float]:
+    """RigL's Erdos-Renyi-Kernel densities: d_l = min(1, eps * sum(shape_l) / prod(shape_l)),
+    with eps such that sum_l d_l n_l = round((1-s) N).
+
+    Found as jaxpruner's `sparsity_distributions.erk` does: solve eps over the layers not yet
+    dense; if the largest density exceeds 1, make the layers with the largest ratio dense and
+    solve again (eps only grows, so a layer made dense stays dense).
+    """
+    sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
+    ratio = {n: float(np.sum(s)) / sizes[n] for n, s in shapes.items()}
+    budget = num_kept(sum(sizes.values()), sparsity)
+    dense: set[str] = set()
+    eps = 0.0
+    while len(dense) < len(sizes):
+        rest = [n for n in sizes if n not in dense]
+        eps = (budget - sum(sizes[n] for n in dense)) / sum(ratio[n] * sizes[n] for n in rest)
+        top = max(ratio[n] for n in rest)
+        if eps * top <= 1.0:
+            break
+        dense |= {n for n in rest if ratio[n] == top}
+    return {n: 1.0 if n in dense else eps * ratio[n] for n in sizes}
+
+
+def erk_kept(shapes: Mapping[str, tuple], sparsity: float) -> dict[str, int]:
+    """Integer k_l of the ERK allocation summing to exactly round((1-s) N): floor of d_l n_l, the
+    remaining units to the largest fractional parts (ties: earlier layer), as `uniform_kept`."""
+    names = list(shapes)
+    sizes = [int(np.prod(shapes[n])) for n in names]
+    d = erk_densities(shapes, sparsity)
+    exact = [min(d[n] * s, float(s)) for n, s in zip(names, sizes)]
+    kept = [min(math.floor(e), s) for e, s in zip(exact, sizes)]
+    extra = num_kept(sum(sizes), sparsity) - sum(kept)
+    room = [i for i in range(len(names)) if kept[i] < sizes[i]]
+    # float error may leave |extra| > #layers' fractions; cycle so the total is always exact
+    order = sorted(room, key=lambda i: (-(exact[i] - kept[i]), i))
+    while extra > 0 and order:
+        for i in order[:extra]:
+            kept[i] += 1
+        extra = num_kept(sum(sizes), sparsity) - sum(kept)
+        order = [i for i in order if kept[i] < sizes[i]]
+    return dict(zip(names, kept))
+
+
 def magnitude_masks(
     weights: Mapping[str, jax.Array], sparsity: float, allocation: str = 'global_magnitude'
 ) -> dict[str, jax.Array]:
     """Exact magnitude masks: `global_magnitude` (one threshold on |w| over all layers together,
-    ties by tree order then row-major index) or `uniform` (top-|w| within each layer)."""
+    ties by tree order then row-major index), `uniform` or `erk` (k_l from `uniform_kept` or
+    `erk_kept`, then the top-|w| within each layer)."""
     names = list(weights)
     if allocation == 'global_magnitude':
         flat = jnp.concatenate(
@@ -229,13 +273,79 @@ def magnitude_masks(
             n: keep[bounds[i] : bounds[i + 1]].reshape(np.shape(weights[n]))
             for i, n in enumerate(names)
         }
-    if allocation == 'uniform':
-        kept = uniform_kept({n: int(np.size(weights[n])) for n in names}, sparsity)
+    if allocation in ('uniform', 'erk'):
+        if allocation == 'uniform':
+            kept = uniform_kept({n: int(np.size(weights[n])) for n in names}, sparsity)
+        else:
+            kept = erk_kept({n: np.shape(weights[n]) for n in names}, sparsity)
         return {
             n: masks.topk_mask(jnp.abs(jnp.asarray(weights[n], jnp.float32)), kept[n])
             for n in names
         }
-    raise ValueError(f"allocation: expected 'global_magnitude' or 'uniform', got {allocation!r}")
+    raise ValueError(
+        f"allocation: expected 'global_magnitude', 'uniform' or 'erk', got {allocation!r}"
+    )
+
+
+# ------------------------------------------------------------------------------------- Wanda
+def wanda_scores(
+    weights: Mapping[str, jax.Array], norms: Mapping[str, jax.Array]
+) -> dict[str, jax.Array]:
+    """Wanda's |w_ij| * ||X_i||_2 (float32), the input norm broadcast along axis -2 of each kernel
+    (`ljax.calibration.input_norms`). For a conv (kh, kw, in, out) every (kh, kw) offset of input
+    channel i gets that channel's norm over batch and spatial positions."""
+    out = {}
+    for n, w in weights.items():
+        norm = jnp.asarray(norms[n], jnp.float32)
+        if np.ndim(w) < 2 or norm.shape != (np.shape(w)[-2],):
+            raise ValueError(
+                f'wanda: kernel {n} of shape {np.shape(w)} needs input norms of shape '
+                f'({np.shape(w)[-2] if np.ndim(w) > 1 else "?"},), got {norm.shape}'
+            )
+        out[n] = jnp.abs(jnp.asarray(w, jnp.float32)) * norm[:, None]
+    return out
+
+
+def column_kept(k: int, columns: int) -> np.ndarray:
+    """Layer count k spread over the output columns: k // columns each, one more for the first
+    k % columns columns (exactly k in all)."""
+    q, r = divmod(int(k), int(columns))
+    return np.array([q + 1] * r + [q] * (columns - r), np.int32)
+
+
+def wanda_masks(
+    weights: Mapping[str, jax.Array],
+    norms: Mapping[str, jax.Array],
+    kept: Mapping[str, int] | None = None,
+    nm: tuple[int, int] | None = None,
+) -> dict[str, jax.Array]:
+    """The one-shot Wanda mask, compared within each output neuron (column j of a kernel
+    (..., in, out): all its (..., i) entries). With `kept` (k_l of any allocation), column j keeps
+    `column_kept(k_l, out)[j]` highest-scored entries (ties to the lower index), exactly k_l per
+    layer; with `nm` = (N, M), the N:M form (groups along the input axis of each column)."""
+    if (kept is None) == (nm is None):
+        raise ValueError('wanda: pass exactly one of kept= (per-layer counts) and nm= (N, M)')
+    scores = wanda_scores(weights, norms)
+    if nm is not None:
+        nm_lib.check_nm(nm, {n: np.shape(w) for n, w in weights.items()})
+        return {n: nm_lib.nm_mask(s, nm[0], nm[1]) for n, s in scores.items()}
+    out = {}
+    for n, s in scores.items():
+        if not 0 <= kept[n] <= s.size:
+            raise ValueError(f'wanda: kept[{n!r}] = {kept[n]} outside [0, {s.size}]')
+        cols = s.reshape(-1, s.shape[-1])
+        cols = jnp.where(cols == 0, 0.0, cols)  # -0.0 ranks as +0.0
+        order = jnp.argsort(-cols, axis=0, stable=True)  # stable: ties to the lower index
+        rank = jnp.argsort(order, axis=0)
+        want = jnp.asarray(column_kept(kept[n], cols.shape[1]))
+        out[n] = (rank < want[None, :]).reshape(s.shape)
+    return out
+
+
+def mask_scores(mask: Mapping[str, jax.Array], margin: float = 0.01) -> dict[str, jax.Array]:
+    """float32 scores 1.0 on `mask` and 1.0 - margin elsewhere: their layer-wise top-k (k = the
+    mask's count) and their N:M top (for an N:M mask) are exactly `mask`."""
+    return {n: jnp.where(m, 1.0, 1.0 - margin).astype(jnp.float32) for n, m in mask.items()}
 
 
 def fan_in(kernel_shape) -> int:
@@ -254,11 +364,12 @@ def init_scores(
 
     - 'magnitude': 1.0 on the magnitude mask and 1.0 - margin elsewhere (the authors' 1.00 / 0.99),
       so the initial top-k is exactly the magnitude mask;
+    - 'wanda': the same form on the Wanda mask, passed as `magnitude` (`wanda_masks`);
     - 'random': Kaiming-uniform U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as edge-popup's
       `kaiming_uniform_(a=sqrt(5))`.
     """
-    if kind == 'magnitude':
-        return {n: jnp.where(magnitude[n], 1.0, 1.0 - margin).astype(jnp.float32) for n in weights}
+    if kind in ('magnitude', 'wanda'):
+        return mask_scores({n: magnitude[n] for n in weights}, margin)
     if kind == 'random':
         keys = jax.random.split(rng, len(weights))
         return {
@@ -266,4 +377,4 @@ def init_scores(
             / math.sqrt(fan_in(np.shape(w)))
             for key, (n, w) in zip(keys, weights.items())
         }
-    raise ValueError(f"score_init: expected 'magnitude' or 'random', got {kind!r}")
+    raise ValueError(f"score_init: expected 'magnitude', 'wanda' or 'random', got {kind!r}")

@@ -7,7 +7,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 from jax import lax
 
-from ljax import masks, sparsity
+from ljax import masks, nm, sparsity
 from ljax.modelfn import model_fn
 from ljax.models import get_model
 from tests import reference
@@ -247,3 +247,137 @@ def test_unknown_allocation_and_init():
         sparsity.magnitude_masks(w, 0.5, 'erk?')
     with pytest.raises(ValueError, match='score_init'):
         sparsity.init_scores(w, w, 'zeros', jax.random.key(0))
+
+
+# ------------------------------------------------------------------ ERK allocation
+def ref_erk_densities(shapes, s):
+    """Brute force: d_l = min(1, eps p_l) with eps found by bisection on sum d_l n_l = K."""
+    n = {k: int(np.prod(v)) for k, v in shapes.items()}
+    p = {k: sum(v) / n[k] for k, v in shapes.items()}
+    budget = round((1 - s) * sum(n.values()))
+    kept = lambda eps: sum(min(1.0, eps * p[k]) * n[k] for k in n)
+    lo, hi = 0.0, 1.0
+    while kept(hi) < budget and hi < 1e12:
+        hi *= 2
+    for _ in range(200):
+        lo, hi = ((lo + hi) / 2, hi) if kept((lo + hi) / 2) < budget else (lo, (lo + hi) / 2)
+    return {k: min(1.0, hi * p[k]) for k in n}
+
+
+def test_erk_exact_counts_by_hand():
+    shapes = {'a': (4, 4), 'b': (2, 8), 'c': (10,)}  # p = 0.5, 0.625, 1; N = 42
+    # s = 0.5: K = 21, eps = 21 / 28: exact 6, 7.5, 7.5 -> the tie goes to the earlier layer
+    assert sparsity.erk_kept(shapes, 0.5) == {'a': 6, 'b': 8, 'c': 7}
+    # s = 0.2: K = 34; c would get 1.21 > 1: dense, then eps = 24 / 18: exact 10.67, 13.33
+    assert sparsity.erk_kept(shapes, 0.2) == {'a': 11, 'b': 13, 'c': 10}
+    assert sparsity.erk_densities(shapes, 0.2)['c'] == 1.0
+    assert sparsity.erk_kept(shapes, 0.0) == {'a': 16, 'b': 16, 'c': 10}
+    assert sparsity.erk_kept(shapes, 0.999) == {'a': 0, 'b': 0, 'c': 0}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([(3, 3, 3, 16), (3, 3, 16, 16), (3, 3, 16, 32), (64, 10), (5, 7), (9,)]),
+        min_size=1,
+        max_size=5,
+    ),
+    st.floats(0.0, 0.999),
+)
+def test_erk_against_the_density_formula(shape_list, s):
+    shapes = {f'l{i}': v for i, v in enumerate(shape_list)}
+    sizes = {k: int(np.prod(v)) for k, v in shapes.items()}
+    want = ref_erk_densities(shapes, s)
+    got = sparsity.erk_densities(shapes, s)
+    for k in shapes:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
+    kept = sparsity.erk_kept(shapes, s)
+    assert sum(kept.values()) == round((1 - s) * sum(sizes.values()))
+    for k in shapes:  # floor or ceil of the exact share (float slack of 1e-6)
+        exact = want[k] * sizes[k]
+        assert np.floor(exact - 1e-6) <= kept[k] <= np.ceil(exact + 1e-6) and kept[k] <= sizes[k]
+
+
+@settings(max_examples=20, deadline=None)
+@given(layers())
+def test_erk_masks_are_top_magnitude_within_each_layer(args):
+    w, s = args
+    m = sparsity.magnitude_masks(w, s, 'erk')
+    kept = sparsity.erk_kept({n: v.shape for n, v in w.items()}, s)
+    for n, v in w.items():
+        np.testing.assert_array_equal(np.asarray(m[n]), reference.topk(np.abs(v), kept[n]))
+
+
+# ------------------------------------------------------------------ Wanda
+@st.composite
+def kernels_and_norms(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    kinds = st.sampled_from([(4, 3), (8, 5), (2, 2, 4, 3), (12, 1)])
+    shapes = draw(st.lists(kinds, min_size=1, max_size=3))
+    tie = draw(st.booleans())
+    w, norms, kept = {}, {}, {}
+    for i, s in enumerate(shapes):
+        draw_w = rng.choice([-1.0, -0.0, 0.0, 1.0], size=s) if tie else rng.normal(size=s)
+        w[f'l{i}'] = draw_w.astype(np.float32)
+        norm = rng.choice([0.0, 1.0, 2.0], size=s[-2]) if tie else rng.random(s[-2])
+        norms[f'l{i}'] = norm.astype(np.float32)
+        kept[f'l{i}'] = draw(st.integers(0, int(np.prod(s))))
+    return w, norms, kept
+
+
+def test_wanda_scores_broadcast_the_input_norm_along_axis_minus_2():
+    w = np.arange(-12.0, 12.0, dtype=np.float32).reshape(1, 2, 3, 4)  # (kh, kw, in, out)
+    norms = np.array([0.5, 2.0, 3.0], np.float32)
+    got = np.asarray(sparsity.wanda_scores({'c': w}, {'c': norms})['c'])
+    for a, b, i, o in np.ndindex(w.shape):
+        assert got[a, b, i, o] == abs(w[a, b, i, o]) * norms[i]
+    with pytest.raises(ValueError, match=r'^wanda: kernel c .*\(3,\)'):
+        sparsity.wanda_scores({'c': w}, {'c': norms[:2]})
+
+
+@settings(max_examples=30, deadline=None)
+@given(kernels_and_norms())
+def test_wanda_masks_per_column_counts_are_exact(args):
+    w, norms, kept = args
+    got = sparsity.wanda_masks(w, norms, kept=kept)
+    for n, v in w.items():
+        out = v.shape[-1]
+        cols = np.asarray(got[n]).reshape(-1, out)
+        want_counts = sparsity.column_kept(kept[n], out)
+        np.testing.assert_array_equal(cols.sum(0), want_counts)
+        assert cols.sum() == kept[n] and want_counts.max() - want_counts.min() <= 1
+        score = (np.abs(v) * norms[n][:, None]).reshape(-1, out)
+        for j in range(out):  # each column: its top-k_j by score, ties to the lower index
+            np.testing.assert_array_equal(cols[:, j], reference.topk(score[:, j], want_counts[j]))
+        # the scores of the search's init reproduce the mask under the layer-wise top-k
+        init = sparsity.init_scores(w, got, 'wanda', jax.random.key(0), 0.01)
+        np.testing.assert_array_equal(masks.topk_mask(init[n], kept[n]), got[n])
+
+
+@settings(max_examples=20, deadline=None)
+@given(kernels_and_norms())
+def test_wanda_nm_form_keeps_n_per_group_of_each_column(args):
+    w, norms, _ = args
+    w = {n: v for n, v in w.items() if v.shape[-2] % 4 == 0}
+    got = sparsity.wanda_masks(w, norms, nm=(2, 4))
+    for n, v in w.items():
+        g = np.asarray(got[n]).reshape(v.shape[:-2] + (v.shape[-2] // 4, 4, v.shape[-1]))
+        assert (g.sum(-2) == 2).all()
+        score = np.abs(v) * norms[n][:, None]
+        np.testing.assert_array_equal(got[n], nm.nm_mask(jnp.asarray(score), 2, 4))
+        init = sparsity.mask_scores(got, 0.3)
+        np.testing.assert_array_equal(nm.nm_mask(init[n], 2, 4), got[n])
+
+
+def test_wanda_masks_arguments():
+    w, norms = {'a': np.ones((8, 2), np.float32)}, {'a': np.ones(8, np.float32)}
+    with pytest.raises(ValueError, match='exactly one of kept= .* and nm='):
+        sparsity.wanda_masks(w, norms)
+    with pytest.raises(ValueError, match='exactly one of'):
+        sparsity.wanda_masks(w, norms, kept={'a': 3}, nm=(2, 4))
+    with pytest.raises(ValueError, match=r'^nm: kernel a .*prunable='):
+        sparsity.wanda_masks(w, norms, nm=(1, 3))
+    with pytest.raises(ValueError, match=r"^wanda: kept\['a'\] = 17 outside \[0, 16\]"):
+        sparsity.wanda_masks(w, norms, kept={'a': 17})
+    assert list(sparsity.column_kept(7, 3)) == [3, 2, 2]
+    assert list(sparsity.column_kept(6, 3)) == [2, 2, 2]
