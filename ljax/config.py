@@ -35,9 +35,11 @@ def base() -> ml_collections.ConfigDict:
     c.lr = 0.1  # cosine decay over the whole search
     c.momentum = 0.9
     c.weight_decay = 5e-4  # coupled, on the scores
-    c.score_init = 'magnitude'  # 'magnitude' | 'random'
+    c.score_init = 'magnitude'  # 'magnitude' | 'random' | 'wanda'
     c.score_margin = 0.01  # magnitude init: kept 1.0, pruned 1.0 - margin
-    c.allocation = 'global_magnitude'  # 'global_magnitude' | 'uniform'
+    c.allocation = 'global_magnitude'  # 'global_magnitude' | 'uniform' | 'erk'
+    c.nm = ''  # 'N:M' (e.g. '2:4'): N of every M weights along each kernel's input axis; sparsity 1-N/M
+    c.calibration_batches = 8  # train batches for Wanda's input norms (score_init and baseline)
     c.restriction = 'none'  # 'none' | 'cosine' | 'poly4' | 'linear' | 'constant:R'
     c.seed = 0
     c.dtype = 'float32'  # 'float32' | 'bfloat16': forward/backward; scores, BN statistics stay f32

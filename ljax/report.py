@@ -36,6 +36,8 @@ def results_table(results: dict) -> str:
         ('dense (pre-trained)', 'dense'),
         ('one-shot magnitude, no search', 'magnitude'),
         ('  + BN statistics re-estimated', 'magnitude_bn'),
+        ('one-shot Wanda, no search', 'wanda'),
+        ('  + BN statistics re-estimated', 'wanda_bn'),
         ('lottery jackpot', 'jackpot'),
     ]
     lines = [f'{"":<34}{"top-1 (%)":>10}' + (f'{"top-5 (%)":>10}' if top5 else '')]
@@ -93,11 +95,19 @@ def plot_results(results: dict, directory: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [100 * r['jackpot_accuracy'] for r in history], 'o-', label='lottery jackpot')
-    styles = {'dense': ('k', '--'), 'magnitude': ('tab:red', ':'), 'magnitude_bn': ('tab:orange', ':')}
+    styles = {
+        'dense': ('k', '--'),
+        'magnitude': ('tab:red', ':'),
+        'magnitude_bn': ('tab:orange', ':'),
+        'wanda': ('tab:purple', '-.'),
+        'wanda_bn': ('tab:pink', '-.'),
+    }
     labels = {
         'dense': 'dense',
         'magnitude': 'one-shot magnitude',
         'magnitude_bn': 'one-shot magnitude, BN re-estimated',
+        'wanda': 'one-shot Wanda',
+        'wanda_bn': 'one-shot Wanda, BN re-estimated',
     }
     for key, (color, style) in styles.items():
         if results.get(f'{key}_accuracy') is not None:

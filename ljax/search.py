@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Any, Callable, Iterable, Mapping
 
 from flax import nnx
@@ -30,7 +31,9 @@ from flax import struct
 from jax import lax
 
 from ljax import loop as loop_lib
+from ljax import calibration as calibration_lib
 from ljax import masks, restriction, sparsity as sparsity_lib
+from ljax import nm as nm_lib
 from ljax.modelfn import ModelFn, check_variables, model_fn
 from ljax.parallel import AXIS_NAME, Parallel
 
@@ -44,6 +47,8 @@ __all__ = [
     'search_jackpot',
 ]
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+SCORE_INITS = ('magnitude', 'random', 'wanda')
+ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +57,12 @@ class SearchOptions:
 
     lr: peak learning rate of the scores, decayed by a cosine over the whole search (per step).
     momentum: SGD momentum. weight_decay: coupled (L2 added to the gradient, as torch.optim.SGD).
-    score_init: 'magnitude' (initial mask = the global-magnitude mask, exactly) or 'random'
-      (Kaiming-uniform, edge-popup). score_margin: magnitude init gives kept 1.0, pruned 1 - margin.
-    allocation: 'global_magnitude' (one |w| threshold over all prunable layers decides each k_l) or
-      'uniform' (k_l ~ (1-s) n_l).
+    score_init: 'magnitude' (initial mask = the magnitude mask, exactly), 'wanda' (the one-shot
+      Wanda mask: |w| times the input feature's L2 norm over calibration batches, compared within
+      each output neuron, with the allocation's layer counts) or 'random' (Kaiming-uniform,
+      edge-popup). score_margin: magnitude/Wanda init give kept 1.0, pruned 1 - margin.
+    allocation: 'global_magnitude' (one |w| threshold over all prunable layers decides each k_l),
+      'uniform' (k_l ~ (1-s) n_l) or 'erk' (RigL's Erdos-Renyi-Kernel densities, exact total).
     restriction: rate schedule of the short restriction: 'none' (plain top-k every step), 'cosine',
       'poly4' ((1-t/T)^4), 'linear', 'constant:R', a float, or a callable step -> rate.
     prunable: predicate (path tuple inside params, leaf) -> bool; None = every parameter used as
@@ -65,6 +72,10 @@ class SearchOptions:
     seed: for random score init and dropout.
     dtype: 'float32' or 'bfloat16': the dtype of the forward and backward pass; scores, optimizer
       state and BN statistics stay float32, and evaluation runs in float32.
+    nm: (N, M) for an N:M jackpot: every M consecutive weights along each kernel's input axis
+      (axis -2) keep exactly N at every step (NVIDIA's 2:4 layout); sparsity is then 1 - N/M and
+      allocation does not apply; magnitude and Wanda init give their N:M masks (`ljax.nm`).
+    calibration_batches: batches whose input activations give Wanda's feature norms.
     """
 
     lr: float = 0.1
@@ -77,6 +88,8 @@ class SearchOptions:
     prunable: Callable[[tuple, Any], bool] | None = None
     seed: int = 0
     dtype: str = 'float32'
+    nm: tuple[int, int] | None = None
+    calibration_batches: int = 8
 
 
 class SearchState(struct.PyTreeNode):
@@ -89,6 +102,40 @@ class SearchState(struct.PyTreeNode):
     opt_state: Any
     batch_stats: Any
     rng: jax.Array
+
+
+def _check_options(o: 'SearchOptions') -> None:
+    """ValueError naming the first option that is out of range (before any work is done)."""
+    for name in ('lr', 'momentum', 'weight_decay', 'score_margin'):
+        value = getattr(o, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise ValueError(f'{name}: expected a number, got {value!r}')
+    for name, ok, want in (
+        ('lr', o.lr > 0 and np.isfinite(o.lr), 'a finite number > 0'),
+        ('momentum', 0 <= o.momentum < 1, 'a number in [0, 1)'),
+        ('weight_decay', o.weight_decay >= 0, 'a number >= 0'),
+        ('score_margin', 0 < o.score_margin < 1, 'a number in (0, 1)'),
+        ('score_init', o.score_init in SCORE_INITS, f'one of {SCORE_INITS}'),
+        ('allocation', o.allocation in ALLOCATIONS, f'one of {ALLOCATIONS}'),
+        ('dtype', o.dtype in DTYPES, f'one of {sorted(DTYPES)}'),
+        (
+            'calibration_batches',
+            isinstance(o.calibration_batches, int) and o.calibration_batches >= 1,
+            'an integer >= 1',
+        ),
+    ):
+        if not ok:
+            raise ValueError(f'{name}: expected {want}, got {getattr(o, name)!r}')
+
+
+def _global_norms(norms: dict) -> dict:
+    """Input norms over the calibration batches of every process (each sees its own share)."""
+    if jax.process_count() == 1:
+        return norms
+    from jax.experimental import multihost_utils
+
+    squares = multihost_utils.process_allgather({n: np.square(v) for n, v in norms.items()})
+    return {n: np.sqrt(np.sum(v, axis=0)) for n, v in squares.items()}
 
 
 def _check_fraction(sparsity):
@@ -116,6 +163,7 @@ class Search:
     options: SearchOptions
     total_steps: int
     num_classes: int = 0  # the model's output width
+    wanda: dict | None = None  # the one-shot Wanda mask, when calibration batches were given
 
     @classmethod
     def create(
@@ -124,19 +172,34 @@ class Search:
         variables,
         sample_x,
         *,
-        sparsity: float,
+        sparsity: float | None,
         total_steps: int,
         options: SearchOptions = SearchOptions(),
+        calibration: Iterable | None = None,
     ) -> 'Search':
-        _check_fraction(sparsity)
+        """Validate, choose the prunable kernels and their counts, and the one-shot masks.
+
+        sparsity: fraction removed; with `options.nm` = (N, M) it is 1 - N/M (None: derived).
+        calibration: batches for Wanda's input norms (the first `options.calibration_batches`);
+          needed for score_init='wanda', and when given the one-shot Wanda mask is made too.
+        """
         o = options
-        for name in ('lr', 'momentum', 'weight_decay', 'score_margin'):
-            value = getattr(o, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise ValueError(f'{name}: expected a number, got {value!r}')
+        _check_options(o)
+        if o.nm is not None:
+            nm_lib.check_nm(o.nm, {})
+            derived = 1.0 - o.nm[0] / o.nm[1]
+            if sparsity is not None and abs(float(sparsity) - derived) > 1e-9:
+                raise ValueError(
+                    f'sparsity: nm={o.nm[0]}:{o.nm[1]} keeps {o.nm[0]} of every {o.nm[1]} '
+                    f'weights, i.e. sparsity {derived:g}; got {sparsity!r} (pass {derived:g} or None)'
+                )
+            sparsity = derived
+        _check_fraction(sparsity)
+        if o.score_init == 'wanda' and calibration is None:
+            raise ValueError("score_init: 'wanda' needs calibration batches")
         fn = model_fn(model, variables, sample_x)
         params = fn.variables['params']
-        predicate = options.prunable or sparsity_lib.default_prunable(fn, sample_x)
+        predicate = o.prunable or sparsity_lib.default_prunable(fn, sample_x)
         names = sparsity_lib.prunable_names(params, predicate)
         if not names:
             some = list(sparsity_lib.flatten(params))[:6]
@@ -146,33 +209,30 @@ class Search:
             )
         flat = sparsity_lib.flatten(params)
         weights = {n: flat[n] for n in names}
-        magnitude = sparsity_lib.magnitude_masks(weights, sparsity, options.allocation)
+        if o.nm is not None:
+            nm_lib.check_nm(o.nm, {n: np.shape(w) for n, w in weights.items()})
+            magnitude = nm_lib.nm_magnitude_masks(weights, *o.nm)
+        else:
+            magnitude = sparsity_lib.magnitude_masks(weights, sparsity, o.allocation)
         kept = {n: int(jnp.sum(magnitude[n])) for n in names}
-        search = cls(
-            fn,
-            params,
-            fn.variables['batch_stats'] or None,
-            names,
-            kept,
-            magnitude,
-            options,
-            int(total_steps),
-        )
+        empty = [n for n, k in kept.items() if k == 0]
+        if empty:
+            raise ValueError(
+                f'sparsity: {sparsity!r} keeps no weight in {len(empty)} layer(s) ({empty[0]}, ...); '
+                'lower the sparsity, or choose allocation=uniform or erk'
+            )
+        search = cls(fn, params, fn.variables['batch_stats'] or None, names, kept, magnitude, o, int(total_steps))
         search.rate(0)  # an unknown restriction schedule fails here, before any work
         logits = jax.eval_shape(
             lambda: search.apply(params, search.batch_stats or {}, sample_x, train=False)[0]
         )
         search.num_classes = int(logits.shape[-1])
-        for name, ok, want in (
-            ('lr', o.lr > 0 and np.isfinite(o.lr), 'a finite number > 0'),
-            ('momentum', 0 <= o.momentum < 1, 'a number in [0, 1)'),
-            ('weight_decay', o.weight_decay >= 0, 'a number >= 0'),
-            ('score_margin', 0 < o.score_margin < 1, 'a number in (0, 1)'),
-        ):
-            if not ok:
-                raise ValueError(f'{name}: expected {want}, got {getattr(o, name)!r}')
-        if options.dtype not in DTYPES:
-            raise ValueError(f'dtype: expected one of {sorted(DTYPES)}, got {options.dtype!r}')
+        if calibration is not None:
+            batches = itertools.islice(iter(calibration), o.calibration_batches)
+            norms = _global_norms(calibration_lib.input_norms(fn, fn.variables, batches, names))
+            search.wanda = sparsity_lib.wanda_masks(
+                weights, norms, kept=None if o.nm else kept, nm=o.nm
+            )
         return search
 
     @property
@@ -193,10 +253,13 @@ class Search:
         rng_scores, rng = jax.random.split(jax.random.key(o.seed))
         flat = sparsity_lib.flatten(self.params)
         weights = {n: flat[n] for n in self.names}
-        scores = sparsity_lib.init_scores(
-            weights, self.magnitude, o.score_init, rng_scores, o.score_margin
-        )
-        mask, thresholds = masks.topk_masks(scores, self.kept)
+        initial = self.wanda if o.score_init == 'wanda' else self.magnitude
+        scores = sparsity_lib.init_scores(weights, initial, o.score_init, rng_scores, o.score_margin)
+        if o.nm is not None:
+            mask = {n: nm_lib.nm_mask(scores[n], *o.nm) for n in self.names}
+            thresholds = {n: jnp.zeros((), jnp.uint32) for n in self.names}  # unused by N:M
+        else:
+            mask, thresholds = masks.topk_masks(scores, self.kept)
         bs = jax.tree.map(jnp.array, self.batch_stats) if self.batch_stats is not None else {}
         return SearchState(
             step=jnp.zeros((), jnp.int32),
@@ -260,9 +323,13 @@ class Search:
         loss = lax.pmean(loss, AXIS_NAME)
         updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
         scores = optax.apply_updates(state.scores, updates)
-        mask, thresholds = restriction.restrict_masks(
-            state.mask, scores, self.kept, rate, state.thresholds
-        )
+        if self.options.nm is not None:
+            mask = nm_lib.nm_restrict_all(state.mask, scores, *self.options.nm, rate)
+            thresholds = state.thresholds
+        else:
+            mask, thresholds = restriction.restrict_masks(
+                state.mask, scores, self.kept, rate, state.thresholds
+            )
         flips = sum(jnp.sum(mask[n] != state.mask[n], dtype=jnp.int32) for n in self.names)
         new = state.replace(
             step=state.step + 1,
@@ -404,7 +471,7 @@ def search_jackpot(
     variables,
     batches: Iterable | None = None,
     *,
-    sparsity: float,
+    sparsity: float | None = None,
     epochs: int,
     eval_batches: Iterable | None = None,
     callback: Callable[[int, dict], None] | None = None,
@@ -423,7 +490,8 @@ def search_jackpot(
     batches: re-iterable of (x, y) NumPy batches (integer labels); each pass is one epoch. Every
       batch is split across the local devices, so its size must divide by their number. With
       several processes (`jax.distributed`), each process passes its own share of every batch.
-    sparsity: fraction of prunable weights *removed*, 0 <= sparsity < 1 (0.9 keeps 10%).
+    sparsity: fraction of prunable weights *removed*, 0 <= sparsity < 1 (0.9 keeps 10%); with
+      nm=(N, M) it is 1 - N/M and may be left out.
     epochs: passes over `batches`, >= 1.
     eval_batches: optional (x, y) or (x, y, weight) batches scored after every epoch (history).
     callback: optional callable(epoch, history_row) after every epoch.
@@ -431,7 +499,8 @@ def search_jackpot(
     log_every: steps between reads of the metrics from the devices (the bar's refresh).
     **options: the fields of `SearchOptions` (lr=0.1, momentum=0.9, weight_decay=5e-4,
       score_init='magnitude', score_margin=0.01, allocation='global_magnitude',
-      restriction='none', prunable=None, seed=0, dtype='float32'); see its docstring.
+      restriction='none', prunable=None, seed=0, dtype='float32', nm=None,
+      calibration_batches=8); see its docstring.
     """
     if batches is None and isinstance(model, nnx.Module):
         variables, batches = None, variables  # search_jackpot(module, batches, ...)
@@ -441,7 +510,6 @@ def search_jackpot(
             f'options: unknown {sorted(unknown)}; expected some of '
             f'{[f.name for f in dataclasses.fields(SearchOptions)]}'
         )
-    _check_fraction(sparsity)
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f'epochs: expected an integer >= 1, got {epochs!r}')
     if isinstance(log_every, bool) or not isinstance(log_every, (int, np.integer)) or log_every < 1:
@@ -455,6 +523,7 @@ def search_jackpot(
         sparsity=sparsity,
         total_steps=epochs * steps_per_epoch,
         options=SearchOptions(**options),
+        calibration=batches if options.get('score_init') == 'wanda' else None,
     )
     par = Parallel(search)
 

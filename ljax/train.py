@@ -136,6 +136,17 @@ def _writer(workdir):
 
 
 # --------------------------------------------------------------------------------------- search
+def parse_nm(text: str):
+    """'N:M' -> (N, M); '' -> None."""
+    if not text:
+        return None
+    try:
+        n, m = (int(v) for v in str(text).split(':'))
+    except ValueError:
+        raise ValueError(f"nm: expected 'N:M' such as '2:4', got {text!r}") from None
+    return n, m
+
+
 def _layout(train) -> dict:
     return {
         'processes': jax.process_count(),
@@ -191,6 +202,8 @@ def search(config, workdir: str) -> dict:
         restriction=config.restriction,
         seed=config.seed,
         dtype=config.dtype,
+        nm=parse_nm(config.get('nm', '')),
+        calibration_batches=config.calibration_batches,
     )
     if not isinstance(config.epochs, int) or config.epochs < 1:
         raise ValueError(f'epochs: expected an integer >= 1, got {config.epochs!r}')
@@ -202,6 +215,7 @@ def search(config, workdir: str) -> dict:
             sparsity=config.sparsity,
             total_steps=total_steps,
             options=options,
+            calibration=train.epoch(0),  # the one-shot Wanda baseline (and Wanda init)
         )
     except ValueError as e:
         if str(e).startswith('variables'):
@@ -285,22 +299,26 @@ def _record(meta: dict, name: str, metrics: dict) -> None:
 
 
 def _baselines(config, par: Parallel, search_: Search, train, test, meta: dict) -> None:
-    """Accuracy of the dense model and of one-shot magnitude pruning with no search: with the
-    dense BN statistics, and with them re-estimated on `bn_batches` training batches (the fair
-    one-shot baseline: a pruned net's activations no longer match the dense statistics)."""
+    """Accuracy of the dense model and of one-shot magnitude and Wanda pruning with no search
+    (their N:M forms for an N:M search): with the dense BN statistics, and with them re-estimated
+    on `bn_batches` training batches (the fair one-shot baseline: a pruned net's activations no
+    longer match the dense statistics)."""
     _record(meta, 'dense', par.evaluate(test, None, search_.batch_stats))
-    _record(meta, 'magnitude', par.evaluate(test, search_.magnitude, search_.batch_stats))
-    line = (
-        f'dense {100 * meta["dense_accuracy"]:.2f}%, one-shot magnitude '
-        f'{100 * meta["magnitude_accuracy"]:.2f}%'
-    )
-    if search_.batch_stats is not None:
-        stats = par.reestimate_batch_stats(
-            train.epoch(0), search_.magnitude, search_.batch_stats, config.bn_batches
-        )
-        _record(meta, 'magnitude_bn', par.evaluate(test, search_.magnitude, stats))
-        line += f' ({100 * meta["magnitude_bn_accuracy"]:.2f}% with BN statistics re-estimated)'
-    _log(line + ', no search')
+    one_shot = {'magnitude': search_.magnitude}
+    if search_.wanda is not None:
+        one_shot['wanda'] = search_.wanda
+    parts = [f'dense {100 * meta["dense_accuracy"]:.2f}%']
+    for name, mask in one_shot.items():
+        _record(meta, name, par.evaluate(test, mask, search_.batch_stats))
+        part = f'one-shot {name} {100 * meta[f"{name}_accuracy"]:.2f}%'
+        if search_.batch_stats is not None:
+            stats = par.reestimate_batch_stats(
+                train.epoch(0), mask, search_.batch_stats, config.bn_batches
+            )
+            _record(meta, f'{name}_bn', par.evaluate(test, mask, stats))
+            part += f' ({100 * meta[f"{name}_bn_accuracy"]:.2f}% with BN re-estimated)'
+        parts.append(part)
+    _log(', '.join(parts) + '; no search')
 
 
 def _write_config(workdir: str, config) -> None:
@@ -348,6 +366,7 @@ def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
         'processes': jax.process_count(),
         'platform': jax.devices()[0].platform,
         'dtype': config.dtype,
+        'nm': config.get('nm', '') or None,
         'nonfinite_steps': sum(int(r.get('nonfinite_steps', 0)) for r in meta['history']),
     }
     if _is_writer():

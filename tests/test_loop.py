@@ -41,10 +41,10 @@ def test_no_device_to_host_read_between_log_points(monkeypatch):
     assert set(during) <= {4, 8, 12, 16, 20}, during
 
 
-def _search(total_steps=4, **options):
+def _search(total_steps=4, sparsity=0.7, **options):
     model, v = Net(), pretrained()
     search = Search.create(
-        model, v, data(1)[0][0][:1], sparsity=0.7, total_steps=total_steps,
+        model, v, data(1)[0][0][:1], sparsity=sparsity, total_steps=total_steps,
         options=SearchOptions(**options),
     )
     return search, Parallel(search)
@@ -164,3 +164,34 @@ def test_nnx_search_result():
     np.testing.assert_array_equal(jp.model.head.kernel[...], module.head.kernel[...])
     assert not np.allclose(jp.model.bn.mean[...], module.bn.mean[...])  # searched statistics
     assert len(jp.history) == 2
+
+
+def test_nm_erk_and_wanda_searches():
+    """2:4 keeps exactly 2 of every 4 inputs at every step; ERK and Wanda init keep exact counts
+    and start from their one-shot masks."""
+    search, par = _search(sparsity=None, nm=(2, 4), restriction='cosine')
+    state = par.replicate(search.init_state())
+    for x, y in data(3):
+        state, _ = par.train(state, x, y)
+        for n in search.names:
+            m = np.asarray(state.mask[n][0])
+            groups = m.reshape(m.shape[0] // 4, 4, m.shape[1]).sum(1)
+            assert np.all(groups == 2), n
+    assert set(search.kept.values()) == {12 * 32 // 2, 32 * 32 // 2}
+    with pytest.raises(ValueError, match='sparsity: nm=2:4 keeps 2 of every 4'):
+        search_jackpot(Net(), pretrained(), data(1), sparsity=0.9, epochs=1, nm=(2, 4))
+    jp = search_jackpot(
+        Net(), pretrained(), data(2), epochs=1, nm=(2, 4), progress=False, score_init='wanda'
+    )
+    assert jp.sparsity == 0.5
+    for allocation in ('erk', 'global_magnitude'):
+        batches = data(2)
+        model, v = Net(), pretrained()
+        search = Search.create(
+            model, v, batches[0][0][:1], sparsity=0.75, total_steps=2,
+            options=SearchOptions(allocation=allocation, score_init='wanda'), calibration=batches,
+        )
+        assert sum(search.kept.values()) == round(0.25 * (12 * 32 + 32 * 32))
+        state = search.init_state()
+        for n in search.names:
+            np.testing.assert_array_equal(state.mask[n], search.wanda[n])

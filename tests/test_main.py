@@ -66,6 +66,7 @@ def test_search_writes_results_and_jackpot(finished):
     assert results['jackpot_accuracy'] > results['magnitude_accuracy'] + 0.3
     # the fair one-shot baseline: BN statistics re-estimated for the pruned net
     assert results['magnitude_bn_accuracy'] > results['magnitude_accuracy'] + 0.2
+    assert 0.1 < results['wanda_accuracy'] <= 1 and 0.1 < results['wanda_bn_accuracy'] <= 1
     assert results['jackpot_top5_accuracy'] >= results['jackpot_accuracy']
     for row in results['history']:
         assert {'loss', 'accuracy', 'flips', 'nonfinite_steps', 'jackpot_accuracy'} <= set(row)
