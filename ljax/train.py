@@ -20,6 +20,8 @@ from flax import jax_utils
 from tqdm import tqdm
 
 from ljax import checkpoints, convert, data, report
+from ljax import config as config_lib
+from ljax import workdir as workdir_lib
 from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
 from ljax.search import AXIS_NAME, Parallel, Search, SearchOptions
@@ -184,8 +186,10 @@ def search(config, workdir: str) -> dict:
                 f'{str(e)[len("variables: ") :]}'
             ) from None
         raise
+    config_lib.check_kept(search_.kept, config.sparsity)
     # Everything is validated before the workdir is touched.
-    checkpoints.check_or_write_config(workdir, config.to_dict())
+    identity = workdir_lib.run_identity(config, variables=variables, train=train, test=test)
+    checkpoints.check_or_write_config(workdir, config.to_dict(), identity)
     par = Parallel(search_)
     ckpt = checkpoints.Checkpoints(workdir, config.get('max_to_keep', 2))
     state = search_.init_state()
@@ -309,7 +313,7 @@ def evaluate(config, workdir: str) -> dict:
             f'evaluate: no jackpot at {path}; run the search first or set --config.jackpot=PATH'
         )
     _check_batch(config.eval_batch_size, 'eval_batch_size')
-    saved = convert.load_variables_npz(path)
+    saved = workdir_lib.load_npz(path, 'evaluate')
     model = build_model(config)
     variables = {k: saved[k] for k in ('params', 'batch_stats') if k in saved}
     from ljax.search import check_variables
@@ -341,7 +345,8 @@ def pretrain(config, workdir: str) -> dict:
     _check_batch(config.batch_size, 'batch_size')
     model = build_model(config)
     train, test = _datasets(config, config.batch_size)
-    checkpoints.check_or_write_config(workdir, config.to_dict())
+    identity = workdir_lib.run_identity(config, train=train, test=test)
+    checkpoints.check_or_write_config(workdir, config.to_dict(), identity)
     epochs = config.pretrain_epochs
     total = epochs * train.steps_per_epoch
     tx = optax.chain(
@@ -420,6 +425,15 @@ def pretrain(config, workdir: str) -> dict:
 
 
 def run(config, workdir: str) -> dict:
+    config_lib.validate(config)  # every value, before anything is loaded or written
+    workdir_lib.check_usable(workdir, writes=config.get('mode', 'search') != 'evaluate')
+    try:
+        return _run(config, workdir)
+    finally:
+        workdir_lib.release(workdir)  # the lock check_or_write_config took
+
+
+def _run(config, workdir: str) -> dict:
     if config.get('distributed', False):
         # Multi-host (TPU pods, several GPU machines): every process runs this same command; pmap's
         # collectives then span all hosts, and each process reads its own shard of the data.
