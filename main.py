@@ -20,13 +20,9 @@ flags.mark_flag_as_required('config')
 
 
 def main(argv):
-    from absl import logging
-
-    logging.set_verbosity(
-        logging.ERROR
-    )  # orbax logs every save, tfds every probe; we print our own
     from ljax import cli
 
+    cli.quiet_background_noise(sys.argv)  # orbax logs every save, tfds every probe; we print our own
     if len(argv) > 1:
         cli._fail(f'unexpected arguments {argv[1:]} (see python main.py --help)')
     path = config_flags.get_config_filename(flags.FLAGS['config'])

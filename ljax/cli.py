@@ -147,6 +147,29 @@ def load_config_or_explain(config_flag, path: str):
 
 # ----------------------------------------------------------------------------- the run
 
+
+def quiet_background_noise(argv: list[str]) -> None:
+    """Keep a failed run's stderr to our one line.
+
+    orbax logs each failure of its background save threads at ERROR level before the same error
+    reaches us (pass --verbosity=-2 to see those logs), and when a tensorstore read or write fails
+    its completion callback may find orbax's event loop already closed and print
+    'RuntimeError: Event loop is closed' through sys.excepthook: only that message is dropped.
+    """
+    from absl import logging
+
+    if not any(a.startswith(('--verbosity', '-v=', '--v=')) for a in argv):
+        logging.set_verbosity(logging.FATAL)
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable(info):  # tensorstore reports a failing callback as an unraisable exception
+        if info.exc_type is RuntimeError and str(info.exc_value) == 'Event loop is closed':
+            return
+        previous_unraisable(info)
+
+    sys.unraisablehook = unraisable
+
+
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 

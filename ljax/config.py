@@ -151,6 +151,8 @@ def validate(config) -> None:
     expect('data_dir', lambda v: v is None or isinstance(v, str), 'unset or a path (string)')
     expect('model_kwargs', lambda v: isinstance(v, Mapping) or hasattr(v, 'items'), 'a ConfigDict')
     if problems:
+        order = {name: i for i, name in enumerate(FIELD_HELP)}
+        problems.sort(key=lambda p: order.get(p.split(':')[0], -1))  # in the order of FIELDS
         raise ValueError('config: ' + '; '.join(problems))
 
 
@@ -175,7 +177,7 @@ def check_kept(kept_per_layer: Mapping[str, int], sparsity: float | None = None)
     empty = sorted(name for name, k in kept_per_layer.items() if int(k) < 1)
     if empty:
         shown = ', '.join(empty[:3]) + (f' and {len(empty) - 3} more' if len(empty) > 3 else '')
-        at = f'sparsity {sparsity!r}' if sparsity is not None else 'this sparsity'
+        at = f'{sparsity!r}' if sparsity is not None else 'this sparsity'
         raise ValueError(
             f'sparsity: {at} keeps no weight in {len(empty)} of {len(kept_per_layer)} prunable '
             f'layers ({shown}); use a lower sparsity or --config.allocation=uniform'

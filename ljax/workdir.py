@@ -156,8 +156,24 @@ def run_identity(config, *, variables=None, train=None, test=None) -> dict:
         'train_examples': None if train is None else int(train.num_examples),
         'test_examples': None if test is None else int(test.num_examples),
         'num_examples': [config.get('train_examples', None), config.get('eval_examples', None)],
+        'first_batches_sha256': _first_batches(train, test),
     }
     return out
+
+
+def _first_batches(train, test) -> str | None:
+    """Fingerprint of the first train batch of epoch 0 and the first test batch: a cheap check that
+    the examples themselves (not only their number) are those of the first run."""
+    batches = []
+    for split in (train, test):
+        if split is None or not len(split):
+            return None
+        it = split.epoch(0)
+        try:
+            batches.append(next(iter(it)))
+        finally:
+            getattr(it, 'close', lambda: None)()
+    return fingerprint(batches)
 
 
 def identity_changes(saved: Mapping, now: Mapping) -> list[str]:
