@@ -82,10 +82,11 @@ def _read_only(path: str) -> bool:
 def lock(workdir: str) -> None:
     """Take workdir/.lock for this process (creating workdir); idempotent within one process.
 
-    Raises WorkdirLockedError (one line, the holder's pid) when another process holds it.
+    Raises WorkdirLockedError (one line, the holder's pid) when another process holds it. In a
+    multi-host run only JAX process 0 locks (the others share its workdir).
     """
     key = os.path.realpath(workdir)
-    if key in _held:
+    if key in _held or _secondary_process():
         return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
@@ -104,6 +105,13 @@ def lock(workdir: str) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f'{os.getpid()}\n'.encode())
     _held[key] = fd
+
+
+def _secondary_process() -> bool:
+    """In a multi-host run every process shares the workdir: only process 0 takes the lock."""
+    import jax
+
+    return jax.process_count() > 1 and jax.process_index() != 0
 
 
 def _read_holder(path: str) -> str:
