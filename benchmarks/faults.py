@@ -489,14 +489,15 @@ def checkpoints_deleted(lab):
             break
         time.sleep(0.01)
     deleted = proc.poll() is None
-    shutil.rmtree(ckpt, ignore_errors=True)
+    os.rename(ckpt, ckpt + '.gone')  # gone at once, as `rm -rf` would leave it in the end
+    shutil.rmtree(ckpt + '.gone', ignore_errors=True)
     out, err = proc.communicate(timeout=600)
     same = proc.returncode == 0 and lab.same_mask_as_reference(workdir)
     ok = deleted and same and 'Traceback' not in err
     outcome = (f'{"deleted after the first step" if deleted else "RUN ENDED FIRST"}; run went on, '
                f'final mask {"==" if same else "!="} uninterrupted run')
-    return Row(name, lab.shown(workdir), proc.returncode, _line(err, 'error') or '(none)',
-               outcome, ok)
+    message = _line(err, 'deleted during the run') or _line(err, 'error') or '(none)'
+    return Row(name, lab.shown(workdir), proc.returncode, message, outcome, ok)
 
 
 @fault('two runs on one workdir')

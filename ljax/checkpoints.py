@@ -95,6 +95,15 @@ def check_or_write_config(workdir: str, config: dict, identity: dict | None = No
     os.replace(tmp, path)
 
 
+def _missing_file(e: BaseException | None) -> bool:
+    """Whether an error (or its cause) says a file orbax was writing disappeared."""
+    while e is not None:
+        if isinstance(e, FileNotFoundError) or 'NOT_FOUND' in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _meta_digest(meta: dict) -> str:
     import hashlib
 
@@ -109,13 +118,34 @@ class Checkpoints:
 
     def __init__(self, workdir: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-        self.manager = ocp.CheckpointManager(
+        self.max_to_keep = max_to_keep
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, cleanup_tmp_directories=True, create=True
+                max_to_keep=self.max_to_keep, cleanup_tmp_directories=True, create=True
             ),
             item_names=('state', 'meta'),
         )
+
+    def _reopen_if_deleted(self, error: BaseException | None = None) -> bool:
+        """When checkpoints/ (or a step being written) was deleted under the run: say so, start a
+        fresh manager and return True. `error`: what a save or wait raised (None: check the dir)."""
+        if os.path.isdir(self.directory) and not (error is not None and _missing_file(error)):
+            return False
+        try:  # the save that was writing into the deleted directory fails; it is lost
+            self.manager.wait_until_finished()
+        except Exception:
+            pass
+        try:
+            self.manager.close()
+        except Exception:
+            pass
+        _say(f'{self.directory} was deleted during the run; recreating it (earlier steps are lost)')
+        self.manager = self._open()
+        return True
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -125,17 +155,14 @@ class Checkpoints:
         state = jax.tree.map(np.asarray, jax.device_get(state))
         meta = _normalise({k: v for k, v in meta.items() if k != CHECKSUM_KEY})
         meta[CHECKSUM_KEY] = {'state': fingerprint(state), 'meta': _meta_digest(meta)}
-        if not os.path.isdir(self.directory):  # deleted under a running job: start it again
-            self.manager.wait_until_finished()
-            os.makedirs(self.directory, exist_ok=True)
-            self.manager.reload()
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._reopen_if_deleted()
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:  # a previous async save failed: retry only if its files vanished
+            if not self._reopen_if_deleted(e):
+                raise
+            self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state: Any):
         """The newest step that loads and verifies, as (step, state, meta); None when there is none.
@@ -198,8 +225,12 @@ class Checkpoints:
         return os.path.relpath(dst, os.path.dirname(self.directory))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if not self._reopen_if_deleted(e):
+                raise
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
