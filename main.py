@@ -1,4 +1,5 @@
-"""ljax command line: python main.py --config configs/fashion_mnist.py [--config.sparsity=0.95] [--workdir DIR]
+"""ljax command line:
+python main.py --config configs/fashion_mnist.py [--config.sparsity=0.95] [--workdir DIR]
 
 Rerunning the same command resumes from the workdir's newest intact checkpoint.
 `python main.py --help` lists the modes and every config field.
@@ -22,7 +23,7 @@ flags.mark_flag_as_required('config')
 def main(argv):
     from ljax import cli
 
-    cli.quiet_background_noise(sys.argv)  # orbax logs every save, tfds every probe; we print our own
+    cli.quiet_background_noise(sys.argv)  # orbax and tfds log a lot; we print our own lines
     if len(argv) > 1:
         cli._fail(f'unexpected arguments {argv[1:]} (see python main.py --help)')
     path = config_flags.get_config_filename(flags.FLAGS['config'])

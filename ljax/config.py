@@ -50,7 +50,7 @@ FIELDS = (
     ('score_init', 'magnitude', f'initial scores: {" | ".join(SCORE_INITS)}'),
     ('score_margin', 0.01, 'magnitude init: kept scores 1.0, pruned 1.0 - margin; in (0, 1)'),
     ('allocation', 'global_magnitude', f'kept weights per layer: {" | ".join(ALLOCATIONS)}'),
-    ('restriction', 'none', f'short restriction schedule: {" | ".join(RESTRICTIONS)} (R in [0, 1])'),
+    ('restriction', 'none', f'short restriction: {" | ".join(RESTRICTIONS)} (R in [0, 1])'),
     ('seed', 0, 'seed of data order, augmentation and random score init'),
     # dense pretraining (mode='pretrain')
     ('pretrain_epochs', 10, "pretrain mode: dense training epochs (>= 1)"),

@@ -1,4 +1,4 @@
-"""What keeps a workdir to one run of one input: a lock, content fingerprints, checks before writing.
+"""What keeps a workdir to one run of one input: a lock, content fingerprints, early checks.
 
 - `check_usable(workdir, writes)`: a workdir that is a file, or cannot be written, is one
   `WorkdirError` line before anything is written (call it with the config checks).
@@ -60,7 +60,9 @@ def check_usable(workdir: str, writes: bool = True) -> None:
             break
         probe = parent
     if not os.path.isdir(probe):
-        raise WorkdirError(f'workdir {workdir}: {probe} is a file, not a directory; pass another --workdir')
+        raise WorkdirError(
+            f'workdir {workdir}: {probe} is a file, not a directory; pass another --workdir'
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         why = 'is on a read-only file system' if _read_only(probe) else 'is not writable'
         where = workdir if probe == workdir else f'{workdir} ({probe})'
@@ -146,7 +148,7 @@ def fingerprint(tree: Any) -> str:
     for path, leaf in leaves:
         a = np.ascontiguousarray(np.asarray(leaf))
         h.update(f'{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}\n'.encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8))  # the bytes of a.tobytes(), without the copy
     return h.hexdigest()
 
 
@@ -176,7 +178,8 @@ _STREAMED = ('imagenet2012',)  # its first train batch waits for a 10k-example s
 
 def _first_batches(train, test) -> str | None:
     """Fingerprint of the first train batch of epoch 0 (train=None: skipped) and the first test
-    batch: a cheap check that the examples themselves, not only their number, are the first run's."""
+    batch: a cheap check that the examples themselves, not only their number, are the first
+    run's."""
     if test is None or not len(test):
         return None
     batches = []
@@ -208,7 +211,7 @@ def identity_changes(saved: Mapping, now: Mapping) -> list[str]:
 
 
 def clean_temp_files(workdir: str) -> list[str]:
-    """Remove the `*.tmp` files a killed export left in workdir (never anything else); returns them."""
+    """Remove the `*.tmp` files a killed export left in workdir (nothing else); returns them."""
     removed = []
     for pattern in _TEMP_PATTERNS:
         for path in glob.glob(os.path.join(glob.escape(workdir), pattern)):

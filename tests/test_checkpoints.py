@@ -182,7 +182,8 @@ def test_clean_temp_files_removes_only_killed_exports(tmp_path):
     for n in names:
         (tmp_path / n).write_text('x')
     removed = workdir_lib.clean_temp_files(str(tmp_path))
-    assert sorted(os.path.basename(p) for p in removed) == ['.jackpot.npz.ab12.tmp', 'results.json.tmp']
+    removed = sorted(os.path.basename(p) for p in removed)
+    assert removed == ['.jackpot.npz.ab12.tmp', 'results.json.tmp']
     assert sorted(os.listdir(tmp_path)) == ['jackpot.npz', 'results.json', 'x.tmp']
 
 
@@ -199,3 +200,16 @@ def test_load_npz_is_one_line_for_empty_and_truncated_files(tmp_path):
         workdir_lib.load_npz(str(cut), 'evaluate')
     assert '\n' not in str(e.value)
     assert workdir_lib.load_npz(str(good), 'evaluate')['params']['w'].shape == (1000,)
+
+
+def test_fingerprint_survives_the_npz_cache_round_trip(tmp_path):
+    """A converted .pth is cached as .npz: both must pin the same contents."""
+    from ljax import convert
+
+    variables = {
+        'params': {'conv': {'kernel': np.random.default_rng(0).normal(size=(3, 3, 2, 4))}},
+        'batch_stats': {'bn': {'mean': np.zeros(4, np.float32), 'var': np.ones(4, np.float32)}},
+    }
+    convert.save_variables_npz(variables, tmp_path / 'v.npz')
+    again = convert.load_variables_npz(tmp_path / 'v.npz')
+    assert workdir_lib.fingerprint(again) == workdir_lib.fingerprint(variables)
