@@ -1,6 +1,8 @@
-"""ljax command line: python main.py --config configs/fashion_mnist.py [--config.sparsity=0.95] [--workdir DIR]
+"""ljax command line:
+python main.py --config configs/fashion_mnist.py [--config.sparsity=0.95] [--workdir DIR]
 
-Rerunning the same command resumes from the workdir's latest checkpoint.
+Rerunning the same command resumes from the workdir's newest intact checkpoint.
+`python main.py --help` lists the modes and every config field.
 """
 
 import os
@@ -19,15 +21,11 @@ flags.mark_flag_as_required('config')
 
 
 def main(argv):
-    from absl import logging
-
-    logging.set_verbosity(
-        logging.ERROR
-    )  # orbax logs every save, tfds every probe; we print our own
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     from ljax import cli
 
+    cli.quiet_background_noise(sys.argv)  # orbax and tfds log a lot; we print our own lines
+    if len(argv) > 1:
+        cli._fail(f'unexpected arguments {argv[1:]} (see python main.py --help)')
     path = config_flags.get_config_filename(flags.FLAGS['config'])
     config = cli.load_config_or_explain(_CONFIG, path)
     workdir = _WORKDIR.value or os.path.join('runs', os.path.splitext(os.path.basename(path))[0])
@@ -35,7 +33,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    from ljax.cli import explain_flag_errors
+    from ljax.cli import parse_flags
 
-    with explain_flag_errors():
-        app.run(main)
+    app.run(main, flags_parser=parse_flags)

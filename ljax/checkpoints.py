@@ -1,21 +1,34 @@
 """Orbax checkpoints of a run: the search (or training) state plus a JSON `meta` item, and the
-run's config saved beside them so that a workdir is never mixed between two configs.
+run's config (and input identity) saved beside them so a workdir is never mixed between two runs.
 
 A save that is killed leaves an `N.orbax-checkpoint-tmp` directory that orbax ignores (and removes
 on the next start, `cleanup_tmp_directories=True`), so a rerun restores the last finished step.
+
+Orbax 0.12.8 does not notice flipped bytes in an array's data, so every save also stores, inside its
+`meta` item (committed atomically with the state), the SHA-256 of the state's arrays and of the
+meta. `restore` verifies it; a step that fails to load or to verify is reported in one line, moved
+to `checkpoints/corrupt/<step>-<time>` (never deleted) and the next older step is tried.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ljax import workdir as workdir_lib
+from ljax.workdir import fingerprint  # noqa: F401  (re-exported: checkpoints.fingerprint)
+
 CONFIG_FILE = 'config.json'
+IDENTITY_KEY = '_identity'  # config.json: what run_identity() pinned (pretrained sha256, data)
+CHECKSUM_KEY = '_ljax_checksums'  # meta item: {'state': sha256, 'meta': sha256}
+CORRUPT_DIR = 'corrupt'
 # Fields that change how a run is watched, not what it computes: they may differ on a rerun.
 VOLATILE_FIELDS = frozenset(
     {
@@ -40,13 +53,32 @@ def _normalise(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def check_or_write_config(workdir: str, config: dict) -> None:
-    """Write workdir/config.json, or refuse when it holds a run of a different config."""
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_or_write_config(workdir: str, config: dict, identity: dict | None = None) -> None:
+    """Lock workdir for this process, then write workdir/config.json or check it.
+
+    Refuses (ConfigMismatchError, one line) a workdir whose config.json holds another config, or,
+    when `identity` (see `workdir.run_identity`) is given, other pretrained contents or data. Takes
+    `workdir.lock(workdir)` first (WorkdirLockedError when another process runs there; release it
+    with `workdir.release(workdir)`), and removes the temporary files of a killed export.
+    """
     path = os.path.join(workdir, CONFIG_FILE)
     config = _normalise(config)
+    identity = _normalise(identity) if identity is not None else None
+    workdir_lib.lock(workdir)
+    workdir_lib.clean_temp_files(workdir)
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigMismatchError(
+                f'workdir {workdir}: cannot read {path} ({e}); use another --workdir'
+            ) from None
+        saved_identity = saved.pop(IDENTITY_KEY, None)
         keys = (set(saved) | set(config)) - VOLATILE_FIELDS
         diff = sorted(k for k in keys if saved.get(k) != config.get(k))
         if diff:
@@ -57,64 +89,158 @@ def check_or_write_config(workdir: str, config: dict) -> None:
                 f'workdir {workdir} holds a run of a different config ({shown}); '
                 'use another --workdir, or delete that one to start over'
             )
+        if identity is not None and saved_identity is not None:
+            changes = workdir_lib.identity_changes(saved_identity, identity)
+            if changes:
+                raise ConfigMismatchError(
+                    f'workdir {workdir} holds a run of different inputs with the same config: '
+                    f'{"; ".join(changes)}; use another --workdir, or restore the original inputs'
+                )
         return
-    os.makedirs(workdir, exist_ok=True)
+    if identity is not None:
+        config = {**config, IDENTITY_KEY: identity}
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(config, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 
+def _missing_file(e: BaseException | None) -> bool:
+    """Whether an error (or its cause) says a file orbax was writing disappeared."""
+    while e is not None:
+        if isinstance(e, FileNotFoundError) or 'NOT_FOUND' in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _meta_digest(meta: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 class Checkpoints:
-    """`save(step, state, meta)` / `restore(abstract_state) -> (step, state, meta)` in workdir/checkpoints."""
+    """`save(step, state, meta)` / `restore(abstract_state) -> (step, state, meta) | None`.
+
+    In workdir/checkpoints; `max_to_keep` newest steps are kept. Every step is verified on restore.
+    """
 
     def __init__(self, workdir: str, max_to_keep: int = 2):
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, 'checkpoints')),
+        self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+        self.max_to_keep = max_to_keep
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, cleanup_tmp_directories=True, create=True
+                max_to_keep=self.max_to_keep, cleanup_tmp_directories=True, create=True
             ),
             item_names=('state', 'meta'),
         )
+
+    def _reopen_if_deleted(self, error: BaseException | None = None) -> bool:
+        """When checkpoints/ (or a step being written) was deleted under the run: say so, start a
+        fresh manager and return True. `error`: what a save or wait raised (None: check the dir)."""
+        if os.path.isdir(self.directory) and not (error is not None and _missing_file(error)):
+            return False
+        try:  # the save that was writing into the deleted directory fails; it is lost
+            self.manager.wait_until_finished()
+        except Exception:
+            pass
+        try:
+            self.manager.close()
+        except Exception:
+            pass
+        _say(f'{self.directory} was deleted during the run; recreating it (earlier steps are lost)')
+        self.manager = self._open()
+        return True
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save asynchronously, with the checksums `restore` verifies (in meta[CHECKSUM_KEY])."""
         state = jax.tree.map(np.asarray, jax.device_get(state))
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_normalise(meta))
-            ),
-            force=True,
-        )
+        meta = _normalise({k: v for k, v in meta.items() if k != CHECKSUM_KEY})
+        meta[CHECKSUM_KEY] = {'state': fingerprint(state), 'meta': _meta_digest(meta)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._reopen_if_deleted()
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:  # a previous async save failed: retry only if its files vanished
+            if not self._reopen_if_deleted(e):
+                raise
+            self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state: Any):
-        step = self.manager.latest_step()
-        if step is None:
-            return None
+        """The newest step that loads and verifies, as (step, state, meta); None when there is none.
+
+        Each step that fails is reported on stderr in one line and moved to checkpoints/corrupt/.
+        Steps saved without checksums (older ljax) are accepted when they load.
+        """
         abstract = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
             jax.device_get(abstract_state),
         )
-        try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                ),
+        moved = 0
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self._load_verified(step, abstract)
+            except Exception as e:  # anything that stops a step loading means it cannot be used
+                reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                where = self._move_aside(step)
+                moved += 1
+                _say(
+                    f'checkpoint step {step} is unusable ({reason}); moved it to {where}, '
+                    'trying the previous step'
+                )
+                continue
+            return step, state, meta
+        if moved:
+            _say(
+                f'no intact checkpoint left in {self.directory} ({moved} moved to '
+                f'{CORRUPT_DIR}/); starting over from step 0'
             )
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f'checkpoint at step {step} in {self.manager.directory} does not fit this '
-                f'model/config ({str(e).splitlines()[0][:200]}); use another --workdir'
-            ) from None
-        return step, out.state, out.meta
+        return None
+
+    def _load_verified(self, step: int, abstract: Any):
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+        meta = dict(out.meta)
+        sums = meta.pop(CHECKSUM_KEY, None)
+        if sums is not None:
+            if _meta_digest(meta) != sums.get('meta'):
+                raise ValueError('its meta item does not match its checksum')
+            if fingerprint(out.state) != sums.get('state'):
+                raise ValueError("its arrays do not match their SHA-256 checksum")
+        return out.state, meta
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        stamp = time.strftime('%Y%m%dT%H%M%S')
+        dst = os.path.join(self.directory, CORRUPT_DIR, f'{step}-{stamp}')
+        if jax.process_index() == 0 and os.path.exists(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            n = 1
+            while os.path.exists(dst):
+                dst, n = os.path.join(self.directory, CORRUPT_DIR, f'{step}-{stamp}-{n}'), n + 1
+            os.rename(src, dst)
+        self.manager.reload()
+        return os.path.relpath(dst, os.path.dirname(self.directory))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if not self._reopen_if_deleted(e):
+                raise
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

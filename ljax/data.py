@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import math
 import os
 import socket
@@ -75,6 +76,8 @@ class Batches:
     _make_epoch: Callable[[int, int], Iterator[tuple]] = dataclasses.field(repr=False)
     # True when the global batches depend on (seed, epoch) only, not on the number of processes
     layout_independent: bool = True
+    total_examples: int | None = None  # in the whole split (all processes)
+    content_sha256: str | None = None  # of the whole split's images and labels (in-memory data)
     _next_epoch: int = dataclasses.field(default=0, repr=False)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple]:
@@ -147,6 +150,8 @@ def get_dataset(
         )
     images, labels = _load_in_memory(name, split, data_dir=data_dir, num_examples=num_examples)
     total = len(labels)
+    digest = hashlib.sha256(np.ascontiguousarray(images).reshape(-1).view(np.uint8))
+    digest.update(np.ascontiguousarray(labels, np.int64).reshape(-1).view(np.uint8))
     example_fn = _cifar_augment if (train and name.startswith('cifar')) else None
     if train:
         steps = _steps(total, total, batch_size, 1, True)
@@ -167,7 +172,7 @@ def get_dataset(
         positions = positions[start_step:, mine].reshape(-1)
         return tf.data.Dataset.from_tensor_slices((positions, images[order], labels[order]))
 
-    return _batches(
+    batches = _batches(
         name,
         examples,
         example_fn,
@@ -177,6 +182,8 @@ def get_dataset(
         train=train,
         seed=seed,
     )
+    batches.total_examples, batches.content_sha256 = total, digest.hexdigest()
+    return batches
 
 
 def load_fashion_mnist_idx(directory: str = FASHION_MNIST_DIR) -> dict:
@@ -269,6 +276,7 @@ def _streaming_batches(
     )
     # Files and shuffle buffers are per process: the global batches depend on the process count.
     batches.layout_independent = False
+    batches.total_examples = total
     return batches
 
 

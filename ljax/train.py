@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from ljax import checkpoints, convert, data, report
 from ljax import loop as loop_lib
+from ljax import config as config_lib
+from ljax import workdir as workdir_lib
 from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
 from ljax.parallel import AXIS_NAME, Parallel
@@ -225,7 +227,8 @@ def search(config, workdir: str) -> dict:
             ) from None
         raise
     # Everything is validated before the workdir is touched.
-    _write_config(workdir, config)
+    identity = workdir_lib.run_identity(config, variables=variables, train=train, test=test)
+    _write_config(workdir, config, identity)
     par = Parallel(search_)
     ckpt = checkpoints.Checkpoints(workdir, config.get('max_to_keep', 2))
     state = search_.init_state()
@@ -321,10 +324,11 @@ def _baselines(config, par: Parallel, search_: Search, train, test, meta: dict) 
     _log(', '.join(parts) + '; no search')
 
 
-def _write_config(workdir: str, config) -> None:
-    """Process 0 writes (or checks) config.json; the others check it once it is there."""
+def _write_config(workdir: str, config, identity: dict) -> None:
+    """Process 0 writes (or checks) config.json and the inputs' identity; the others check the
+    config once it is there (the identity is the same for all: whole splits, not shards)."""
     if _is_writer():
-        checkpoints.check_or_write_config(workdir, config.to_dict())
+        checkpoints.check_or_write_config(workdir, config.to_dict(), identity)
     _barrier('config written')
     if not _is_writer():
         checkpoints.check_or_write_config(workdir, config.to_dict())
@@ -389,7 +393,7 @@ def evaluate(config, workdir: str) -> dict:
             f'evaluate: no jackpot at {path}; run the search first or set --config.jackpot=PATH'
         )
     _check_batch(config.eval_batch_size, 'eval_batch_size')
-    saved = convert.load_variables_npz(path)
+    saved = workdir_lib.load_npz(path, 'evaluate')
     model = build_model(config)
     variables = {k: saved[k] for k in ('params', 'batch_stats') if k in saved}
     from ljax.search import check_variables
@@ -421,7 +425,8 @@ def pretrain(config, workdir: str) -> dict:
     _check_batch(config.batch_size, 'batch_size')
     model = build_model(config)
     train, test = _datasets(config, config.batch_size)
-    _write_config(workdir, config)
+    identity = workdir_lib.run_identity(config, train=train, test=test)
+    _write_config(workdir, config, identity)
     epochs = config.pretrain_epochs
     task = DenseTraining(
         model,
@@ -500,15 +505,11 @@ def initialize_distributed(config) -> None:
 
 
 def run(config, workdir: str) -> dict:
+    config_lib.validate(config)  # every value, before anything is loaded or written
+    workdir_lib.check_usable(workdir, writes=config.get('mode', 'search') != 'evaluate')
     initialize_distributed(config)
     modes = {'search': search, 'pretrain': pretrain, 'evaluate': evaluate}
-    if config.mode not in modes:
-        raise ValueError(f'mode: expected one of {sorted(modes)}, got {config.mode!r}')
-    if config.mode == 'search' and (
-        isinstance(config.sparsity, bool) or not 0 <= config.sparsity < 1
-    ):
-        raise ValueError(
-            f'sparsity: expected the fraction of prunable weights to remove, in [0, 1) '
-            f'(0.9 keeps 10%), got {config.sparsity!r}'
-        )
-    return modes[config.mode](config, workdir)
+    try:
+        return modes[config.mode](config, workdir)
+    finally:
+        workdir_lib.release(workdir)  # the lock check_or_write_config took

@@ -68,3 +68,8 @@ def test_shipped_default_model_fits_its_config():
         convert.load_variables_npz(c.pretrained),
         np.zeros((1, 28, 28, 1), np.float32),
     )
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.basename(p))
+def test_config_passes_validation(path):
+    config_lib.validate(load(path))
