@@ -16,6 +16,8 @@ Four steps per case, on the same random batch (90% sparsity, 10 or 1000 classes)
   torch dense    - the same model with plain nn.Conv2d, all weights trained by the same SGD;
   ljax search    - `ljax_search_step` below (the public API: Search, Parallel.train);
   ljax dense     - a jitted SGD step on every weight, train-mode BatchNorm.
+With --xla-baseline, a fifth step: ljax dense with flax's plain nn.Conv (XLA's convolution
+everywhere, ljax before `ljax.models.layers`), for the speed-up of ljax's own dense step.
 Every round runs each step once, interleaved, so machine noise hits all alike; the table gives
 the median over --rounds rounds after 2 warm-up rounds (which include compilation).
 """
@@ -95,6 +97,23 @@ def ljax_dense_step(model, variables, x, y):
     return step
 
 
+@contextlib.contextmanager
+def plain_flax_conv():
+    """Builds the shipped models with flax's nn.Conv (XLA's convolution) inside the block."""
+    import flax.linen as nn
+
+    from ljax.models import resnet50, resnet_cifar, vgg
+
+    saved = [(m, m.Conv) for m in (resnet50, resnet_cifar, vgg)]
+    try:
+        for m, _ in saved:
+            m.Conv = nn.Conv
+        yield
+    finally:
+        for m, conv in saved:
+            m.Conv = conv
+
+
 def import_authors(path):
     """Their `models` and `utils` packages, imported from a checkout at `path`."""
     needed = ('models/__init__.py', 'utils/conv_type.py', 'utils/common.py', 'configs')
@@ -169,7 +188,7 @@ def torch_steps(authors, constructor, x, y):
     return search, dense
 
 
-def run_case(authors, key, batch, rounds):
+def run_case(authors, key, batch, rounds, xla_baseline=False):
     import torch
 
     label, name, kwargs, constructor, classes, size = MODELS[key]
@@ -187,6 +206,11 @@ def run_case(authors, key, batch, rounds):
         'ljax search': ljax_search_step(model, variables, x, y),
         'ljax dense': ljax_dense_step(model, variables, x, y),
     }
+    if xla_baseline:
+        plain = get_model(name, classes, **kwargs)  # traced (and so built) inside the block
+        with plain_flax_conv():
+            steps['ljax dense, XLA conv'] = ljax_dense_step(plain, variables, x, y)
+            steps['ljax dense, XLA conv']()  # compile while nn.Conv is in place
     times = {k: [] for k in steps}
     for r in range(rounds + 2):
         for k, fn in steps.items():
@@ -204,6 +228,7 @@ def run_case(authors, key, batch, rounds):
         'torch_dense_ms': 1e3 * med['torch dense'],
         'ljax_dense_ms': 1e3 * med['ljax dense'],
         'dense_ratio': med['ljax dense'] / med['torch dense'],
+        'ljax_dense_xla_conv_ms': 1e3 * med.get('ljax dense, XLA conv', float('nan')),
         'rounds': rounds,
     }
 
@@ -217,6 +242,8 @@ def main():
     ap.add_argument('--rounds', type=int, default=5)
     ap.add_argument('--torch-threads', type=int, default=2)
     ap.add_argument('--csv', help='also write the rows to this CSV file')
+    ap.add_argument('--xla-baseline', action='store_true',
+                    help="also time ljax's dense step with flax's plain nn.Conv")
     args = ap.parse_args()
     cases = []
     for c in args.cases:
@@ -233,12 +260,13 @@ def main():
           f'median of {args.rounds} interleaved rounds')
     rows = []
     for key, batch in cases:
-        row = run_case(authors, key, batch, args.rounds)
+        row = run_case(authors, key, batch, args.rounds, args.xla_baseline)
         rows.append(row)
         print(f"{row['model']}, batch {batch}: search img/s authors {row['authors_search_img_s']:.1f}"
               f" ljax {row['ljax_search_img_s']:.1f} ({row['search_ratio']:.2f}x); dense ms torch "
               f"{row['torch_dense_ms']:.0f} ljax {row['ljax_dense_ms']:.0f} "
-              f"({row['dense_ratio']:.2f}x)", flush=True)
+              f"({row['dense_ratio']:.2f}x); ljax dense with XLA conv "
+              f"{row['ljax_dense_xla_conv_ms']:.0f} ms", flush=True)
     header = ['model, batch', 'authors search img/s', 'ljax search img/s', 'ljax / authors',
               'torch dense ms', 'ljax dense ms', 'ljax / torch dense']
     print(benchlib.markdown_table(header, [
