@@ -1,6 +1,6 @@
-"""Where a training step's convolution time goes: per layer shape and direction, XLA vs im2col vs torch.
+"""Where a step's convolution time goes, per layer shape and direction: XLA vs im2col vs torch.
 
-    python benchmarks/conv_profile.py                       # every shipped model, issue 11's batches
+    python benchmarks/conv_profile.py          # every shipped model at issue 11's batch sizes
     python benchmarks/conv_profile.py --models resnet32 --rounds 3
 
 For every distinct convolution of a model (found by running the model under
@@ -55,7 +55,9 @@ def conv_shapes(name, kwargs, hw):
         mod = context.module
         if isinstance(mod, nn.Conv) and context.method_name == '__call__':
             x = args[0]
-            pad = tuple(tuple(p) for p in mod.padding) if not isinstance(mod.padding, str) else mod.padding
+            pad = mod.padding
+            if not isinstance(pad, str):
+                pad = tuple(tuple(p) for p in pad)
             strides = mod.strides or 1
             stride = strides if isinstance(strides, int) else strides[0]
             seen[(x.shape[1], x.shape[2], x.shape[3], mod.kernel_size[0], mod.features,
@@ -126,7 +128,8 @@ def main():
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    print(f'{benchlib.machine()}; torch threads {args.torch_threads}; load {benchlib.load_average()}; '
+    print(f'{benchlib.machine()}; torch threads {args.torch_threads}; '
+          f'load {benchlib.load_average()}; '
           f'median of {args.rounds} interleaved rounds; git {benchlib.git_revision()}')
     methods = ('xla', 'im2col') + (('torch',) if torch else ())
     for key in args.models:

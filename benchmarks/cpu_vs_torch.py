@@ -126,7 +126,8 @@ def import_authors(path):
     sys.path.insert(0, path)
     argv = sys.argv
     # Their utils.options parses sys.argv and reads a YAML config at import time.
-    sys.argv = ['authors', '--config', os.path.join(path, 'configs/vgg19_cifar10/90sparsity30epoch.yaml')]
+    config = os.path.join(path, 'configs/vgg19_cifar10/90sparsity30epoch.yaml')
+    sys.argv = ['authors', '--config', config]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             import models as authors_models
@@ -262,7 +263,8 @@ def main():
     for key, batch in cases:
         row = run_case(authors, key, batch, args.rounds, args.xla_baseline)
         rows.append(row)
-        print(f"{row['model']}, batch {batch}: search img/s authors {row['authors_search_img_s']:.1f}"
+        print(f"{row['model']}, batch {batch}: search img/s authors "
+              f"{row['authors_search_img_s']:.1f}"
               f" ljax {row['ljax_search_img_s']:.1f} ({row['search_ratio']:.2f}x); dense ms torch "
               f"{row['torch_dense_ms']:.0f} ljax {row['ljax_dense_ms']:.0f} "
               f"({row['dense_ratio']:.2f}x); ljax dense with XLA conv "

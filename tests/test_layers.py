@@ -137,7 +137,10 @@ def test_auto_dispatch_by_platform_and_shape(x_shape, w_shape, im2col_on_cpu, wi
     def conv(x, w):
         return layers.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN)
 
-    fn = (lambda x, w: jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1))(x, w)) if with_grad else conv
+    def grads(x, w):
+        return jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1))(x, w)
+
+    fn = grads if with_grad else conv
     for platform in ('cpu', 'cuda', 'tpu'):
         text = _lowered_text(fn, platform, x, w)
         uses_im2col = platform == 'cpu' and im2col_on_cpu
@@ -147,7 +150,8 @@ def test_auto_dispatch_by_platform_and_shape(x_shape, w_shape, im2col_on_cpu, wi
 
 def test_auto_runs_and_matches_on_this_backend():
     x, w = _inputs((2, 2, 2, 16), (3, 3, 16, 8), jnp.float32)
-    got = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN))(x, w)
+    auto = lambda x, w: layers.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN)
+    got = jax.jit(auto)(x, w)
     want = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -180,7 +184,9 @@ def test_conv_module_is_nn_conv_with_a_faster_primitive(dtype):
     y1, y2 = jax.jit(ours.apply)(v1, x), jax.jit(flax_conv.apply)(v2, x)
     assert y1.dtype == y2.dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
-    np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32), atol=tol, rtol=tol)
+    np.testing.assert_allclose(
+        np.asarray(y1, np.float32), np.asarray(y2, np.float32), atol=tol, rtol=tol
+    )
 
 
 def _with_flax_conv(monkeypatch):

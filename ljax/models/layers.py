@@ -104,7 +104,8 @@ def im2col_conv(
     in_spatial = x.shape[1:-1]
     dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
     pads = _normalize_padding(padding, in_spatial, dilated, strides)
-    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
+    config = ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0))
+    x = lax.pad(x, jnp.zeros((), x.dtype), config)
     padded = x.shape[1:-1]
     out_spatial = tuple(
         max(0, (p - dk) // s + 1) for p, dk, s in zip(padded, dilated, strides)
