@@ -1,4 +1,8 @@
-"""Models: plain flax.linen modules, `__call__(x, train)` on NHWC float32 -> float32 logits."""
+"""Models: plain flax.linen modules, `__call__(x, train)` on NHWC float32 -> float32 logits.
+
+Their convolutions are `ljax.models.layers.Conv`: flax's `nn.Conv` (same parameters) whose
+convolution runs as im2col + matmul where XLA:CPU's own convolution is slow (see that module).
+"""
 
 from __future__ import annotations
 

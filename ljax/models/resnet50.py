@@ -14,6 +14,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ljax.models.layers import Conv
+
 STAGES: tuple[tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))  # (width, blocks)
 EXPANSION = 4
 
@@ -27,10 +29,10 @@ def _batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
     )
 
 
-def _conv(features: int, size: int, stride: int, name: str) -> nn.Conv:
+def _conv(features: int, size: int, stride: int, name: str) -> Conv:
     # PyTorch pads size // 2 on every side; "SAME" with stride 2 would pad asymmetrically.
     pad = size // 2
-    return nn.Conv(
+    return Conv(
         features,
         (size, size),
         strides=(stride, stride),

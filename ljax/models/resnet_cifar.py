@@ -17,6 +17,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ljax.models.layers import Conv
+
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
@@ -27,9 +29,9 @@ def _batch_norm(train: bool, axis_name: str | None, name: str) -> nn.BatchNorm:
     )
 
 
-def _conv3x3(features: int, stride: int, name: str) -> nn.Conv:
+def _conv3x3(features: int, stride: int, name: str) -> Conv:
     # Explicit (1, 1) padding: "SAME" with stride 2 pads (0, 1), which is not PyTorch's padding=1.
-    return nn.Conv(
+    return Conv(
         features,
         (3, 3),
         strides=(stride, stride),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ljax.models.layers import Conv
+
 # Channels per conv layer, one tuple per block; a 2x2 max-pool follows every block.
 VGG19_BLOCKS: tuple[tuple[int, ...], ...] = (
     (64, 64),
@@ -45,7 +47,7 @@ class VGG19Cifar(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         for block, widths in enumerate(VGG19_BLOCKS, start=1):
             for layer, width in enumerate(widths, start=1):
-                x = nn.Conv(
+                x = Conv(
                     width,
                     (3, 3),
                     padding=((1, 1), (1, 1)),

@@ -1,0 +1,212 @@
+"""Convolutions that are fast on XLA:CPU, and exact drop-ins for `lax.conv_general_dilated`.
+
+XLA:CPU runs many convolutions far below its matmul speed (a 3x3 512->512 convolution on a 2x2
+map, batch 64, ran at about 1.6 GFLOP/s; docs/RESULTS.md has the per-layer profile). The same
+convolution written as im2col (one strided slice of the padded input per kernel tap, stacked on
+the channel axis) followed by one matmul runs at matmul speed, and so do its gradients: XLA's
+autodiff of slices and a dot is a dot (weight gradient) and a dot plus pads (input gradient).
+
+`conv_general_dilated` has `lax.conv_general_dilated`'s signature. Under `jit` it stages both
+versions with `lax.platform_dependent`: the im2col version runs where the computation is lowered
+for CPU, XLA's own convolution everywhere else (GPU, TPU), so one model runs well on both.
+Shapes the im2col version does not cover (grouped or transposed convolutions) always take XLA's
+path. Users opt in with `ljax.models.layers.Conv` (an `nn.Conv` whose only change is this
+function) or by passing `conv_general_dilated=ljax.models.layers.conv_general_dilated` to their
+own `nn.Conv`; parameter names, shapes and values are those of `nn.Conv`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# `method` values: 'auto' (im2col when lowered for CPU and the shape is one where XLA:CPU is
+# slow, XLA's convolution elsewhere), 'im2col' (always), 'xla' (always lax.conv_general_dilated).
+METHODS = ('auto', 'im2col', 'xla')
+
+# Measured on XLA:CPU (benchmarks/conv_profile.py, docs/RESULTS.md): 1x1 kernels lose most in the
+# weight gradient (4-10x slower than a dot); kernels larger than 1x1 lose badly only on tiny output
+# maps (VGG-19's 2x2: about 60x), while on large maps the 9x larger im2col buffer costs more than
+# XLA's convolution. So: 1x1 always, otherwise output maps of at most this many pixels.
+IM2COL_MAX_OUTPUT_PIXELS = 4
+
+
+def _normalize_padding(padding, in_spatial, window, strides):
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(in_spatial, window, strides, padding))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _spatial(lhs_shape, rhs_shape, dimension_numbers):
+    dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    return (
+        tuple(lhs_shape[d] for d in dn.lhs_spec[2:]),
+        tuple(rhs_shape[d] for d in dn.rhs_spec[2:]),
+    )
+
+
+def im2col_is_faster(lhs_shape, rhs_shape, window_strides, padding, rhs_dilation=None,
+                     dimension_numbers=None) -> bool:
+    """The shape rule of `method='auto'` on CPU: 1x1 kernels, or outputs of at most
+    `IM2COL_MAX_OUTPUT_PIXELS` pixels per example."""
+    in_spatial, window = _spatial(lhs_shape, rhs_shape, dimension_numbers)
+    if all(k == 1 for k in window):
+        return True
+    dilation = tuple(rhs_dilation or (1,) * len(window))
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+    pads = _normalize_padding(padding, in_spatial, dilated, window_strides)
+    out = [
+        max(0, (i + lo + hi - dk) // s + 1)
+        for i, (lo, hi), dk, s in zip(in_spatial, pads, dilated, window_strides)
+    ]
+    return int(np.prod(out)) <= IM2COL_MAX_OUTPUT_PIXELS
+
+
+def supports_im2col(lhs_dilation, feature_group_count, batch_group_count) -> bool:
+    """Whether `im2col_conv` covers a convolution: no input dilation, no groups."""
+    return (
+        all(d == 1 for d in (lhs_dilation or ()))
+        and feature_group_count == 1
+        and batch_group_count == 1
+    )
+
+
+def im2col_conv(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    precision=None,
+    preferred_element_type=None,
+):
+    """`lax.conv_general_dilated` without input dilation or groups, as im2col + one matmul.
+
+    Any number of spatial dimensions and any dimension numbers (inputs are transposed to
+    channels-last, which is free for flax's NHWC / HWIO). Padding: 'SAME', 'VALID' or
+    (low, high) pairs, negative allowed. Returns the same shape and dtype as lax's.
+    """
+    nspatial = lhs.ndim - 2
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    lhs_spec, rhs_spec, out_spec = dn
+    # Channels-last views: x (N, *spatial, C), w (*window, C, O).
+    x = jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+    w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+    strides = tuple(window_strides)
+    dilation = tuple(rhs_dilation or (1,) * nspatial)
+    window = w.shape[:nspatial]
+    in_spatial = x.shape[1:-1]
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+    pads = _normalize_padding(padding, in_spatial, dilated, strides)
+    config = ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0))
+    x = lax.pad(x, jnp.zeros((), x.dtype), config)
+    padded = x.shape[1:-1]
+    out_spatial = tuple(
+        max(0, (p - dk) // s + 1) for p, dk, s in zip(padded, dilated, strides)
+    )
+    n, c = x.shape[0], x.shape[-1]
+    if all(k == 1 for k in window):
+        # A 1x1 convolution needs no patches: subsample (if strided), then a dot.
+        cols = lax.slice(
+            x,
+            (0,) * x.ndim,
+            (n, *((o - 1) * s + 1 for o, s in zip(out_spatial, strides)), c),
+            (1, *strides, 1),
+        )
+    else:
+        taps = []
+        for offset in np.ndindex(*window):
+            start = tuple(i * d for i, d in zip(offset, dilation))
+            limit = tuple(st + (o - 1) * s + 1 for st, o, s in zip(start, out_spatial, strides))
+            taps.append(lax.slice(x, (0, *start, 0), (n, *limit, c), (1, *strides, 1)))
+        # Channel index of the patch is (tap, c): the order of w's rows after the reshape below.
+        cols = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+    w2 = w.reshape(-1, w.shape[-1])
+    y = lax.dot_general(
+        cols,
+        w2,
+        (((cols.ndim - 1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    # y is (N, *spatial, O); out_spec says where batch, feature and spatial dims go.
+    order = (out_spec[0], out_spec[1], *out_spec[2:])  # out dim index of y's (N, O, *spatial)
+    y_dims = (0, y.ndim - 1, *range(1, y.ndim - 1))
+    perm = [0] * y.ndim
+    for src, dst in zip(y_dims, order):
+        perm[dst] = src
+    return jnp.transpose(y, perm)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    method: str = 'auto',
+):
+    """`lax.conv_general_dilated`, as im2col + matmul where the computation is lowered for CPU.
+
+    method: 'auto' (default): where `im2col_is_faster` holds for the shapes (1x1 kernels, tiny
+      output maps), decides per lowering platform with `lax.platform_dependent`: `im2col_conv`
+      for 'cpu', `lax.conv_general_dilated` for every other platform; any other shape runs
+      `lax.conv_general_dilated` everywhere. 'im2col' / 'xla' force one of them.
+    Convolutions `im2col_conv` does not cover (input dilation, feature or batch groups) always
+    run `lax.conv_general_dilated`.
+    """
+    if method not in METHODS:
+        raise ValueError(f'method: expected one of {METHODS}, got {method!r}')
+    xla = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    if method == 'xla' or not supports_im2col(lhs_dilation, feature_group_count, batch_group_count):
+        return xla(lhs, rhs)
+    fast = functools.partial(
+        im2col_conv,
+        window_strides=window_strides,
+        padding=padding,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    if method == 'im2col':
+        return fast(lhs, rhs)
+    if not im2col_is_faster(
+        lhs.shape, rhs.shape, window_strides, padding, rhs_dilation, dimension_numbers
+    ):
+        return xla(lhs, rhs)
+    return lax.platform_dependent(lhs, rhs, cpu=fast, default=xla)
+
+
+class Conv(nn.Conv):
+    """`flax.linen.Conv` that runs `conv_general_dilated` above (im2col + matmul on CPU).
+
+    Same fields, parameters (`kernel`, `bias`), initialisers and results as `nn.Conv`; only the
+    convolution primitive differs, so checkpoints move freely between the two.
+    """
+
+    conv_general_dilated: nn.linear.ConvGeneralDilatedT | None = conv_general_dilated
