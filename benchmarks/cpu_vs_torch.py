@@ -35,12 +35,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
 
 from ljax.models import get_model
+from ljax.pretrain import DenseTraining
 from ljax.search import Parallel, Search
 
 # case name -> (label, ljax model name, ljax kwargs, authors' constructor, classes, image size)
@@ -66,33 +66,23 @@ def ljax_search_step(model, variables, x, y, total_steps=10**6):
 
     def step():
         nonlocal state
-        state, metrics = par.train(state, x, y, 1.0)
+        state, metrics = par.train(state, x, y)
         return jax.block_until_ready(metrics)
 
     return step
 
 
 def ljax_dense_step(model, variables, x, y):
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
-
-    @jax.jit
-    def update(params, batch_stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, upd = model.apply(
-                {'params': p, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-        (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), upd['batch_stats'], opt_state, loss
-
-    carry = [variables['params'], variables['batch_stats'], tx.init(variables['params'])]
-    x, y = jax.device_put((x, y))
+    """A callable running one dense training step on the same machinery as the search
+    (`ljax.pretrain.DenseTraining` through `Parallel`: SGD momentum, weight decay, train-mode BN)."""
+    task = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=10**6)
+    par = Parallel(task)
+    state = par.replicate(task.init_state(variables))
 
     def step():
-        params, batch_stats, opt_state, loss = update(*carry, x, y)
-        carry[:] = [params, batch_stats, opt_state]
-        return jax.block_until_ready(loss)
+        nonlocal state
+        state, metrics = par.train(state, x, y)
+        return jax.block_until_ready(metrics)
 
     return step
 
