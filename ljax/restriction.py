@@ -49,6 +49,74 @@ def restrict_mask(mask: jax.Array, scores: jax.Array, k, rate) -> jax.Array:
     return restrict_mask_with_threshold(mask, scores, k, rate)[0]
 
 
+@jax.jit
+def restrict_masks(
+    mask: dict[str, jax.Array],
+    scores: dict[str, jax.Array],
+    kept: dict[str, int | jax.Array],
+    rate,
+    hints: dict[str, jax.Array] | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """`restrict_mask_with_threshold` for every layer of a dict in one call: (mask, thresholds).
+
+    Same masks and threshold keys as the per-layer function; `rate` (may be traced) is shared.
+    With `hints`, one pass over scores and masks finds the few blocks per layer where the top-k
+    and the mask can differ and all three selections (top-k, revive, prune) run on those alone;
+    otherwise, or when they overflow, every selection is an exact bisection shared by all layers.
+    """
+    names = list(scores)
+    ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
+    old = [mask[n].reshape(-1) for n in names]
+
+    def swaps(top, m, keys, index, select):
+        revive = [t & ~o for t, o in zip(top, m)]
+        prune = [o & ~t for t, o in zip(top, m)]
+        c = [masks._count(r) for r in revive]
+        r = [num_swaps(rate, ci) for ci in c]
+        chosen, _ = select(
+            [jnp.where(v, kk, jnp.uint32(0)) for v, kk in zip(revive + prune, keys + keys)],
+            r + [ci - ri for ci, ri in zip(c, r)],
+            index + index,
+        )
+        come_in, stay = chosen[: len(top)], chosen[len(top) :]
+        return [(o & ~(p & ~s)) | i for o, p, s, i in zip(m, prune, stay, come_in)]
+
+    def exact():
+        keys = [masks.order_keys(scores[n]).reshape(-1) for n in names]
+        top, thresholds = masks._exact_many(keys, ks)
+        pos = [jnp.arange(kk.size, dtype=jnp.int32) for kk in keys]
+        return swaps(top, old, keys, pos, lambda rows, k, _: masks._exact_many(rows, k)), (
+            thresholds
+        )
+
+    if hints is None:
+        new, thr = exact()
+    else:
+        plans = [masks._plan(scores[n], k, hints[n], mask[n]) for n, k in zip(names, ks)]
+        rows, index = [p.keys for p in plans], [p.index for p in plans]
+        gathered = [
+            jnp.pad(o, (0, -o.size % masks._BLOCK)).reshape(-1, masks._BLOCK)[p.idx].reshape(-1)
+            for o, p in zip(old, plans)
+        ]
+        top, thr_fast = masks._select_gathered(rows, [p.k for p in plans], index)
+        changed = swaps(top, gathered, rows, index, masks._select_gathered)
+
+        def fast():
+            # outside the candidate blocks the top-k equals the mask: nothing moves there
+            out = []
+            for o, p, c in zip(old, plans, changed):
+                pad = -o.size % masks._BLOCK
+                blocks = jnp.pad(o, (0, pad)).reshape(-1, masks._BLOCK)
+                flat = blocks.at[p.idx].set(c.reshape(-1, masks._BLOCK)).reshape(-1)
+                out.append(flat[: o.size])
+            return out, thr_fast
+
+        ok = jnp.all(jnp.stack([p.valid for p in plans]))
+        new, thr = lax.cond(ok, fast, exact)
+    out = {n: m.reshape(mask[n].shape) for n, m in zip(names, new)}
+    return out, dict(zip(names, thr))
+
+
 def rate_schedule(name: str | float | RateSchedule, total_steps: int) -> RateSchedule:
     """The restriction rate as a function of the step (optax schedules).
 
