@@ -176,7 +176,10 @@ def _plan(scores, k, hint, mask=None) -> _Plan:
         valid &= ~jnp.any(~inside & (stats[3] > 0))
     index = (idx[:, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(-1)
     kprime = k - jnp.sum(count) + jnp.sum(count[idx])
-    return _Plan(idx, kb[idx].reshape(-1), index, kprime, valid)
+    # gathered from the scores, not from `kb`, which would then be written out in full
+    rows = jnp.pad(scores.reshape(-1), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)[idx]
+    keys = jnp.where(index < n, order_keys(rows).reshape(-1), jnp.uint32(0))
+    return _Plan(idx, keys, index, kprime, valid)
 
 
 def _kth_largest_many(rows, ks):
@@ -211,21 +214,18 @@ def _last_kept(rows, ks, thresholds, indices):
     )
 
 
-def _select_gathered(rows, ks, indices):
-    """Top-k masks of gathered rows (ties to the lower index), with their thresholds."""
+def _selection(rows, ks, indices):
+    """Per row the threshold key and the last tie index of its top-k: see `_chosen`."""
     thresholds = _kth_largest_many(rows, ks)
-    last = _last_kept(rows, ks, thresholds, indices)
-    return [
-        (r > t) | ((r == t) & (i <= c)) for r, t, i, c in zip(rows, thresholds, indices, last)
-    ], thresholds
+    return thresholds, _last_kept(rows, ks, thresholds, indices)
 
 
-def _exact_many(keys, ks):
-    """Masks and thresholds of flat key rows by 32 bisection passes shared by all rows."""
-    thresholds = _kth_largest_many(keys, ks)
-    return [_select(r, jnp.asarray(k, jnp.int32), t) for r, k, t in zip(keys, ks, thresholds)], (
-        thresholds
-    )
+def _chosen(keys, index, threshold, last):
+    return (keys > threshold) | ((keys == threshold) & (index <= last))
+
+
+def _positions(x):
+    return jnp.arange(x.size, dtype=jnp.int32)
 
 
 @jax.jit
@@ -239,33 +239,31 @@ def topk_masks(
     Same masks and threshold keys as the per-layer function. Without `hints` all layers share 32
     bisection passes; with them (last step's thresholds) one pass over the scores finds a few
     candidate blocks per layer and the selection runs on those (exact fallback if they miss).
+    Either way the masks are then written in one elementwise pass.
     """
     names = list(scores)
     ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
-    keys = [order_keys(scores[n]).reshape(-1) for n in names]
+
+    def keys():  # recomputed where used: fused into each pass instead of written out
+        return [order_keys(scores[n]).reshape(-1) for n in names]
 
     def exact():
-        return _exact_many(keys, ks)
+        rows = keys()
+        return _selection(rows, ks, [_positions(r) for r in rows])
 
     if hints is None:
-        out, thr = exact()
+        thresholds, last = exact()
     else:
         plans = [_plan(scores[n], k, hints[n]) for n, k in zip(names, ks)]
-        rows, index = [p.keys for p in plans], [p.index for p in plans]
-        kp = [p.k for p in plans]
-        thr_fast = _kth_largest_many(rows, kp)
-        last = _last_kept(rows, kp, thr_fast, index)
-
-        def fast():
-            pos = [jnp.arange(r.size, dtype=jnp.int32) for r in keys]
-            return [
-                (r > t) | ((r == t) & (i <= c)) for r, t, i, c in zip(keys, thr_fast, pos, last)
-            ], thr_fast
-
+        fast = _selection([p.keys for p in plans], [p.k for p in plans], [p.index for p in plans])
         ok = jnp.all(jnp.stack([p.valid for p in plans]))
-        out, thr = lax.cond(ok, fast, exact)
-    masks = {n: m.reshape(scores[n].shape) for n, m in zip(names, out)}
-    return masks, dict(zip(names, thr))
+        # only scalars leave the branches: the full passes of the fallback run only when taken
+        thresholds, last = lax.cond(ok, lambda: fast, exact)
+    masks = {
+        n: _chosen(r, _positions(r), t, c).reshape(scores[n].shape)
+        for n, r, t, c in zip(names, keys(), thresholds, last)
+    }
+    return masks, dict(zip(names, thresholds))
 
 
 @jax.custom_vjp
