@@ -10,6 +10,11 @@ largest key is found by bisection over its 32 bits (one counting pass per bit, a
 around it is bisected, which takes 18 passes instead of 32 when the threshold moved little, and
 falls back to the full 32 passes otherwise. Ties at the threshold are resolved by a cumulative sum,
 which is skipped when the threshold is unique.
+
+`topk_masks` selects every layer of a dict in one call, for a cost that does not grow with depth:
+the bisection passes are shared by all layers, and with hints one pass over the scores narrows each
+layer to a few candidate blocks (see `_plan`). A threshold hint is the previous threshold key.
+NaN scores are not supported.
 """
 
 from __future__ import annotations
@@ -140,6 +145,7 @@ def _blocked_keys(scores):
 
 
 def _plan(scores, k, hint, mask=None) -> _Plan:
+    """One layer's candidate blocks around `hint`, from one variadic reduce over its keys."""
     n = scores.size
     kb = _blocked_keys(scores)
     nb = kb.shape[0]
