@@ -9,12 +9,14 @@
    forward, SGD on the scores, mask update) with plain top-k (rate 1) and with the short
    restriction (rate 0.5), all pmapped on one device, interleaved step by step so machine noise
    hits each alike; median of --steps steps after compilation. The ratio is search / dense.
-2. The mask update alone (`ljax.restriction.restrict_mask_with_threshold`, all layers in one
-   jit, as the search step runs it) against the number of prunable weights: the first L kernels
-   ResNet-50 calls (conv1, layer1, ..., fc) for L giving 1M ... 25.5M weights, 10% kept, scores
-   N(0, 1) moved by N(0, 1e-3) from those that chose the previous mask (so most layers have swap
-   candidates, as during a search); also ljax's top-k without the threshold hint and `lax.top_k` +
-   scatter for reference. Median of --repeats, interleaved.
+2. The mask update alone, all layers in one jit: `masks.topk_masks` and
+   `restriction.restrict_masks` (plain top-k and the short restriction at rate 0.5) against the
+   per-layer loop of `restrict_mask_with_threshold` they replace, against the number of prunable
+   weights (the first L kernels ResNet-50 calls, conv1 ... fc, for 1M ... 25.5M weights) and
+   against depth at a fixed size (L equal layers); 10% kept, scores N(0, 1) moved by N(0, 1e-3)
+   from those that chose the previous mask and hints (as during a search); also the update without
+   hints, one counting pass over all keys (the unit of cost) and `lax.top_k` + scatter. Median of
+   --repeats, interleaved; the results are checked equal to the per-layer loop's.
 3. Memory: bytes of `SearchState` (scores f32, mask bool, threshold keys, SGD momentum,
    batch_stats, step, RNG) against the bytes of the frozen params, from `jax.eval_shape` (nothing
    is allocated, so ResNet-50 costs nothing).
@@ -231,42 +233,56 @@ def prefixes(shapes, targets):
     return out
 
 
+def equal_layers(total, depths):
+    """`total` weights split into L equal (n, 64) layers, for each L: depth at a fixed size."""
+    return [[(max(1, total // (64 * d)), 64)] * d for d in depths]
+
+
 def mask_update_times(shapes, repeats, with_lax=True):
+    names = [f'layer{i}/kernel' for i in range(len(shapes))]
     n = sum(int(np.prod(s)) for s in shapes)
     keys = jax.random.split(jax.random.key(0), len(shapes))
-    scores = [jax.random.normal(k, s) for k, s in zip(keys, shapes)]
-    kept = [max(1, int(np.prod(s)) // 10) for s in shapes]
-    moved = [
-        s + 1e-3 * jax.random.normal(jax.random.fold_in(k, 1), s.shape)
-        for k, s in zip(keys, scores)
-    ]
+    scores = {m: jax.random.normal(k, s) for m, k, s in zip(names, keys, shapes)}
+    kept = {m: max(1, int(np.prod(s)) // 10) for m, s in zip(names, shapes)}
+    # a search step: the mask and hints come from the previous scores, which moved a little
+    moved = {
+        m: s + 1e-3 * jax.random.normal(jax.random.fold_in(k, 1), s.shape)
+        for (m, s), k in zip(scores.items(), keys)
+    }
+    prev, hints = masks.topk_masks(scores, kept)
 
     @jax.jit
-    def plain(scores):
-        return [masks.topk_mask_with_threshold(s, k) for s, k in zip(scores, kept)]
+    def per_layer(mask, scores, hints, rate):  # the search step before topk_masks/restrict_masks
+        return {
+            m: restriction.restrict_mask_with_threshold(
+                mask[m], scores[m], kept[m], rate, hint=hints[m]
+            )
+            for m in names
+        }
 
-    first = plain(scores)
-    prev, hints = [m for m, _ in first], [t for _, t in first]
-
-    @jax.jit
-    def update(mask, scores, hints, rate):
-        return [
-            restriction.restrict_mask_with_threshold(m, s, k, rate, hint=h)
-            for m, s, k, h in zip(mask, scores, kept, hints)
-        ]
+    topk = jax.jit(lambda s, h: masks.topk_masks(s, kept, h))
+    restrict = jax.jit(lambda m, s, h, r: restriction.restrict_masks(m, s, kept, r, h))
+    one_pass = jax.jit(  # one counting pass over every key: the unit the passes above cost
+        lambda s: [masks._count(masks.order_keys(s[m]) >= hints[m]) for m in names]
+    )
 
     @jax.jit
     def lax_topk(scores):
-        out = []
-        for s, k in zip(scores, kept):
+        out = {}
+        for m in names:
+            s, k = scores[m], kept[m]
             _, idx = jax.lax.top_k(s.reshape(-1), k)
-            out.append(jnp.zeros(s.size, bool).at[idx].set(True).reshape(s.shape))
+            out[m] = jnp.zeros(s.size, bool).at[idx].set(True).reshape(s.shape)
         return out
 
     rows = {
-        'search update, top-k (rate 1, hint)': lambda: update(prev, moved, hints, 1.0),
-        'search update, SR (rate 0.5, hint)': lambda: update(prev, moved, hints, 0.5),
-        'ljax top-k, no hint (32 passes)': lambda: plain(moved),
+        'per-layer loop, top-k (rate 1, hint)': lambda: per_layer(prev, moved, hints, 1.0),
+        'per-layer loop, SR 0.5 (hint)': lambda: per_layer(prev, moved, hints, 0.5),
+        'topk_masks (hint)': lambda: topk(moved, hints),
+        'restrict_masks, top-k (rate 1, hint)': lambda: restrict(prev, moved, hints, 1.0),
+        'restrict_masks, SR 0.5 (hint)': lambda: restrict(prev, moved, hints, 0.5),
+        'topk_masks, no hint (32 shared passes)': lambda: topk(moved, None),
+        'one counting pass': lambda: one_pass(moved),
     }
     if with_lax:
         rows['lax.top_k + scatter'] = lambda: lax_topk(moved)
@@ -278,13 +294,20 @@ def mask_update_times(shapes, repeats, with_lax=True):
         for label, fn in rows.items():
             times[label].append(benchlib.median_time(fn, 1))
     out.update({label: float(np.median(t)) for label, t in times.items()})
-    new = update(prev, moved, hints, 1.0)
-    out['candidates_per_update'] = int(sum(int(jnp.sum(a & ~b)) for (a, _), b in zip(new, prev)))
-    out['layers_with_candidates'] = int(sum(bool(jnp.any(a & ~b)) for (a, _), b in zip(new, prev)))
-    if with_lax:
-        out['identical_to_lax_top_k'] = all(
-            bool(jnp.all(a == b[0])) for a, b in zip(lax_topk(moved), new)
+    same = True
+    for rate in (1.0, 0.5):
+        old, (new, thresholds) = per_layer(prev, moved, hints, rate), restrict(prev, moved, hints, rate)
+        same &= all(
+            bool(jnp.all(old[m][0] == new[m])) and int(old[m][1]) == int(thresholds[m])
+            for m in names
         )
+    new_topk, _ = topk(moved, hints)
+    out['candidates_per_update'] = int(sum(int(jnp.sum(new_topk[m] & ~prev[m])) for m in names))
+    out['layers_with_candidates'] = int(sum(bool(jnp.any(new_topk[m] & ~prev[m])) for m in names))
+    out['identical_to_per_layer'] = same
+    if with_lax:
+        ref = lax_topk(moved)
+        out['identical_to_lax_top_k'] = all(bool(jnp.all(ref[m] == new_topk[m])) for m in names)
     return out
 
 
@@ -459,38 +482,40 @@ def main(argv=None):
         if args.quick:
             shapes = [(3, 3, 8, 16), (64, 64)]
             targets = [1000, 5248]
+            depth = equal_layers(8192, [1, 4])
         else:
             shapes = resnet50_kernels()
-            targets = [1_000_000, 2_500_000, 5_000_000, 10_000_000, 15_000_000, 25_502_912]
-        rows = [mask_update_times(p, repeats) for p in prefixes(shapes, targets)]
-        labels = [
-            k
-            for k in rows[0]
-            if k
-            not in (
-                'prunable',
-                'layers',
-                'candidates_per_update',
-                'layers_with_candidates',
-                'identical_to_lax_top_k',
-            )
-        ]
+            targets = [2_500_000, 10_000_000, 25_502_912]
+            depth = equal_layers(4_194_304, [1, 8, 64])
+        rows = [
+            {'shapes': 'resnet50 prefix', **mask_update_times(p, repeats)}
+            for p in prefixes(shapes, targets)
+        ] + [{'shapes': 'equal layers', **mask_update_times(p, repeats)} for p in depth]
+        info = (
+            'shapes',
+            'prunable',
+            'layers',
+            'candidates_per_update',
+            'layers_with_candidates',
+            'identical_to_per_layer',
+            'identical_to_lax_top_k',
+        )
+        labels = [k for k in rows[0] if k not in info]
         print(
-            f'\nMask update, all layers in one jit, first L ResNet-50 kernels (call order), 10% kept '
-            f'(median of {repeats}; load average after: {benchlib.load_average()}):\n'
+            f'\nMask update, all layers in one jit, 10% kept, warm-started (scores moved by N(0, 1e-3)'
+            f' since the previous mask and hints); first L ResNet-50 kernels (call order), then '
+            f'L equal layers of one total size (median of {repeats}; load average after: '
+            f'{benchlib.load_average()}):\n'
         )
         print(
             benchlib.markdown_table(
-                ['prunable weights', 'layers']
+                ['shapes', 'prunable weights', 'layers']
                 + [f'{k} (ms)' for k in labels]
-                + ['ns / weight (top-k)', 'same as lax.top_k'],
+                + ['same as per-layer', 'same as lax.top_k'],
                 [
-                    [f'{r["prunable"]:,}', r['layers']]
+                    [r['shapes'], f'{r["prunable"]:,}', r['layers']]
                     + [f'{1e3 * r[k]:.1f}' for k in labels]
-                    + [
-                        f'{1e9 * r[labels[0]] / r["prunable"]:.1f}',
-                        r.get('identical_to_lax_top_k', ''),
-                    ]
+                    + [r['identical_to_per_layer'], r.get('identical_to_lax_top_k', '')]
                     for r in rows
                 ],
             ),
@@ -506,16 +531,17 @@ def main(argv=None):
                 for r in rows
             ],
         )
+        prefix_rows = [r for r in rows if r['shapes'] == 'resnet50 prefix']
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        n = [r['prunable'] / 1e6 for r in rows]
-        for k, mk in zip(labels, 'osd^'):
-            ax.plot(n, [1e3 * r[k] for r in rows], mk + '-', ms=4, label=k)
+        n = [r['prunable'] / 1e6 for r in prefix_rows]
+        for k, mk in zip(labels, 'osd^v<>x'):
+            ax.plot(n, [1e3 * r[k] for r in prefix_rows], mk + '-', ms=4, label=k)
         ax.set_xscale('log')
         ax.set_yscale('log')
         ax.set_xlabel('prunable weights (millions; first L ResNet-50 kernels)')
         ax.set_ylabel('one mask update, all layers (ms)')
         ax.grid(alpha=0.3, which='both')
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
         ax.set_title('Mask-update time vs size (2-core CPU)', fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(figures_dir, 'speed_mask_update.png'), dpi=90)

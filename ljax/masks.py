@@ -10,15 +10,23 @@ largest key is found by bisection over its 32 bits (one counting pass per bit, a
 around it is bisected, which takes 18 passes instead of 32 when the threshold moved little, and
 falls back to the full 32 passes otherwise. Ties at the threshold are resolved by a cumulative sum,
 which is skipped when the threshold is unique.
+
+`topk_masks` selects every layer of a dict in one call, for a cost that does not grow with depth:
+the bisection passes are shared by all layers, and with hints one pass over the scores narrows each
+layer to a few candidate blocks (see `_plan`). A threshold hint is the previous threshold key.
+NaN scores are not supported.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 _WINDOW_BITS = 16
+_ROW = 64
 
 
 def order_keys(x: jax.Array) -> jax.Array:
@@ -29,8 +37,16 @@ def order_keys(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31, ~bits, bits | jnp.uint32(0x80000000))
 
 
+def _count(pred):
+    """Number of True entries (int32). XLA:CPU vectorises row sums but not a flat sum to a scalar."""
+    pred = pred.reshape(-1)
+    if pred.size >= 2 * _ROW and pred.size % _ROW == 0:
+        return jnp.sum(jnp.sum(pred.reshape(-1, _ROW).astype(jnp.int32), axis=1))
+    return jnp.sum(pred.astype(jnp.int32))
+
+
 def _count_ge(keys, t):
-    return jnp.sum(keys >= t, dtype=jnp.int32)
+    return _count(keys >= t)
 
 
 def _bisect(keys, k, base, nbits):
@@ -64,9 +80,9 @@ def kth_largest_key(keys: jax.Array, k, hint=None) -> jax.Array:
 
 def _select(keys, k, threshold):
     above = keys > threshold
-    n_above = jnp.sum(above, dtype=jnp.int32)
+    n_above = _count(above)
     at = keys == threshold
-    unique = n_above + jnp.sum(at, dtype=jnp.int32) == k
+    unique = n_above + _count(at) == k
     # Ties at the threshold: the lowest indices win, exactly k in all.
     return lax.cond(
         unique,
@@ -94,6 +110,166 @@ def topk_mask(scores: jax.Array, k, valid=None, hint=None) -> jax.Array:
     `k` may be a Python int or a traced int32 scalar.
     """
     return topk_mask_with_threshold(scores, k, valid, hint)[0]
+
+
+# ------------------------------------------------------------------ all layers at once
+# The fast path of `topk_masks` / `restriction.restrict_masks`. One pass over every layer computes,
+# per block of _BLOCK elements and relative to the hint key h: the count of keys >= h, the largest
+# key below h and the smallest key >= h (and, for the restriction, how many elements of the block
+# disagree between `key >= h` and the current mask). With e = count(keys >= h) - k, the threshold
+# is the (-e)-th largest key below h (e < 0) or the (e+1)-th smallest key >= h (e >= 0), so it and
+# every element between it and h lie in the |e|+1 blocks whose closest key to h is closest: those
+# blocks (and the disagreeing ones) are gathered, a few per layer, and the exact selection runs on
+# them. When they do not fit the capacity the call falls back to exact bisection over all keys.
+_BLOCK = 64
+_MIN_BLOCKS = 32  # candidate blocks gathered per layer: the larger of this ...
+_BLOCK_SHARE = 64  # ... and 1/_BLOCK_SHARE of the layer's blocks (at most all of them)
+_MAX = 0xFFFFFFFF
+
+
+class _Plan(NamedTuple):
+    """One layer's gathered candidates: block ids (ascending), their keys and flat indices."""
+
+    idx: jax.Array  # [cap] int32
+    keys: jax.Array  # [cap * _BLOCK] uint32, 0 past the end of the layer
+    index: jax.Array  # [cap * _BLOCK] int32
+    k: jax.Array  # the layer's k minus the count of keys >= threshold outside the candidates
+    valid: jax.Array  # bool: the candidates hold the threshold, all its ties and (mask) the changes
+
+
+def _blocked_keys(scores):
+    keys = order_keys(scores).reshape(-1)
+    pad = -keys.size % _BLOCK
+    # key 0 (a NaN's image) ranks below every real score
+    return jnp.pad(keys, (0, pad)).reshape(-1, _BLOCK)
+
+
+def _plan(scores, k, hint, mask=None) -> _Plan:
+    """One layer's candidate blocks around `hint`, from one variadic reduce over its keys."""
+    n = scores.size
+    kb = _blocked_keys(scores)
+    nb = kb.shape[0]
+    cap = min(nb, max(_MIN_BLOCKS, nb // _BLOCK_SHARE))
+    k = jnp.asarray(k, jnp.int32)
+    h = jnp.maximum(jnp.asarray(hint, jnp.uint32), 1)  # padding (key 0) stays below h
+    h = jnp.where(k == 0, jnp.uint32(_MAX), jnp.where(k == n, jnp.uint32(1), h))
+    ge = kb >= h
+    ops = [ge.astype(jnp.int32), jnp.where(ge, jnp.uint32(0), kb), jnp.where(ge, ~kb, 0)]
+    if mask is not None:
+        mb = jnp.pad(mask.reshape(-1), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)
+        ops.append((ge != mb).astype(jnp.int32))
+
+    def combine(a, b):  # one variadic reduce: a single pass over the keys
+        out = (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.maximum(a[2], b[2]))
+        return out + ((a[3] + b[3],) if mask is not None else ())
+
+    zero = (jnp.int32(0), jnp.uint32(0), jnp.uint32(0), jnp.int32(0))[: len(ops)]
+    stats = lax.reduce(tuple(ops), zero, combine, (1,))
+    count, below, above = stats[:3]
+    e = jnp.sum(count) - k
+    j = jnp.where(e < 0, -e, e + 1)
+    # closeness to h of each block's nearest key on the threshold's side (0: none there)
+    near = jnp.where(e < 0, below, above)
+    priority = jnp.where(near == 0, -jnp.inf, near.astype(jnp.float32))
+    if mask is not None:
+        priority = jnp.where(stats[3] > 0, jnp.inf, priority)
+    _, idx = lax.top_k(priority, cap)  # float order may tie close keys: checked exactly below
+    idx = (-lax.top_k(-idx.astype(jnp.float32), cap)[0]).astype(jnp.int32)  # ascending
+    inside = jnp.zeros(nb, bool).at[idx].set(True)
+    outside_max = jnp.max(jnp.where(inside, jnp.uint32(0), near))
+    valid = (k == 0) | (outside_max == 0) | (_count(near[idx] > outside_max) >= j)
+    if mask is not None:
+        valid &= ~jnp.any(~inside & (stats[3] > 0))
+    index = (idx[:, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(-1)
+    kprime = k - jnp.sum(count) + jnp.sum(count[idx])
+    # gathered from the scores, not from `kb`, which would then be written out in full
+    rows = jnp.pad(scores.reshape(-1), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)[idx]
+    keys = jnp.where(index < n, order_keys(rows).reshape(-1), jnp.uint32(0))
+    return _Plan(idx, keys, index, kprime, valid)
+
+
+def _kth_largest_many(rows, ks):
+    """The k-th largest key of each row (maximum uint32 where k = 0): 32 passes for all rows."""
+    ks = [jnp.asarray(k, jnp.int32) for k in ks]
+
+    def body(i, found):
+        bit = jnp.uint32(1) << (jnp.uint32(31) - i)
+        return [
+            jnp.where(_count(r >= (f | bit)) >= k, f | bit, f) for r, f, k in zip(rows, found, ks)
+        ]
+
+    found = lax.fori_loop(jnp.uint32(0), jnp.uint32(32), body, [jnp.uint32(0)] * len(rows))
+    return [jnp.where(k > 0, f, jnp.uint32(_MAX)) for f, k in zip(found, ks)]
+
+
+def _last_kept(rows, ks, thresholds, indices):
+    """Per row: the largest index among the ties at the threshold that the top-k keeps (-1: none).
+
+    Rows are in ascending index order; the cumulative sum is skipped when every tie is kept."""
+    above = [_count(r > t) for r, t in zip(rows, thresholds)]
+    at = [r == t for r, t in zip(rows, thresholds)]
+    unique = jnp.all(jnp.stack([_count(a) + n == k for a, n, k in zip(at, above, ks)]))
+
+    def last(keep):
+        return [jnp.max(jnp.where(a & kp, i, -1)) for a, kp, i in zip(at, keep, indices)]
+
+    return lax.cond(
+        unique,
+        lambda: last([True] * len(rows)),
+        lambda: last([jnp.cumsum(a, dtype=jnp.int32) <= k - n for a, n, k in zip(at, above, ks)]),
+    )
+
+
+def _selection(rows, ks, indices):
+    """Per row the threshold key and the last tie index of its top-k: see `_chosen`."""
+    thresholds = _kth_largest_many(rows, ks)
+    return thresholds, _last_kept(rows, ks, thresholds, indices)
+
+
+def _chosen(keys, index, threshold, last):
+    return (keys > threshold) | ((keys == threshold) & (index <= last))
+
+
+def _positions(x):
+    return jnp.arange(x.size, dtype=jnp.int32)
+
+
+@jax.jit
+def topk_masks(
+    scores: dict[str, jax.Array],
+    kept: dict[str, int | jax.Array],
+    hints: dict[str, jax.Array] | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """`topk_mask_with_threshold` for every layer of a dict in one call: (masks, thresholds).
+
+    Same masks and threshold keys as the per-layer function. Without `hints` all layers share 32
+    bisection passes; with them (last step's thresholds) one pass over the scores finds a few
+    candidate blocks per layer and the selection runs on those (exact fallback if they miss).
+    Either way the masks are then written in one elementwise pass.
+    """
+    names = list(scores)
+    ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
+
+    def keys():  # recomputed where used: fused into each pass instead of written out
+        return [order_keys(scores[n]).reshape(-1) for n in names]
+
+    def exact():
+        rows = keys()
+        return _selection(rows, ks, [_positions(r) for r in rows])
+
+    if hints is None:
+        thresholds, last = exact()
+    else:
+        plans = [_plan(scores[n], k, hints[n]) for n, k in zip(names, ks)]
+        fast = _selection([p.keys for p in plans], [p.k for p in plans], [p.index for p in plans])
+        ok = jnp.all(jnp.stack([p.valid for p in plans]))
+        # only scalars leave the branches: the full passes of the fallback run only when taken
+        thresholds, last = lax.cond(ok, lambda: fast, exact)
+    masks = {
+        n: _chosen(r, _positions(r), t, c).reshape(scores[n].shape)
+        for n, r, t, c in zip(names, keys(), thresholds, last)
+    }
+    return masks, dict(zip(names, thresholds))
 
 
 @jax.custom_vjp

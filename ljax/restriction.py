@@ -49,6 +49,76 @@ def restrict_mask(mask: jax.Array, scores: jax.Array, k, rate) -> jax.Array:
     return restrict_mask_with_threshold(mask, scores, k, rate)[0]
 
 
+def _swap_selections(rows, old, index, ks, rate):
+    """The top-k, revive and keep selections of each row, as (threshold, last tie index) pairs."""
+    top = masks._selection(rows, ks, index)
+    chosen = [masks._chosen(r, i, t, c) for r, i, t, c in zip(rows, index, *top)]
+    revive = [t & ~o for t, o in zip(chosen, old)]
+    prune = [o & ~t for t, o in zip(chosen, old)]
+    c = [masks._count(r) for r in revive]
+    r = [num_swaps(rate, ci) for ci in c]
+    # invalid entries get key 0, below every real score (as `topk_mask(..., valid=)` does)
+    t, last = masks._selection(
+        [jnp.where(v, kk, jnp.uint32(0)) for v, kk in zip(revive + prune, rows + rows)],
+        r + [ci - ri for ci, ri in zip(c, r)],
+        index + index,
+    )
+    n = len(rows)
+    return top, (t[:n], last[:n]), (t[n:], last[n:])
+
+
+@jax.jit
+def restrict_masks(
+    mask: dict[str, jax.Array],
+    scores: dict[str, jax.Array],
+    kept: dict[str, int | jax.Array],
+    rate,
+    hints: dict[str, jax.Array] | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """`restrict_mask_with_threshold` for every layer of a dict in one call: (mask, thresholds).
+
+    Same masks and threshold keys as the per-layer function; `rate` (may be traced) is shared.
+    With `hints`, one pass over scores and masks finds the few blocks per layer where the top-k
+    and the mask can differ and the three selections (top-k, revive, prune) run on those alone;
+    otherwise, or when they overflow, each is an exact bisection shared by all layers. The new
+    masks are then written in one elementwise pass.
+    """
+    names = list(scores)
+    ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
+    old = [mask[n].reshape(-1) for n in names]
+
+    def keys():  # recomputed where used: fused into each pass instead of written out
+        return [masks.order_keys(scores[n]).reshape(-1) for n in names]
+
+    def exact():
+        rows = keys()
+        return _swap_selections(rows, old, [masks._positions(r) for r in rows], ks, rate)
+
+    if hints is None:
+        top, come_in, stay = exact()
+    else:
+        plans = [masks._plan(scores[n], k, hints[n], mask[n]) for n, k in zip(names, ks)]
+        gathered = [
+            jnp.pad(o, (0, -o.size % masks._BLOCK)).reshape(-1, masks._BLOCK)[p.idx].reshape(-1)
+            for o, p in zip(old, plans)
+        ]
+        # outside the gathered blocks the top-k equals the mask: no candidate lies there
+        fast = _swap_selections(
+            [p.keys for p in plans], gathered, [p.index for p in plans], [p.k for p in plans], rate
+        )
+        ok = jnp.all(jnp.stack([p.valid for p in plans]))
+        top, come_in, stay = lax.cond(ok, lambda: fast, exact)  # scalars only
+    new = {}
+    for i, (n, r, o) in enumerate(zip(names, keys(), old)):
+        pos = masks._positions(r)
+        top_i = masks._chosen(r, pos, top[0][i], top[1][i])
+        revive, prune = top_i & ~o, o & ~top_i
+        come = revive & masks._chosen(r, pos, come_in[0][i], come_in[1][i])
+        keep = prune & masks._chosen(r, pos, stay[0][i], stay[1][i])
+        new[n] = ((o & ~(prune & ~keep)) | come).reshape(mask[n].shape)
+    return new, dict(zip(names, top[0]))
+
+
 def rate_schedule(name: str | float | RateSchedule, total_steps: int) -> RateSchedule:
     """The restriction rate as a function of the step (optax schedules).
 

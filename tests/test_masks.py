@@ -106,3 +106,93 @@ def test_topk_ste_forward_topk_backward_identity():
     np.testing.assert_array_equal(masks.topk_ste(scores, 2), [0.0, 1.0, 0.0, 1.0])
     g = jax.grad(lambda s: jnp.sum(masks.topk_ste(s, 2) * jnp.arange(4.0)))(scores)
     np.testing.assert_array_equal(g, jnp.arange(4.0))
+
+
+# ------------------------------------------------------------------ all layers at once
+# Shapes fixed so that jit compiles once; 'big' has more blocks than the candidate capacity, so
+# a good hint exercises the gathered fast path and a bad one the exact fallback.
+LAYERS = {'conv/kernel': (3, 3, 4, 5), 'odd/kernel': (257,), 'big/kernel': (96, 64), 'one': (1,)}
+
+
+def layer_scores(rng, shape, kind):
+    if kind == 'normal':
+        return rng.normal(size=shape).astype(np.float32)
+    values = [-1.0, -0.0, 0.0, 0.5, 1.0] if kind == 'few' else [-0.0, 0.0]
+    return rng.choice(np.array(values, np.float32), size=shape)
+
+
+@st.composite
+def layer_dicts(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    scores, kept = {}, {}
+    for name, shape in LAYERS.items():
+        scores[name] = layer_scores(rng, shape, draw(st.sampled_from(['normal', 'few', 'zeros'])))
+        n = int(np.prod(shape))
+        kept[name] = draw(st.sampled_from([0, n, int(rng.integers(0, n + 1))]))
+    return scores, kept, rng
+
+
+def hints_for(kind, scores, kept, rng):
+    """'right': thresholds of these scores; 'stale': of scores before a small step; 'garbage'."""
+    if kind == 'none':
+        return None
+    if kind == 'garbage':
+        return {n: jnp.uint32(rng.integers(0, 2**32)) for n in scores}
+    if kind == 'stale':
+        scores = {n: s - 1e-3 * rng.normal(size=s.shape).astype(np.float32) for n, s in scores.items()}
+    return {n: masks.topk_mask_with_threshold(jnp.asarray(s), kept[n])[1] for n, s in scores.items()}
+
+
+@settings(max_examples=12, deadline=None)
+@given(layer_dicts(), st.sampled_from(['none', 'right', 'stale', 'garbage']))
+def test_topk_masks_match_reference_and_per_layer(args, hint_kind):
+    scores, kept, rng = args
+    hints = hints_for(hint_kind, scores, kept, rng)
+    got, thresholds = masks.topk_masks({n: jnp.asarray(s) for n, s in scores.items()}, kept, hints)
+    assert set(got) == set(scores)
+    for n, s in scores.items():
+        m = np.asarray(got[n])
+        assert m.shape == s.shape and m.sum() == kept[n]
+        np.testing.assert_array_equal(m, reference.topk(s, kept[n]))
+        _, t = masks.topk_mask_with_threshold(jnp.asarray(s), kept[n])
+        assert thresholds[n].dtype == jnp.uint32 and int(thresholds[n]) == int(t)
+
+
+def test_topk_masks_takes_traced_k_and_hints_under_jit():
+    rng = np.random.default_rng(3)
+    scores = {n: jnp.asarray(layer_scores(rng, s, 'few')) for n, s in LAYERS.items()}
+    f = jax.jit(masks.topk_masks)
+    for frac in (0.0, 0.3, 1.0):
+        kept = {n: jnp.int32(round(frac * int(np.prod(s)))) for n, s in LAYERS.items()}
+        hints = {n: jnp.uint32(0x80000000) for n in LAYERS}
+        got, _ = f(scores, kept, hints)
+        for n in LAYERS:
+            np.testing.assert_array_equal(got[n], reference.topk(np.asarray(scores[n]), int(kept[n])))
+
+
+def test_near_hint_takes_the_gathered_path_and_a_far_one_falls_back():
+    rng = np.random.default_rng(4)
+    s = rng.normal(size=(96, 64)).astype(np.float32)
+    k = 600
+    _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
+    moved = jnp.asarray(s + 1e-4 * rng.normal(size=s.shape).astype(np.float32))
+    near = masks._plan(moved, k, t)
+    assert bool(near.valid) and near.idx.size < 96  # a subset of the blocks holds the threshold
+    assert not bool(masks._plan(moved, k, jnp.uint32(0x90000000)).valid)
+    for hint in (t, jnp.uint32(0x90000000)):
+        got, t2 = masks.topk_masks({'w': moved}, {'w': k}, {'w': hint})
+        np.testing.assert_array_equal(got['w'], reference.topk(np.asarray(moved), k))
+        assert int(t2['w']) == int(masks.topk_mask_with_threshold(moved, k)[1])
+
+
+def test_gathered_path_resolves_ties_and_signed_zeros_by_index():
+    rng = np.random.default_rng(5)
+    s = rng.normal(size=(96, 64)).astype(np.float32)
+    spots = rng.choice(s.size, 9, replace=False)
+    s.reshape(-1)[spots] = np.array([0.0, -0.0] * 4 + [0.0], np.float32)  # ties at zero
+    k = int((s > 0).sum()) + 4  # the threshold is zero, 4 of the 9 zeros (plus natural ones) kept
+    hint = masks.topk_mask_with_threshold(jnp.asarray(s + 1e-3), k)[1]
+    assert bool(masks._plan(jnp.asarray(s), k, hint).valid)
+    got, t = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
+    np.testing.assert_array_equal(got['w'], reference.topk(s, k))
+    assert int(t['w']) == int(masks.order_keys(jnp.float32(0.0)))

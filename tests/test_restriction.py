@@ -1,11 +1,12 @@
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ljax import restriction
+from ljax import masks, restriction
 from tests import reference
 
 
@@ -66,3 +67,74 @@ def test_schedules():
         restriction.rate_schedule('nope', steps)
     with pytest.raises(ValueError, match=r'\[0, 1\]'):
         restriction.rate_schedule(1.5, steps)
+
+
+# ------------------------------------------------------------------ all layers at once
+LAYERS = {'conv/kernel': (3, 3, 4, 5), 'odd/kernel': (257,), 'big/kernel': (96, 64), 'one': (1,)}
+
+
+@st.composite
+def layer_dicts(draw):
+    """Masks of exactly k (the top-k of the previous scores) and scores after a small step."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    mask, scores, kept, before = {}, {}, {}, {}
+    for name, shape in LAYERS.items():
+        n = int(np.prod(shape))
+        k = draw(st.sampled_from([0, n, int(rng.integers(0, n + 1))]))
+        if draw(st.booleans()):  # tie-heavy, signed zeros
+            prev = rng.choice(np.array([-0.0, 0.0, 0.5, 1.0], np.float32), size=shape)
+            new = rng.choice(np.array([-0.0, 0.0, 0.5, 1.0], np.float32), size=shape)
+        else:
+            prev = rng.normal(size=shape).astype(np.float32)
+            new = prev + np.float32(draw(st.sampled_from([1e-3, 0.1]))) * rng.normal(
+                size=shape
+            ).astype(np.float32)
+        mask[name], scores[name], kept[name], before[name] = reference.topk(prev, k), new, k, prev
+    return mask, scores, kept, before, rng
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    layer_dicts(),
+    st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+    st.sampled_from(['none', 'stale', 'right', 'garbage']),
+)
+def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind):
+    mask, scores, kept, before, rng = args
+    threshold = lambda s, n: masks.topk_mask_with_threshold(jnp.asarray(s), kept[n])[1]
+    hints = {
+        'none': None,
+        'stale': {n: threshold(before[n], n) for n in scores},
+        'right': {n: threshold(scores[n], n) for n in scores},
+        'garbage': {n: jnp.uint32(rng.integers(0, 2**32)) for n in scores},
+    }[hint_kind]
+    got, thresholds = restriction.restrict_masks(
+        {n: jnp.asarray(m) for n, m in mask.items()},
+        {n: jnp.asarray(s) for n, s in scores.items()},
+        kept,
+        jnp.float32(rate),
+        hints,
+    )
+    for n in scores:
+        np.testing.assert_array_equal(
+            got[n], reference.restrict(mask[n], scores[n], kept[n], rate).reshape(mask[n].shape)
+        )
+        want, t = restriction.restrict_mask_with_threshold(mask[n], scores[n], kept[n], rate)
+        np.testing.assert_array_equal(got[n], want)
+        assert int(thresholds[n]) == int(t)
+
+
+def test_restrict_masks_gathered_path_under_jit_with_traced_rate():
+    rng = np.random.default_rng(6)
+    prev = rng.normal(size=(96, 64)).astype(np.float32)
+    new = prev + 1e-2 * rng.normal(size=prev.shape).astype(np.float32)
+    k = 600
+    mask = reference.topk(prev, k)
+    hint = masks.topk_mask_with_threshold(jnp.asarray(prev), k)[1]
+    assert bool(masks._plan(jnp.asarray(new), k, hint, jnp.asarray(mask)).valid)
+    f = jax.jit(lambda m, s, r: restriction.restrict_masks(m, s, {'w': k}, r, {'w': hint}))
+    for rate in (0.0, 0.5, 0.999, 1.0):
+        got, _ = f({'w': jnp.asarray(mask)}, {'w': jnp.asarray(new)}, jnp.float32(rate))
+        np.testing.assert_array_equal(got['w'], reference.restrict(mask, new, k, rate))
+    moved = reference.restrict(mask, new, k, 0.5)
+    assert 0 < (moved != mask).sum() < (reference.topk(new, k) != mask).sum()  # a real half step
