@@ -293,12 +293,3 @@ ste.defvjp(_ste_fwd, _ste_bwd)
 def topk_ste(scores: jax.Array, k) -> jax.Array:
     """Forward: the binary top-k mask of `scores` (as scores' dtype); backward: identity to `scores`."""
     return ste(scores, lax.stop_gradient(topk_mask(scores, k)))
-
-
-def topk_masks(scores: dict, kept: dict, hints: dict | None = None) -> tuple[dict, dict]:
-    """`topk_mask_with_threshold` of every layer: ({name: mask}, {name: threshold key})."""
-    out = {
-        n: topk_mask_with_threshold(scores[n], kept[n], hint=None if hints is None else hints[n])
-        for n in scores
-    }
-    return {n: m for n, (m, _) in out.items()}, {n: t for n, (_, t) in out.items()}

@@ -152,14 +152,3 @@ def rate_schedule(name: str | float | RateSchedule, total_steps: int) -> RateSch
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f'restriction: a constant rate must lie in [0, 1], got {rate}')
     return optax.constant_schedule(rate)
-
-
-def restrict_masks(mask: dict, scores: dict, kept: dict, rate, hints: dict | None = None):
-    """`restrict_mask_with_threshold` of every layer: ({name: mask}, {name: threshold key})."""
-    out = {
-        n: restrict_mask_with_threshold(
-            mask[n], scores[n], kept[n], rate, hint=None if hints is None else hints[n]
-        )
-        for n in mask
-    }
-    return {n: m for n, (m, _) in out.items()}, {n: t for n, (_, t) in out.items()}
