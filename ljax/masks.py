@@ -244,7 +244,8 @@ def topk_masks(
 
     Same masks and threshold keys as the per-layer function. Without `hints` all layers share 32
     bisection passes; with them (last step's thresholds) one pass over the scores finds a few
-    candidate blocks per layer and the selection runs on those (exact fallback if they miss).
+    candidate blocks per layer and the selection runs on those (a layer whose candidates miss
+    falls back alone to the warm-started per-layer bisection).
     Either way the masks are then written in one elementwise pass.
     """
     names = list(scores)
@@ -262,9 +263,20 @@ def topk_masks(
     else:
         plans = [_plan(scores[n], k, hints[n]) for n, k in zip(names, ks)]
         fast = _selection([p.keys for p in plans], [p.k for p in plans], [p.index for p in plans])
-        ok = jnp.all(jnp.stack([p.valid for p in plans]))
-        # only scalars leave the branches: the full passes of the fallback run only when taken
-        thresholds, last = lax.cond(ok, lambda: fast, exact)
+        thresholds, last = [], []
+        for i, (n, p) in enumerate(zip(names, plans)):
+
+            def exact_one(n=n, k=ks[i]):
+                # this layer alone, warm-started by the hint window (18 passes when it moved little)
+                r = order_keys(scores[n]).reshape(-1)
+                t = kth_largest_key(r, k, hints[n])
+                return t, _last_kept([r], [k], [t], [_positions(r)])[0]
+
+            # per layer, scalars only: a layer whose candidates overflow (many flips, ties at the
+            # threshold) costs its own passes, not every layer's
+            t, c = lax.cond(p.valid, lambda i=i: (fast[0][i], fast[1][i]), exact_one)
+            thresholds.append(t)
+            last.append(c)
     masks = {
         n: _chosen(r, _positions(r), t, c).reshape(scores[n].shape)
         for n, r, t, c in zip(names, keys(), thresholds, last)

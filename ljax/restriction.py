@@ -80,8 +80,8 @@ def restrict_masks(
     Same masks and threshold keys as the per-layer function; `rate` (may be traced) is shared.
     With `hints`, one pass over scores and masks finds the few blocks per layer where the top-k
     and the mask can differ and the three selections (top-k, revive, prune) run on those alone;
-    otherwise, or when they overflow, each is an exact bisection shared by all layers. The new
-    masks are then written in one elementwise pass.
+    without hints each is an exact bisection shared by all layers, and a layer whose candidates
+    overflow runs its own exact selections. The new masks are then written in one elementwise pass.
     """
     names = list(scores)
     ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
@@ -106,8 +106,40 @@ def restrict_masks(
         fast = _swap_selections(
             [p.keys for p in plans], gathered, [p.index for p in plans], [p.k for p in plans], rate
         )
-        ok = jnp.all(jnp.stack([p.valid for p in plans]))
-        top, come_in, stay = lax.cond(ok, lambda: fast, exact)  # scalars only
+        per_layer = []
+        for i, (n, p) in enumerate(zip(names, plans)):
+
+            def exact_one(n=n, o=old[i], k=ks[i]):
+                r = masks.order_keys(scores[n]).reshape(-1)
+                pos = masks._positions(r)
+                # the top-k warm-started by the hint window, as the per-layer function does
+                t = masks.kth_largest_key(r, k, hints[n])
+                last = masks._last_kept([r], [k], [t], [pos])[0]
+                c = jnp.sum(masks._chosen(r, pos, t, last) & ~o, dtype=jnp.int32)
+
+                def every_swap():  # rate * c rounds up to c: the new mask is the top-k
+                    everything = (jnp.uint32(0), jnp.int32(r.size))
+                    nothing = (jnp.uint32(masks._MAX), jnp.int32(-1))
+                    return (t, last), everything, nothing
+
+                def some_swaps():
+                    out = _swap_selections([r], [o], [pos], [k], rate)
+                    return tuple((tt[0], cc[0]) for tt, cc in out)
+
+                return lax.cond(num_swaps(rate, c) == c, every_swap, some_swaps)
+
+            # per layer, scalars only: a layer whose candidates overflow costs its own passes
+            per_layer.append(
+                lax.cond(
+                    p.valid,
+                    lambda i=i: tuple((t[i], c[i]) for t, c in fast),
+                    exact_one,
+                )
+            )
+        top, come_in, stay = (
+            ([layer[j][0] for layer in per_layer], [layer[j][1] for layer in per_layer])
+            for j in range(3)
+        )
     new = {}
     for i, (n, r, o) in enumerate(zip(names, keys(), old)):
         pos = masks._positions(r)
