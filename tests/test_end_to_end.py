@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from ljax import data, search_jackpot
+from ljax.search import Search
 
 pytestmark = pytest.mark.slow
 
@@ -68,14 +69,10 @@ def test_a_90_percent_jackpot_beats_magnitude_pruning_and_nears_dense(fashion):
     dense = {'params': params, 'batch_stats': stats}
     dense_acc = accuracy(model, dense, xte, yte)
 
-    magnitude = search_jackpot(
-        model, dense, batches[:1], sparsity=0.9, epochs=1, lr=0.0, weight_decay=0.0
-    )
+    # one-shot magnitude pruning (the search's step-0 mask), with the pre-trained BN statistics
+    search = Search.create(model, dense, xtr[:1], sparsity=0.9, total_steps=1)
+    magnitude_acc = accuracy(model, search.jackpot_variables(search.magnitude, stats), xte, yte)
     jackpot = search_jackpot(model, dense, batches, sparsity=0.9, epochs=4)
-    # one-shot magnitude pruning, with the pre-trained BN statistics
-    magnitude_acc = accuracy(
-        model, {'params': magnitude.variables['params'], 'batch_stats': stats}, xte, yte
-    )
     jackpot_acc = accuracy(model, jackpot.variables, xte, yte)
     print(f'dense {dense_acc:.4f} magnitude {magnitude_acc:.4f} jackpot {jackpot_acc:.4f}')
     assert jackpot.sparsity == pytest.approx(0.9, abs=1e-6)
