@@ -111,6 +111,7 @@ class Loop:
     max_in_flight: int = 2
     prefetch: int = 2
     progress: bool = True
+    epoch_lines: bool | None = None  # print a line per epoch (None: as `progress`)
     desc: str = 'search'
     sums: EpochSums = dataclasses.field(default_factory=EpochSums)
 
@@ -172,8 +173,8 @@ class Loop:
                 if self.on_epoch is not None:
                     self.on_epoch(epoch + 1, state, row)
                 history.append(row)
-                if self.progress:
-                    bar.write(_describe(row))
+                if self.progress if self.epoch_lines is None else self.epoch_lines:
+                    tqdm.write(_describe(row, self.epochs))
         finally:
             bar.close()
         return state, history
@@ -198,14 +199,15 @@ class Loop:
             yield queue.popleft()
 
 
-def _describe(row: dict) -> str:
-    parts = [f'epoch {row["epoch"]}: loss {row["loss"]:.4f}, train acc {100 * row["accuracy"]:.2f}%']
-    for key, label in (('eval_accuracy', 'test acc'), ('jackpot_accuracy', 'jackpot test acc')):
+def _describe(row: dict, epochs: int) -> str:
+    parts = []
+    for key, label in (('jackpot_accuracy', 'jackpot test accuracy'), ('eval_accuracy', 'test acc')):
         if key in row:
             parts.append(f'{label} {100 * row[key]:.2f}%')
+    parts.append(f'loss {row["loss"]:.4f}, train acc {100 * row["accuracy"]:.2f}%')
     if 'flips' in row:
         parts.append(f'{row["flips"]} flips')
     if row.get('nonfinite_steps'):
         parts.append(f'{row["nonfinite_steps"]} non-finite steps skipped')
     parts.append(f'{row["images_per_second"]:.0f} img/s')
-    return ', '.join(parts)
+    return f'epoch {row["epoch"]}/{epochs}: ' + ', '.join(parts)

@@ -76,10 +76,13 @@ def plot_results(results: dict, directory: str) -> list[str]:
     accuracy.png: jackpot test accuracy per epoch against dense and the one-shot baselines;
     kept_per_layer.png: the fraction of weights each layer keeps; flips.png: mask flips per epoch.
     """
-    import matplotlib
+    # Figure objects render to files without pyplot: a caller's backend (a notebook's inline
+    # figures) is left as it is.
+    from matplotlib.figure import Figure
 
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
+    def subplots(figsize):
+        fig = Figure(figsize=figsize)
+        return fig, fig.add_subplot()
 
     history = results['history']
     epochs = [row['epoch'] for row in history]
@@ -88,12 +91,11 @@ def plot_results(results: dict, directory: str) -> list[str]:
     def save(fig, name):
         path = os.path.join(directory, name)
         fig.tight_layout()
-        fig.savefig(path + '.tmp.png', dpi=100)
-        plt.close(fig)
+        fig.savefig(path + '.tmp.png', dpi=100, format='png')
         os.replace(path + '.tmp.png', path)
         paths.append(path)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots((6, 4))
     ax.plot(epochs, [100 * r['jackpot_accuracy'] for r in history], 'o-', label='lottery jackpot')
     styles = {
         'dense': ('k', '--'),
@@ -118,14 +120,14 @@ def plot_results(results: dict, directory: str) -> list[str]:
     save(fig, 'accuracy.png')
 
     layers = results['kept_per_layer']
-    fig, ax = plt.subplots(figsize=(6, max(3, 0.25 * len(layers))))
+    fig, ax = subplots((6, max(3, 0.25 * len(layers))))
     ax.barh(range(len(layers)), [1 - r['sparsity'] for r in layers.values()])
     ax.set_yticks(range(len(layers)), list(layers), fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel='fraction kept', title=f'kept per layer ({100 * results["sparsity"]:.1f}% sparse)')
     save(fig, 'kept_per_layer.png')
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots((6, 4))
     ax.plot(epochs, [r.get('flips', 0) for r in history], 'o-')
     ax.set(xlabel='search epoch', ylabel='mask flips', title='mask flips per epoch')
     save(fig, 'flips.png')

@@ -164,6 +164,7 @@ class Search:
     total_steps: int
     num_classes: int = 0  # the model's output width
     wanda: dict | None = None  # the one-shot Wanda mask, when calibration batches were given
+    wanda_skipped: str = ''  # why there is no Wanda mask although calibration batches were given
 
     @classmethod
     def create(
@@ -229,10 +230,16 @@ class Search:
         search.num_classes = int(logits.shape[-1])
         if calibration is not None:
             batches = itertools.islice(iter(calibration), o.calibration_batches)
-            norms = _global_norms(calibration_lib.input_norms(fn, fn.variables, batches, names))
-            search.wanda = sparsity_lib.wanda_masks(
-                weights, norms, kept=None if o.nm else kept, nm=o.nm
-            )
+            try:
+                norms = calibration_lib.input_norms(fn, fn.variables, batches, names)
+            except ValueError as e:  # a kernel whose inputs calibration cannot see
+                if o.score_init == 'wanda':
+                    raise
+                search.wanda_skipped = str(e).splitlines()[0]
+            else:
+                search.wanda = sparsity_lib.wanda_masks(
+                    weights, _global_norms(norms), kept=None if o.nm else kept, nm=o.nm
+                )
         return search
 
     @property

@@ -283,6 +283,7 @@ def search(config, workdir: str) -> dict:
         on_epoch=on_epoch,
         periodic=[loop_lib.Periodic(config.get('checkpoint_every_steps', 500), save)],
         progress=config.get('progress', True) and _is_writer(),
+        epoch_lines=_is_writer(),
         sums=loop_lib.EpochSums(**meta.get('epoch_sums', {})),
     )
     state_r, _ = loop.run(par.replicate(state), train.epoch, start_step=step)
@@ -322,6 +323,8 @@ def _baselines(config, par: Parallel, search_: Search, train, test, meta: dict) 
             part += f' ({100 * meta[f"{name}_bn_accuracy"]:.2f}% with BN re-estimated)'
         parts.append(part)
     _log(', '.join(parts) + '; no search')
+    if search_.wanda_skipped:
+        _log(f'one-shot Wanda baseline skipped: {search_.wanda_skipped}')
 
 
 def _write_config(workdir: str, config, identity: dict) -> None:
@@ -457,6 +460,7 @@ def pretrain(config, workdir: str) -> dict:
         log_every=config.get('log_every_steps', 50),
         on_epoch=lambda epoch, state_r, row: save(row['step'], state_r),
         progress=config.get('progress', True) and _is_writer(),
+        epoch_lines=_is_writer(),
         desc='pretrain',
     )
     state_r, _ = loop.run(par.replicate(state), train.epoch, start_step=int(state['step']))
