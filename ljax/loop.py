@@ -156,7 +156,8 @@ class Loop:
                     if not end_of_epoch:
                         for action in self.periodic:
                             if action.due(step):
-                                self._read(pending)  # the sums go into the checkpoint too
+                                if pending:  # the sums go into the checkpoint too
+                                    self._read(pending)
                                 action.fn(step, state)
                     if end_of_epoch:
                         break

@@ -195,3 +195,20 @@ def test_nm_erk_and_wanda_searches():
         state = search.init_state()
         for n in search.names:
             np.testing.assert_array_equal(state.mask[n], search.wanda[n])
+
+
+def test_periodic_actions_on_log_steps_and_between_them():
+    """A checkpoint-like action due on a log step (metrics already read) and between log steps
+    sees the epoch sums of every step so far."""
+    from ljax.loop import EpochSums, Loop, Periodic
+
+    search, par = _search(total_steps=12)
+    seen = []
+    loop = Loop(
+        par, 1, 12, 16, log_every=4, progress=False,
+        periodic=[Periodic(4, lambda step, state: seen.append((step, loop.sums.steps))),
+                  Periodic(None, lambda step, state: seen.append((step, loop.sums.steps)), frozenset({6}))],
+    )
+    _, rows = loop.run(par.replicate(search.init_state()), lambda e, s: iter(data(12)))
+    assert seen == [(4, 4), (6, 6), (8, 8)]
+    assert rows[0]['nonfinite_steps'] == 0 and isinstance(loop.sums, EpochSums)
