@@ -76,6 +76,10 @@ class SearchOptions:
       (axis -2) keep exactly N at every step (NVIDIA's 2:4 layout); sparsity is then 1 - N/M and
       allocation does not apply; magnitude and Wanda init give their N:M masks (`ljax.nm`).
     calibration_batches: batches whose input activations give Wanda's feature norms.
+    loss: callable (logits float32 [batch, classes], labels [batch]) -> per-example losses
+      [batch], jit-able (e.g. `optax.softmax_cross_entropy` with one-hot or smoothed labels
+      made inside it); None = `optax.softmax_cross_entropy_with_integer_labels`. Accuracy still
+      compares argmax(logits) with integer labels.
     """
 
     lr: float = 0.1
@@ -90,6 +94,7 @@ class SearchOptions:
     dtype: str = 'float32'
     nm: tuple[int, int] | None = None
     calibration_batches: int = 8
+    loss: Callable | None = None
 
 
 class SearchState(struct.PyTreeNode):
@@ -243,6 +248,11 @@ class Search:
         return search
 
     @property
+    def loss(self) -> Callable:
+        """Per-example loss of (float32 logits, labels): the `loss` option, or cross-entropy."""
+        return self.options.loss or optax.softmax_cross_entropy_with_integer_labels
+
+    @property
     def frozen(self):
         """What `Parallel` replicates once and passes to every step: the pre-trained params."""
         return self.params
@@ -320,7 +330,7 @@ class Search:
                 sparsity_lib.unflatten(f), state.batch_stats, _cast(x, dtype), train=True, rng=rng
             )
             logits = logits.astype(jnp.float32)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            loss = self.loss(logits, y).mean()
             return loss, (logits, batch_stats)
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -366,7 +376,7 @@ class Search:
             x,
             train=False,
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        loss = self.loss(logits.astype(jnp.float32), y)
         sums = {
             'correct': jnp.sum((jnp.argmax(logits, -1) == y) * weight),
             'loss': jnp.sum(loss * weight),
@@ -507,7 +517,7 @@ def search_jackpot(
     **options: the fields of `SearchOptions` (lr=0.1, momentum=0.9, weight_decay=5e-4,
       score_init='magnitude', score_margin=0.01, allocation='global_magnitude',
       restriction='none', prunable=None, seed=0, dtype='float32', nm=None,
-      calibration_batches=8); see its docstring.
+      calibration_batches=8, loss=None); see its docstring.
     """
     if batches is None and isinstance(model, nnx.Module):
         variables, batches = None, variables  # search_jackpot(module, batches, ...)

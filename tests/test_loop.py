@@ -212,3 +212,28 @@ def test_periodic_actions_on_log_steps_and_between_them():
     _, rows = loop.run(par.replicate(search.init_state()), lambda e, s: iter(data(12)))
     assert seen == [(4, 4), (6, 6), (8, 8)]
     assert rows[0]['nonfinite_steps'] == 0 and isinstance(loop.sums, EpochSums)
+
+
+def test_loss_option_is_the_loss_the_search_minimises():
+    """A loss that is 0 for every example gives zero score gradients (only weight decay moves
+    the scores); label smoothing gives a loss different from plain cross-entropy."""
+    import optax
+
+    zero = lambda logits, labels: jnp.zeros(labels.shape[0]) * logits.sum()
+    search, par = _search(loss=zero, weight_decay=0.0, momentum=0.0)
+    state = par.replicate(search.init_state())
+    before = par.unreplicate(state).scores
+    state, m = par.train(state, *data(1)[0])
+    assert float(m['loss'][0]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, par.unreplicate(state).scores, before)
+
+    def smoothed(logits, labels):
+        target = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), 0.1)
+        return optax.softmax_cross_entropy(logits, target)
+
+    losses = {}
+    for name, fn in (('plain', None), ('smoothed', smoothed)):
+        search, par = _search(loss=fn)
+        _, m = par.train(par.replicate(search.init_state()), *data(1)[0])
+        losses[name] = float(m['loss'][0])
+    assert losses['smoothed'] != pytest.approx(losses['plain'], rel=1e-4)
