@@ -122,8 +122,9 @@ def topk_mask(scores: jax.Array, k, valid=None, hint=None) -> jax.Array:
 # blocks (and the disagreeing ones) are gathered, a few per layer, and the exact selection runs on
 # them. When they do not fit the capacity the call falls back to exact bisection over all keys.
 _BLOCK = 64
-_MIN_BLOCKS = 32  # candidate blocks gathered per layer: the larger of this ...
-_BLOCK_SHARE = 64  # ... and 1/_BLOCK_SHARE of the layer's blocks (at most all of them)
+_WHOLE = 1024  # a layer of at most this many blocks is gathered whole (its 32 passes are cheap)
+_MIN_BLOCKS = 32  # candidate blocks gathered per larger layer: the larger of this ...
+_BLOCK_SHARE = 64  # ... and 1/_BLOCK_SHARE of the layer's blocks
 _MAX = 0xFFFFFFFF
 
 
@@ -135,6 +136,12 @@ class _Plan(NamedTuple):
     index: jax.Array  # [cap * _BLOCK] int32
     k: jax.Array  # the layer's k minus the count of keys >= threshold outside the candidates
     valid: jax.Array  # bool: the candidates hold the threshold, all its ties and (mask) the changes
+    near: jax.Array  # [nb] uint32 per block: closeness to the hint of its key nearest on the
+    #                  threshold's side (0: none there)
+    count: jax.Array  # [nb] int32 per block: keys >= the hint
+    h: jax.Array  # the hint as used (uint32)
+    e: jax.Array  # count of keys >= h minus k: the threshold is >= h when e >= 0, below it if not
+    j: jax.Array  # the threshold is the j-th closest key to h on its side
 
 
 def _blocked_keys(scores):
@@ -149,7 +156,7 @@ def _plan(scores, k, hint, mask=None) -> _Plan:
     n = scores.size
     kb = _blocked_keys(scores)
     nb = kb.shape[0]
-    cap = min(nb, max(_MIN_BLOCKS, nb // _BLOCK_SHARE))
+    cap = nb if nb <= _WHOLE else max(_MIN_BLOCKS, nb // _BLOCK_SHARE)
     k = jnp.asarray(k, jnp.int32)
     h = jnp.maximum(jnp.asarray(hint, jnp.uint32), 1)  # padding (key 0) stays below h
     h = jnp.where(k == 0, jnp.uint32(_MAX), jnp.where(k == n, jnp.uint32(1), h))
@@ -173,8 +180,11 @@ def _plan(scores, k, hint, mask=None) -> _Plan:
     priority = jnp.where(near == 0, -jnp.inf, near.astype(jnp.float32))
     if mask is not None:
         priority = jnp.where(stats[3] > 0, jnp.inf, priority)
-    _, idx = lax.top_k(priority, cap)  # float order may tie close keys: checked exactly below
-    idx = (-lax.top_k(-idx.astype(jnp.float32), cap)[0]).astype(jnp.int32)  # ascending
+    if cap == nb:  # a small layer: every block (cheaper than choosing)
+        idx = jnp.arange(nb, dtype=jnp.int32)
+    else:
+        _, idx = lax.top_k(priority, cap)  # float order may tie close keys: checked exactly below
+        idx = (-lax.top_k(-idx.astype(jnp.float32), cap)[0]).astype(jnp.int32)  # ascending
     inside = jnp.zeros(nb, bool).at[idx].set(True)
     outside_max = jnp.max(jnp.where(inside, jnp.uint32(0), near))
     valid = (k == 0) | (outside_max == 0) | (_count(near[idx] > outside_max) >= j)
@@ -185,7 +195,109 @@ def _plan(scores, k, hint, mask=None) -> _Plan:
     # gathered from the scores, not from `kb`, which would then be written out in full
     rows = jnp.pad(scores.reshape(-1), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)[idx]
     keys = jnp.where(index < n, order_keys(rows).reshape(-1), jnp.uint32(0))
-    return _Plan(idx, keys, index, kprime, valid)
+    return _Plan(idx, keys, index, kprime, valid, near, count, h, e, j)
+
+
+_WIDE_SHARE = 8  # the second try gathers up to 1/_WIDE_SHARE of a layer's blocks
+
+
+def _gather(scores, k, plan, idx):
+    """Keys and flat indices of the blocks `idx` (ids >= nb give padding, key 0), and the k that
+    the selection among them needs: k minus the count of keys >= the hint outside them."""
+    n = scores.size
+    nb = plan.count.shape[0]
+    rows = jnp.pad(scores.reshape(-1), (0, (nb + 1) * _BLOCK - n)).reshape(nb + 1, _BLOCK)[idx]
+    index = (idx[:, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(-1)
+    keys = jnp.where(index < n, order_keys(rows).reshape(-1), jnp.uint32(0))
+    count = jnp.pad(plan.count, (0, 1))
+    return keys, index, k - jnp.sum(plan.count) + jnp.sum(count[idx])
+
+
+def _bracket(plan):
+    """(v, base, nbits): v is the j-th largest block closeness (0: fewer blocks than j), and the
+    threshold lies in [base, base + 2**nbits) with count(keys >= base) >= k. On the threshold's
+    side the j blocks closest to h hold j keys between h and the key of v, so the threshold lies
+    between them."""
+    v = _kth_largest_many([plan.near], [plan.j])[0]  # 0 when fewer than j blocks have a key there
+    up = plan.e >= 0
+    # above h: the threshold is in [h, ~v]; below: in [v, h - 1] (v = 0: no bound but 0)
+    top = jnp.where(v == 0, jnp.uint32(_MAX), ~v)
+    base = jnp.where(up, plan.h, v)
+    span = jnp.where(up, top - plan.h, plan.h - jnp.uint32(1) - v)
+    nbits = jnp.uint32(32) - lax.clz(span)
+    return v, base, nbits
+
+
+def _bisect_bracket(keys, k, base, nbits):
+    """`_bisect` whose candidates past the top of uint32 never qualify (base + 2**nbits may wrap)."""
+
+    def body(i, offset):
+        cand = offset | (jnp.uint32(1) << (nbits - 1 - i).astype(jnp.uint32))
+        t = base + cand
+        return jnp.where((t >= base) & (_count_ge(keys, t) >= k), cand, offset)
+
+    return base + lax.fori_loop(jnp.uint32(0), nbits, body, jnp.uint32(0))
+
+
+def _wide_blocks(plan):
+    """(inside, cap, base, nbits): the blocks a far-moved threshold needs, how many fit, and the
+    bracket; the gather is taken when count(inside) <= cap."""
+    nb = plan.near.shape[0]
+    v, base, nbits = _bracket(plan)
+    inside = (plan.near >= v) & (plan.near > 0)
+    return inside, min(nb, max(_MIN_BLOCKS, nb // _WIDE_SHARE)), base, nbits
+
+
+def _last_kept_one(r, k, t, index):
+    """`_last_kept` for one row without a cumulative sum over it: when not every tie at `t` is
+    kept, the index of the last kept one is found by bisection over the indices."""
+    above = _count(r > t)
+    at = r == t
+    need = k - above  # ties kept, lowest indices first
+    n_at = _count(at)
+    last_all = jnp.max(jnp.where(at, index, -1))
+    nbits = jnp.where((n_at > need) & (need > 0), 32 - lax.clz(jnp.int32(max(r.size, 1))), 0)
+
+    def body(i, offset):  # largest c with count(ties at indices < c) < need: the need-th tie's
+        cand = offset | (jnp.int32(1) << (nbits - 1 - i))
+        return jnp.where(_count(at & (index < cand)) < need, cand, offset)
+
+    nth = lax.fori_loop(0, nbits, body, jnp.int32(0))
+    return jnp.where(n_at <= need, last_all, jnp.where(need > 0, nth, -1))
+
+
+def _layer_selection(scores, k, plan, fast):
+    """One layer's (threshold, last kept tie index): `fast` (from the gathered candidates) unless
+    they overflowed, i.e. the threshold moved far from the hint. Then every key between the hint
+    and the threshold, and every tie of the threshold, lies in a block at least as close as the
+    j-th closest (`_bracket`): when those blocks number at most 1/_WIDE_SHARE of the layer they are
+    gathered in index order and bisected within the bracket, otherwise the whole layer is (about 20
+    passes instead of 32)."""
+    nb = plan.near.shape[0]
+    k = jnp.asarray(k, jnp.int32)
+
+    def second_try(scores, plan):
+        inside, cap, base, nbits = _wide_blocks(plan)
+        fits = _count(inside) <= cap
+
+        def gathered(scores, plan):
+            idx = jnp.nonzero(inside, size=cap, fill_value=nb)[0].astype(jnp.int32)
+            keys, index, kprime = _gather(scores, k, plan, idx)
+            t = _bisect_bracket(keys, kprime, base, nbits)
+            return t, _last_kept_one(keys, kprime, t, index)
+
+        def whole(scores):
+            r = order_keys(scores).reshape(-1)
+            t = _bisect_bracket(r, k, base, nbits)
+            return t, _last_kept_one(r, k, t, _positions(r))
+
+        return lax.cond(fits, lambda: gathered(scores, plan), lambda: whole(scores))
+
+    fast = (jnp.asarray(fast[0], jnp.uint32), jnp.asarray(fast[1], jnp.int32))
+    # per layer, scalars out: a layer that needs it pays for its own second try. (A 0/1-trip loop
+    # instead of lax.cond, to avoid copying the scores into the branches, measured slower.)
+    t, last = lax.cond(plan.valid, lambda: fast, lambda: second_try(scores, plan))
+    return jnp.where(k > 0, t, jnp.uint32(_MAX)), last
 
 
 def _kth_largest_many(rows, ks):
@@ -265,16 +377,9 @@ def topk_masks(
         fast = _selection([p.keys for p in plans], [p.k for p in plans], [p.index for p in plans])
         thresholds, last = [], []
         for i, (n, p) in enumerate(zip(names, plans)):
-
-            def exact_one(n=n, k=ks[i]):
-                # this layer alone, warm-started by the hint window (18 passes when it moved little)
-                r = order_keys(scores[n]).reshape(-1)
-                t = kth_largest_key(r, k, hints[n])
-                return t, _last_kept([r], [k], [t], [_positions(r)])[0]
-
-            # per layer, scalars only: a layer whose candidates overflow (many flips, ties at the
-            # threshold) costs its own passes, not every layer's
-            t, c = lax.cond(p.valid, lambda i=i: (fast[0][i], fast[1][i]), exact_one)
+            # per layer: a layer whose candidates overflow (many flips, ties at the threshold)
+            # costs its own passes, not every layer's
+            t, c = _layer_selection(scores[n], ks[i], p, (fast[0][i], fast[1][i]))
             thresholds.append(t)
             last.append(c)
     masks = {

@@ -109,12 +109,10 @@ def restrict_masks(
         per_layer = []
         for i, (n, p) in enumerate(zip(names, plans)):
 
-            def exact_one(n=n, o=old[i], k=ks[i]):
-                r = masks.order_keys(scores[n]).reshape(-1)
+            def exact_one(score=scores[n], o=old[i], k=ks[i], p=p, i=i):
+                r = masks.order_keys(score).reshape(-1)
                 pos = masks._positions(r)
-                # the top-k warm-started by the hint window, as the per-layer function does
-                t = masks.kth_largest_key(r, k, hints[n])
-                last = masks._last_kept([r], [k], [t], [pos])[0]
+                t, last = masks._layer_selection(score, k, p, (fast[0][0][i], fast[0][1][i]))
                 c = jnp.sum(masks._chosen(r, pos, t, last) & ~o, dtype=jnp.int32)
 
                 def every_swap():  # rate * c rounds up to c: the new mask is the top-k
@@ -130,11 +128,7 @@ def restrict_masks(
 
             # per layer, scalars only: a layer whose candidates overflow costs its own passes
             per_layer.append(
-                lax.cond(
-                    p.valid,
-                    lambda i=i: tuple((t[i], c[i]) for t, c in fast),
-                    exact_one,
-                )
+                lax.cond(p.valid, lambda i=i: tuple((t[i], c[i]) for t, c in fast), exact_one)
             )
         top, come_in, stay = (
             ([layer[j][0] for layer in per_layer], [layer[j][1] for layer in per_layer])
@@ -149,6 +143,22 @@ def restrict_masks(
         keep = prune & masks._chosen(r, pos, stay[0][i], stay[1][i])
         new[n] = ((o & ~(prune & ~keep)) | come).reshape(mask[n].shape)
     return new, dict(zip(names, top[0]))
+
+
+def is_plain_topk(name) -> bool:
+    """True when the schedule `name` is rate 1 at every step: the restriction is then plain top-k."""
+    if isinstance(name, bool) or callable(name):
+        return False
+    if isinstance(name, (int, float)):
+        return float(name) == 1.0
+    if name == 'none':
+        return True
+    if isinstance(name, str) and name.startswith('constant:'):
+        try:
+            return float(name.split(':', 1)[1]) == 1.0
+        except ValueError:
+            return False
+    return False
 
 
 def rate_schedule(name: str | float | RateSchedule, total_steps: int) -> RateSchedule:

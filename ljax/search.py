@@ -343,6 +343,10 @@ class Search:
         if self.options.nm is not None:
             mask = nm_lib.nm_restrict_all(state.mask, scores, *self.options.nm, rate)
             thresholds = state.thresholds
+        elif restriction.is_plain_topk(self.options.restriction):
+            # rate 1 at every step: the top-k alone, without the restriction's look at the old mask
+            # (whose changed blocks would all have to be gathered)
+            mask, thresholds = masks.topk_masks(scores, self.kept, state.thresholds)
         else:
             mask, thresholds = restriction.restrict_masks(
                 state.mask, scores, self.kept, rate, state.thresholds

@@ -111,7 +111,7 @@ def test_topk_ste_forward_topk_backward_identity():
 # ------------------------------------------------------------------ all layers at once
 # Shapes fixed so that jit compiles once; 'big' has more blocks than the candidate capacity, so
 # a good hint exercises the gathered fast path and a bad one the exact fallback.
-LAYERS = {'conv/kernel': (3, 3, 4, 5), 'odd/kernel': (257,), 'big/kernel': (96, 64), 'one': (1,)}
+LAYERS = {'conv/kernel': (3, 3, 4, 5), 'odd/kernel': (257,), 'big/kernel': (1088, 64), 'one': (1,)}
 
 
 def layer_scores(rng, shape, kind):
@@ -172,12 +172,12 @@ def test_topk_masks_takes_traced_k_and_hints_under_jit():
 
 def test_near_hint_takes_the_gathered_path_and_a_far_one_falls_back():
     rng = np.random.default_rng(4)
-    s = rng.normal(size=(96, 64)).astype(np.float32)
+    s = rng.normal(size=(1088, 64)).astype(np.float32)
     k = 600
     _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
     moved = jnp.asarray(s + 1e-4 * rng.normal(size=s.shape).astype(np.float32))
     near = masks._plan(moved, k, t)
-    assert bool(near.valid) and near.idx.size < 96  # a subset of the blocks holds the threshold
+    assert bool(near.valid) and near.idx.size < 1088  # a subset of the blocks holds the threshold
     assert not bool(masks._plan(moved, k, jnp.uint32(0x90000000)).valid)
     for hint in (t, jnp.uint32(0x90000000)):
         got, t2 = masks.topk_masks({'w': moved}, {'w': k}, {'w': hint})
@@ -187,7 +187,7 @@ def test_near_hint_takes_the_gathered_path_and_a_far_one_falls_back():
 
 def test_gathered_path_resolves_ties_and_signed_zeros_by_index():
     rng = np.random.default_rng(5)
-    s = rng.normal(size=(96, 64)).astype(np.float32)
+    s = rng.normal(size=(1088, 64)).astype(np.float32)
     spots = rng.choice(s.size, 9, replace=False)
     s.reshape(-1)[spots] = np.array([0.0, -0.0] * 4 + [0.0], np.float32)  # ties at zero
     k = int((s > 0).sum()) + 4  # the threshold is zero, 4 of the 9 zeros (plus natural ones) kept
@@ -196,3 +196,44 @@ def test_gathered_path_resolves_ties_and_signed_zeros_by_index():
     got, t = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
     np.testing.assert_array_equal(got['w'], reference.topk(s, k))
     assert int(t['w']) == int(masks.order_keys(jnp.float32(0.0)))
+
+
+def _hint_at_rank(s, rank):
+    """The key of the rank-th largest score (1-based): a hint |e| = |rank - k| keys away."""
+    return masks.order_keys(jnp.asarray(np.sort(s.reshape(-1))[::-1][rank - 1]))
+
+
+def test_far_moved_threshold_takes_the_wide_gather_and_stays_exact():
+    # 1088 blocks: the first try gathers 32 of them, the second 1088 // _WIDE_SHARE = 136
+    rng = np.random.default_rng(6)
+    s = rng.normal(size=(1088, 64)).astype(np.float32)
+    k = 3000
+    for e in (45, -45, 5000):  # above the threshold, below it, and too far for either try
+        hint = _hint_at_rank(s, k + e)
+        plan = masks._plan(jnp.asarray(s), k, hint)
+        assert not bool(plan.valid)
+        inside, cap, _, _ = masks._wide_blocks(plan)
+        assert bool(inside.sum() <= cap) == (abs(e) < 100)
+        got, t = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
+        np.testing.assert_array_equal(got['w'], reference.topk(s, k))
+        assert int(t['w']) == int(masks.topk_mask_with_threshold(jnp.asarray(s), k)[1])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from(['normal', 'few']), st.integers(-200, 200))
+def test_wide_gather_matches_reference_with_ties(seed, kind, e):
+    rng = np.random.default_rng(seed)
+    s = layer_scores(rng, (1088, 64), kind)
+    k = int(rng.integers(1, s.size))
+    hint = _hint_at_rank(s, int(np.clip(k + e, 1, s.size)))
+    plan = masks._plan(jnp.asarray(s), k, hint)
+    # the second try alone (gathered blocks or the whole layer, bisected within the bracket): the
+    # first try's answer is marked unusable and replaced by garbage
+    unusable = (jnp.uint32(0), jnp.int32(-1))
+    t, last = masks._layer_selection(jnp.asarray(s), k, plan._replace(valid=jnp.bool_(False)), unusable)
+    assert int(t) == int(masks.topk_mask_with_threshold(jnp.asarray(s), k)[1])
+    r = np.asarray(masks.order_keys(jnp.asarray(s))).reshape(-1)
+    chosen = (r > int(t)) | ((r == int(t)) & (np.arange(r.size) <= int(last)))
+    np.testing.assert_array_equal(chosen, reference.topk(s, k).reshape(-1))
+    got, _ = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
+    np.testing.assert_array_equal(got['w'], reference.topk(s, k))

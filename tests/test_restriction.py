@@ -70,7 +70,7 @@ def test_schedules():
 
 
 # ------------------------------------------------------------------ all layers at once
-LAYERS = {'conv/kernel': (3, 3, 4, 5), 'odd/kernel': (257,), 'big/kernel': (96, 64), 'one': (1,)}
+LAYERS = {'conv/kernel': (3, 3, 4, 5), 'odd/kernel': (257,), 'big/kernel': (1088, 64), 'one': (1,)}
 
 
 @st.composite
@@ -126,7 +126,7 @@ def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind):
 
 def test_restrict_masks_gathered_path_under_jit_with_traced_rate():
     rng = np.random.default_rng(6)
-    prev = rng.normal(size=(96, 64)).astype(np.float32)
+    prev = rng.normal(size=(1088, 64)).astype(np.float32)
     new = prev + 1e-2 * rng.normal(size=prev.shape).astype(np.float32)
     k = 600
     mask = reference.topk(prev, k)
@@ -138,3 +138,31 @@ def test_restrict_masks_gathered_path_under_jit_with_traced_rate():
         np.testing.assert_array_equal(got['w'], reference.restrict(mask, new, k, rate))
     moved = reference.restrict(mask, new, k, 0.5)
     assert 0 < (moved != mask).sum() < (reference.topk(new, k) != mask).sum()  # a real half step
+
+
+def test_restrict_masks_far_moved_threshold_takes_the_wide_gather():
+    # 1088 blocks; the hint 45 keys off the threshold overflows the first gather (32 blocks), the
+    # old mask's changed blocks overflow it too: the layer's second try gathers up to 136 blocks
+    rng = np.random.default_rng(7)
+    prev = rng.normal(size=(1088, 64)).astype(np.float32)
+    new = prev + 1e-3 * rng.normal(size=prev.shape).astype(np.float32)
+    k = 3000
+    mask = reference.topk(prev, k)
+    hint = masks.order_keys(jnp.asarray(np.sort(new.reshape(-1))[::-1][k + 45 - 1]))
+    plan = masks._plan(jnp.asarray(new), k, hint, jnp.asarray(mask))
+    inside, cap, _, _ = masks._wide_blocks(plan)
+    assert not bool(plan.valid) and int(inside.sum()) <= cap
+    for rate in (0.0, 0.5, 1.0):
+        got, t = restriction.restrict_masks(
+            {'w': jnp.asarray(mask)}, {'w': jnp.asarray(new)}, {'w': k}, jnp.float32(rate),
+            {'w': hint},
+        )
+        np.testing.assert_array_equal(got['w'], reference.restrict(mask, new, k, rate))
+        assert int(t['w']) == int(masks.topk_mask_with_threshold(jnp.asarray(new), k)[1])
+
+
+def test_is_plain_topk_names_exactly_the_rate_one_schedules():
+    for name in ('none', 1.0, 1, 'constant:1', 'constant:1.0'):
+        assert restriction.is_plain_topk(name), name
+    for name in ('cosine', 'poly4', 'linear', 0.5, 'constant:0.5', True, lambda step: 1.0):
+        assert not restriction.is_plain_topk(name), name
