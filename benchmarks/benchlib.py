@@ -44,9 +44,16 @@ class Data:
         test_examples: int | None = None,
         synthetic: bool = False,
         seed: int = 0,
+        synthetic_seed: int | None = None,
     ):
+        """`seed` sets the train order; the synthetic data come from `synthetic_seed` (default
+        `seed`)."""
         if synthetic:
-            (xtr, ytr), (xte, yte) = _synthetic(train_examples or 512, test_examples or 256, seed)
+            (xtr, ytr), (xte, yte) = _synthetic(
+                train_examples or 512,
+                test_examples or 256,
+                seed if synthetic_seed is None else synthetic_seed,
+            )
         else:
             raw = ljax_data.load_fashion_mnist_idx()
             xtr, ytr = raw['train']

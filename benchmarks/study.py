@@ -141,6 +141,10 @@ class Method:
     score_init: str = 'magnitude'
     restriction: str = 'none'
     budget: int = 1  # the search runs spec.epochs / budget epochs (its own cosine schedule)
+    allocation: str = 'global_magnitude'
+    nm: tuple | None = None  # N:M sparsity (then the row's sparsity is 1 - N/M)
+    oneshot: str = 'magnitude'  # the mask of a one-shot row: 'magnitude' or 'wanda'
+    seed: int = 0  # search seed and train order
 
 
 CORE_SCHEDULES = ('cosine', 'poly4')
@@ -169,6 +173,51 @@ def methods(schedules) -> list[Method]:
     return out
 
 
+NM = (2, 4)
+NM_SPARSITY = 1 - NM[0] / NM[1]
+SEEDS = (0, 1, 2)
+
+
+def beyond_methods(sparsity: float) -> list[Method]:
+    """Issue "Beyond the paper": 2:4 (at sparsity 0.5), ERK allocation, Wanda."""
+    if sparsity == NM_SPARSITY:
+        return [
+            Method('nm24_magnitude_oneshot', '2:4 one-shot magnitude, no search', False, nm=NM),
+            Method('nm24_magnitude_bn', '2:4 one-shot magnitude + BN re-estimated', False, nm=NM),
+            Method('nm24_wanda_oneshot', '2:4 one-shot Wanda, no search', False, nm=NM, oneshot='wanda'),
+            Method('nm24_wanda_bn', '2:4 one-shot Wanda + BN re-estimated', False, nm=NM, oneshot='wanda'),
+            Method('nm24_magnitude_init', '2:4 jackpot (search, magnitude init)', True, nm=NM),
+        ]
+    out = [
+        Method('magnitude_oneshot', 'one-shot magnitude (global), no search', False),
+        Method('magnitude_bn', 'one-shot magnitude (global) + BN re-estimated', False),
+        Method('magnitude_init', 'search, magnitude init, global allocation', True),
+        Method('erk_magnitude_oneshot', 'one-shot magnitude (ERK), no search', False, allocation='erk'),
+        Method('erk_magnitude_bn', 'one-shot magnitude (ERK) + BN re-estimated', False, allocation='erk'),
+        Method('erk_magnitude_init', 'search, magnitude init, ERK allocation', True, allocation='erk'),
+    ]
+    if sparsity == 0.9:
+        out += [
+            Method('wanda_oneshot', 'one-shot Wanda (global counts), no search', False, oneshot='wanda'),
+            Method('wanda_bn', 'one-shot Wanda + BN re-estimated', False, oneshot='wanda'),
+            Method('random_init', 'search, random init (edge-popup)', True, 'random'),
+            Method('wanda_init', 'search, Wanda init', True, 'wanda'),
+        ]
+    return out
+
+
+def seed_methods() -> list[Method]:
+    """Issue "The paper's claims at the paper's budget": the headline searches with 3 seeds."""
+    out = []
+    for seed in SEEDS:
+        tail = f'_seed{seed}' if seed else ''
+        out += [
+            Method('magnitude_init' + tail, f'search, magnitude init, seed {seed}', True, seed=seed),
+            Method('random_init' + tail, f'search, random init, seed {seed}', True, 'random', seed=seed),
+        ]
+    return out
+
+
 def sr_key(schedule: str) -> str:
     return 'sr_' + schedule.replace(':', '')
 
@@ -188,11 +237,16 @@ class Study:
     def log(self, msg):
         print(msg, flush=True)
 
-    def data(self, spec: ModelSpec) -> benchlib.Data:
-        key = (spec.pool, spec.train_examples)
+    def data(self, spec: ModelSpec, seed: int = 0) -> benchlib.Data:
+        """The model's data; `seed` sets the train order (the splits are the same for every seed)."""
+        key = (spec.pool, spec.train_examples, seed)
         if key not in self._data:
             self._data[key] = benchlib.Data(
-                pool=spec.pool, train_examples=spec.train_examples, synthetic=self.args.quick
+                pool=spec.pool,
+                train_examples=spec.train_examples,
+                synthetic=self.args.quick,
+                seed=seed,
+                synthetic_seed=0,
             )
         return self._data[key]
 
@@ -250,7 +304,7 @@ class Study:
         if os.path.exists(path):
             return benchlib.read_json(path)
         variables, dense = self.variables(spec)
-        data = self.data(spec)
+        data = self.data(spec, method.seed)
         test = data.test_batches(1000 if not self.args.quick else 128)
         t_start = time.time()
         row = {
@@ -261,6 +315,10 @@ class Study:
             'label': method.label,
             'score_init': method.score_init if method.search else None,
             'restriction': method.restriction if method.search else None,
+            'allocation': method.allocation,
+            'nm': list(method.nm) if method.nm else None,
+            'oneshot': None if method.search else method.oneshot,
+            'seed': method.seed,
             'dense_accuracy': dense['accuracy'],
             'batch': spec.batch,
             'train_examples': len(data.y_train),
@@ -291,16 +349,29 @@ class Study:
         if method.key == 'dense':
             ev = benchlib.evaluate(model, variables, test)
             return {'final_accuracy': ev['accuracy'], 'final_loss': ev['loss']}
-        search = Search.create(model, variables, data.x_train[:1], sparsity=sparsity, total_steps=1)
-        variables_m = search.jackpot_variables(search.magnitude, variables.get('batch_stats'))
-        if method.key == 'magnitude_bn':
+        search = Search.create(
+            model,
+            variables,
+            data.x_train[:1],
+            sparsity=None if method.nm else sparsity,
+            total_steps=1,
+            options=SearchOptions(
+                allocation=method.allocation, nm=method.nm, prunable=nm_prunable(model, variables, data, method)
+            ),
+            calibration=data.train_batches(0, spec.batch) if method.oneshot == 'wanda' else None,
+        )
+        if method.oneshot == 'wanda' and search.wanda is None:
+            raise SystemExit(f'error: {method.key}: no Wanda mask ({search.wanda_skipped})')
+        mask = search.wanda if method.oneshot == 'wanda' else search.magnitude
+        variables_m = search.jackpot_variables(mask, variables.get('batch_stats'))
+        if method.key.endswith('_bn'):
             par = Parallel(search, jax.local_devices()[:1])
             batches = (b for e in range(10**6) for b in data.train_batches(e, spec.batch))
             variables_m = dict(
                 variables_m,
                 batch_stats=par.reestimate_batch_stats(
                     batches,
-                    search.magnitude,
+                    mask,
                     variables['batch_stats'],
                     steps=100 if not self.args.quick else 4,
                 ),
@@ -310,7 +381,7 @@ class Study:
             'final_accuracy': ev['accuracy'],
             'final_loss': ev['loss'],
             'prunable': sum(int(np.size(search.magnitude[n])) for n in search.names),
-            'kept': sum(search.kept.values()),
+            'kept': sum(int(np.sum(mask[n])) for n in search.names),
         }
 
     def search(self, spec, variables, data, test, sparsity, method, path) -> dict:
@@ -322,11 +393,17 @@ class Study:
             model,
             variables,
             data.x_train[:1],
-            sparsity=sparsity,
+            sparsity=None if method.nm else sparsity,
             total_steps=total,
             options=SearchOptions(
-                score_init=method.score_init, restriction=method.restriction, seed=0
+                score_init=method.score_init,
+                restriction=method.restriction,
+                seed=method.seed,
+                allocation=method.allocation,
+                nm=method.nm,
+                prunable=nm_prunable(model, variables, data, method),
             ),
+            calibration=data.train_batches(0, spec.batch) if method.score_init == 'wanda' else None,
         )
         par = Parallel(search)
         state0 = search.init_state()
@@ -405,7 +482,24 @@ class Study:
         }
 
     def mask_path(self, model: str, sparsity: float, method: str) -> str:
-        return os.path.join(self.out, 'masks', row_key(model, sparsity, method) + '.npz')
+        return mask_path_for(self.out, model, sparsity, method)
+
+
+def mask_path_for(out: str, model: str, sparsity: float, method: str) -> str:
+    return os.path.join(out, 'masks', row_key(model, sparsity, method) + '.npz')
+
+
+def nm_prunable(model, variables, data, method):
+    """For an N:M row, the default prunable kernels whose input axis divides by M (a stem conv on
+    one grey channel cannot be N:M); None (the default) otherwise."""
+    if not method.nm:
+        return None
+    from ljax.modelfn import model_fn
+
+    x = data.x_train[:1]
+    default = sparsity_lib.default_prunable(model_fn(model, variables, x), x)
+    m = method.nm[1]
+    return lambda path, leaf: default(path, leaf) and np.ndim(leaf) >= 2 and np.shape(leaf)[-2] % m == 0
 
 
 def save_mask(path: str, mask: dict) -> None:
@@ -903,6 +997,107 @@ def plot_model(spec, dense, rows, model_name, sparsities, schedules, figures_dir
     plt.close(fig)
 
 
+def _epochs(row, target):
+    e = epochs_to_target(row, target)
+    return '' if e is None else e
+
+
+def analyse_beyond(study: Study, rows: dict, models, sparsities, results_dir) -> list[dict]:
+    """Issue "Beyond the paper": one table per model, CSV study_beyond.csv."""
+    out = []
+    for model_name in models:
+        spec = study.specs[model_name]
+        _, dense = study.variables(spec)
+        target = dense['accuracy'] - TARGET_DROP
+        print(f'\n### {spec.label}: 2:4, ERK, Wanda\n')
+        print(f'dense {100 * dense["accuracy"]:.2f}%, target (dense - 0.5 pt) {100 * target:.2f}%\n')
+        print('| sparsity | method | test top-1 (%) | best (%) | epochs to dense-0.5 | kept | search s |')
+        print('|---|---|---|---|---|---|---|')
+        for s in [NM_SPARSITY] + list(sparsities):
+            for m in beyond_methods(s):
+                r = rows.get(row_key(model_name, s, m.key))
+                if r is None:
+                    continue
+                e = _epochs(r, target) if m.search else ''
+                cells = [
+                    '2:4' if m.nm else f'{100 * s:g}%',
+                    m.label,
+                    f'{100 * r["final_accuracy"]:.2f}',
+                    f'{100 * r["best_accuracy"]:.2f}' if m.search else '',
+                    fmt_epochs(e if e != '' else None, r) if m.search else '',
+                    str(r.get('kept', '')),
+                    f'{r["search_seconds"]:.0f}' if m.search else '',
+                ]
+                print('| ' + ' | '.join(cells) + ' |')
+                out.append(
+                    {
+                        'model': model_name,
+                        'sparsity': s,
+                        'nm': '2:4' if m.nm else '',
+                        'allocation': m.allocation,
+                        'method': m.key,
+                        'dense_accuracy': dense['accuracy'],
+                        'test_accuracy': r['final_accuracy'],
+                        'best_accuracy': r.get('best_accuracy', ''),
+                        'epochs_to_dense_minus_0.5': e,
+                        'search_epochs': r.get('epochs', ''),
+                        'kept': r.get('kept', ''),
+                        'search_seconds': r.get('search_seconds', ''),
+                        'wall_seconds': r['wall_seconds'],
+                    }
+                )
+    benchlib.write_csv(os.path.join(results_dir, 'study_beyond.csv'), out)
+    return out
+
+
+def analyse_seeds(study: Study, rows: dict, models, results_dir) -> list[dict]:
+    """Issue "The paper's claims at the paper's budget": mean +- std over seeds, epochs to
+    dense - 0.5 and - 1 pt per seed, and the random / magnitude ratio; CSV study_seeds.csv."""
+    out = []
+    for model_name in models:
+        spec = study.specs[model_name]
+        _, dense = study.variables(spec)
+        print(f'\n### {spec.label}: seeds {", ".join(map(str, SEEDS))} (search seed and train order), 90%\n')
+        print('| init | test top-1 per seed (%) | mean +- std (%) | epochs to dense-0.5 per seed | epochs to dense-1 per seed |')
+        print('|---|---|---|---|---|')
+        for init in ('magnitude', 'random'):
+            got = [
+                rows.get(row_key(model_name, 0.9, f'{init}_init' + (f'_seed{sd}' if sd else '')))
+                for sd in SEEDS
+            ]
+            got = [r for r in got if r is not None]
+            if not got:
+                continue
+            acc = np.array([r['final_accuracy'] for r in got])
+            reach = {
+                drop: [epochs_to_target(r, dense['accuracy'] - drop) for r in got]
+                for drop in (0.005, 0.01)
+            }
+            fmt = lambda es, rs: ', '.join(fmt_epochs(e, r) for e, r in zip(es, rs))
+            print(
+                f'| {init} | {", ".join(f"{100 * a:.2f}" for a in acc)} | '
+                f'{100 * acc.mean():.2f} +- {100 * acc.std(ddof=1) if len(acc) > 1 else 0:.2f} | '
+                f'{fmt(reach[0.005], got)} | {fmt(reach[0.01], got)} |'
+            )
+            for r, a, e5, e10 in zip(got, acc, reach[0.005], reach[0.01]):
+                out.append(
+                    {
+                        'model': model_name,
+                        'sparsity': 0.9,
+                        'init': init,
+                        'seed': r['seed'],
+                        'dense_accuracy': dense['accuracy'],
+                        'test_accuracy': a,
+                        'epochs_to_dense_minus_0.5': '' if e5 is None else e5,
+                        'epochs_to_dense_minus_1': '' if e10 is None else e10,
+                        'search_epochs': r['epochs'],
+                        'search_seconds': r['search_seconds'],
+                    }
+                )
+    benchlib.write_csv(os.path.join(results_dir, 'study_seeds.csv'), out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -926,6 +1121,13 @@ def main(argv=None):
     )
     ap.add_argument('--extra-sparsity', type=float, default=0.9)
     ap.add_argument('--report-only', action='store_true', help='no new rows: analyse those done')
+    ap.add_argument(
+        '--part',
+        default='paper',
+        choices=('paper', 'beyond', 'seeds'),
+        help="paper: the paper's claims (tables.md, study_*.csv); beyond: 2:4, ERK and Wanda "
+        '(study_beyond.csv); seeds: the headline searches with 3 seeds (study_seeds.csv)',
+    )
     args = ap.parse_args(argv)
     name = 'study_quick' if args.quick else 'study'
     args.out = args.out or os.path.join(benchlib.HERE, 'out', name)
@@ -955,13 +1157,23 @@ def main(argv=None):
         raise SystemExit(
             f'error: --models: unknown {unknown}; expected some of {sorted(study.specs)}'
         )
-    plan = [(m, s, meth) for m in models for s in sparsities for meth in methods(schedules)]
-    plan += [
-        (m, args.extra_sparsity, meth)
-        for m in models
-        for meth in methods(extras)
-        if meth.key.startswith('sr_')
-    ]
+    if args.part == 'beyond':
+        plan = [
+            (m, s, meth)
+            for m in models
+            for s in [NM_SPARSITY] + sparsities
+            for meth in [Method('dense', 'dense (pre-trained)', False)] + beyond_methods(s)
+        ]
+    elif args.part == 'seeds':
+        plan = [(m, 0.9, meth) for m in models for meth in seed_methods()]
+    else:
+        plan = [(m, s, meth) for m in models for s in sparsities for meth in methods(schedules)]
+        plan += [
+            (m, args.extra_sparsity, meth)
+            for m in models
+            for meth in methods(extras)
+            if meth.key.startswith('sr_')
+        ]
     rows = {}
     for model_name, s, meth in plan:
         path = os.path.join(args.out, 'rows', row_key(model_name, s, meth.key) + '.json')
@@ -969,7 +1181,12 @@ def main(argv=None):
             continue
         rows[row_key(model_name, s, meth.key)] = study.run_row(study.specs[model_name], s, meth)
     ran = time.time() - t0
-    analyse(study, rows, models, sparsities, schedules, extras, results_dir, figures_dir)
+    if args.part == 'beyond':
+        analyse_beyond(study, rows, models, sparsities, results_dir)
+    elif args.part == 'seeds':
+        analyse_seeds(study, rows, models, results_dir)
+    else:
+        analyse(study, rows, models, sparsities, schedules, extras, results_dir, figures_dir)
     runs_path = os.path.join(args.out, 'runs.json')
     runs = benchlib.read_json(runs_path) if os.path.exists(runs_path) else []
     runs.append(

@@ -73,6 +73,41 @@ def test_study_quick_runs_resumes_and_reports(tmp_path):
     assert time.time() - t < 60
 
 
+def test_study_quick_beyond_and_seeds(tmp_path):
+    """The 2:4 / ERK / Wanda rows and the seed rows: what each row claims to be, it is."""
+    import numpy as np
+
+    common = ['--quick', '--out', str(tmp_path), '--models', 'mlp']
+    rows = study.main(common + ['--part', 'beyond'])
+    nm = rows['mlp_s50_nm24_magnitude_init']
+    assert nm['nm'] == [2, 4] and nm['kept'] * 2 == nm['prunable']
+    # the saved 2:4 jackpot keeps exactly 2 of every 4 consecutive inputs of each kernel
+    shapes = {'dense1/kernel': (784, 32), 'dense2/kernel': (32, 32)}
+    assert set(nm['kept_per_layer']) == set(shapes)
+    mask = study.load_mask(study.mask_path_for(str(tmp_path), 'mlp', 0.5, 'nm24_magnitude_init'), shapes)
+    for m in mask.values():
+        groups = m.reshape(m.shape[0] // 4, 4, m.shape[1]).sum(axis=1)
+        assert (groups == 2).all()
+    for key in ('nm24_magnitude_oneshot', 'nm24_wanda_bn'):
+        assert rows[f'mlp_s50_{key}']['kept'] == nm['kept']
+    erk, flat = rows['mlp_s90_erk_magnitude_init'], rows['mlp_s90_magnitude_init']
+    assert erk['allocation'] == 'erk' and erk['kept'] == flat['kept']
+    assert erk['kept_per_layer'] != flat['kept_per_layer']
+    assert rows['mlp_s90_wanda_init']['score_init'] == 'wanda'
+    assert rows['mlp_s90_wanda_oneshot']['kept'] == flat['kept']
+    beyond = _csv(tmp_path / 'study_beyond.csv')
+    assert {r['method'] for r in beyond} >= {'nm24_wanda_oneshot', 'erk_magnitude_init', 'wanda_init'}
+
+    seeds = study.main(common + ['--part', 'seeds'])
+    assert {r['seed'] for r in seeds.values()} == {0, 1, 2}
+    # the seed-0 rows are the ones the beyond part already ran (cached), the others differ
+    assert seeds['mlp_s90_magnitude_init']['wall_seconds'] == flat['wall_seconds']
+    final = [seeds[f'mlp_s90_random_init{t}']['train_loss'] for t in ('', '_seed1', '_seed2')]
+    assert not np.allclose(final[0], final[1]) and not np.allclose(final[1], final[2])
+    table = _csv(tmp_path / 'study_seeds.csv')
+    assert len(table) == 6 and {r['init'] for r in table} == {'magnitude', 'random'}
+
+
 def test_speed_quick(tmp_path):
     speed.main(['--quick', '--results-dir', str(tmp_path), '--figures-dir', str(tmp_path)])
     steps = _csv(tmp_path / 'speed_step_time.csv')
