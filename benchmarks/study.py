@@ -457,6 +457,8 @@ class Study:
         mask = {n: np.asarray(final.mask[n]) for n in search.names}
         save_mask(self.mask_path(spec.name, sparsity, method.key), mask)
         kept = sum(int(m.sum()) for m in mask.values())
+        if {n: int(m.sum()) for n, m in mask.items()} != search.kept:  # never record a bad mask
+            raise SystemExit(f'error: {method.key}: the final mask does not keep {search.kept}')
         hamming = sum(int(np.sum(mask[n] != initial_mask[n])) for n in search.names)
         return {
             'epochs': epochs,

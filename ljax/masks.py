@@ -248,15 +248,15 @@ def _wide_blocks(plan):
     return inside, min(nb, max(_MIN_BLOCKS, nb // _WIDE_SHARE)), base, nbits
 
 
-def _last_kept_one(r, k, t, index):
+def _last_kept_one(r, k, t, index, size):
     """`_last_kept` for one row without a cumulative sum over it: when not every tie at `t` is
-    kept, the index of the last kept one is found by bisection over the indices."""
+    kept, the index of the last kept one is found by bisection over the indices (all < `size`)."""
     above = _count(r > t)
     at = r == t
     need = k - above  # ties kept, lowest indices first
     n_at = _count(at)
     last_all = jnp.max(jnp.where(at, index, -1))
-    nbits = jnp.where((n_at > need) & (need > 0), 32 - lax.clz(jnp.int32(max(r.size, 1))), 0)
+    nbits = jnp.where((n_at > need) & (need > 0), max(int(size), 1).bit_length(), 0)
 
     def body(i, offset):  # largest c with count(ties at indices < c) < need: the need-th tie's
         cand = offset | (jnp.int32(1) << (nbits - 1 - i))
@@ -284,12 +284,12 @@ def _layer_selection(scores, k, plan, fast):
             idx = jnp.nonzero(inside, size=cap, fill_value=nb)[0].astype(jnp.int32)
             keys, index, kprime = _gather(scores, k, plan, idx)
             t = _bisect_bracket(keys, kprime, base, nbits)
-            return t, _last_kept_one(keys, kprime, t, index)
+            return t, _last_kept_one(keys, kprime, t, index, (nb + 1) * _BLOCK)
 
         def whole(scores):
             r = order_keys(scores).reshape(-1)
             t = _bisect_bracket(r, k, base, nbits)
-            return t, _last_kept_one(r, k, t, _positions(r))
+            return t, _last_kept_one(r, k, t, _positions(r), r.size)
 
         return lax.cond(fits, lambda: gathered(scores, plan), lambda: whole(scores))
 

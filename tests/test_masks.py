@@ -237,3 +237,20 @@ def test_wide_gather_matches_reference_with_ties(seed, kind, e):
     np.testing.assert_array_equal(chosen, reference.topk(s, k).reshape(-1))
     got, _ = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
     np.testing.assert_array_equal(got['w'], reference.topk(s, k))
+
+
+def test_wide_gather_splits_ties_at_indices_beyond_the_gathered_size():
+    # regression: the tie bisection must cover the layer's indices, not the gathered count
+    rng = np.random.default_rng(8)
+    s = rng.normal(size=(1088, 64)).astype(np.float32)
+    flat = s.reshape(-1)
+    spots = np.sort(rng.choice(np.arange(40000, flat.size), 6, replace=False))
+    flat[spots] = np.float32(1.5)  # six ties, far beyond the 136 * 64 gathered positions
+    k = int((flat > 1.5).sum()) + 3  # three of the six are kept: the lowest indices
+    hint = _hint_at_rank(s, k + 45)
+    plan = masks._plan(jnp.asarray(s), k, hint)
+    inside, cap, _, _ = masks._wide_blocks(plan)
+    assert not bool(plan.valid) and int(inside.sum()) <= cap  # the gathered second try
+    got, _ = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
+    np.testing.assert_array_equal(got['w'], reference.topk(s, k))
+    assert np.asarray(got['w']).reshape(-1)[spots].tolist() == [True] * 3 + [False] * 3
