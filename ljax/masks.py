@@ -57,7 +57,8 @@ def _bisect(keys, k, base, nbits):
 
     def body(i, offset):
         cand = offset | (jnp.uint32(1) << (nbits - 1 - i).astype(jnp.uint32))
-        return jnp.where(_count_ge(keys, base + cand) >= k, cand, offset)
+        t = base + cand  # a candidate past the top of uint32 (base + 2**nbits may wrap) never qualifies
+        return jnp.where((t >= base) & (_count_ge(keys, t) >= k), cand, offset)
 
     return base + lax.fori_loop(jnp.uint32(0), nbits, body, jnp.uint32(0))
 
@@ -190,27 +191,24 @@ def _plan(scores, k, hint, mask=None) -> _Plan:
     valid = (k == 0) | (outside_max == 0) | (_count(near[idx] > outside_max) >= j)
     if mask is not None:
         valid &= ~jnp.any(~inside & (stats[3] > 0))
-    index = (idx[:, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(-1)
-    kprime = k - jnp.sum(count) + jnp.sum(count[idx])
     # gathered from the scores, not from `kb`, which would then be written out in full
-    rows = jnp.pad(scores.reshape(-1), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)[idx]
-    keys = jnp.where(index < n, order_keys(rows).reshape(-1), jnp.uint32(0))
+    keys, index, kprime = _gather(scores, k, count, idx)
     return _Plan(idx, keys, index, kprime, valid, near, count, h, e, j)
 
 
 _WIDE_SHARE = 8  # the second try gathers up to 1/_WIDE_SHARE of a layer's blocks
 
 
-def _gather(scores, k, plan, idx):
+def _gather(scores, k, count, idx):
     """Keys and flat indices of the blocks `idx` (ids >= nb give padding, key 0), and the k that
-    the selection among them needs: k minus the count of keys >= the hint outside them."""
+    the selection among them needs: k minus the count of keys >= the hint outside them (`count`:
+    per block)."""
     n = scores.size
-    nb = plan.count.shape[0]
+    nb = count.shape[0]
     rows = jnp.pad(scores.reshape(-1), (0, (nb + 1) * _BLOCK - n)).reshape(nb + 1, _BLOCK)[idx]
     index = (idx[:, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(-1)
     keys = jnp.where(index < n, order_keys(rows).reshape(-1), jnp.uint32(0))
-    count = jnp.pad(plan.count, (0, 1))
-    return keys, index, k - jnp.sum(plan.count) + jnp.sum(count[idx])
+    return keys, index, k - jnp.sum(count) + jnp.sum(jnp.pad(count, (0, 1))[idx])
 
 
 def _bracket(plan):
@@ -226,17 +224,6 @@ def _bracket(plan):
     span = jnp.where(up, top - plan.h, plan.h - jnp.uint32(1) - v)
     nbits = jnp.uint32(32) - lax.clz(span)
     return v, base, nbits
-
-
-def _bisect_bracket(keys, k, base, nbits):
-    """`_bisect` whose candidates past the top of uint32 never qualify (base + 2**nbits may wrap)."""
-
-    def body(i, offset):
-        cand = offset | (jnp.uint32(1) << (nbits - 1 - i).astype(jnp.uint32))
-        t = base + cand
-        return jnp.where((t >= base) & (_count_ge(keys, t) >= k), cand, offset)
-
-    return base + lax.fori_loop(jnp.uint32(0), nbits, body, jnp.uint32(0))
 
 
 def _wide_blocks(plan):
@@ -282,13 +269,13 @@ def _layer_selection(scores, k, plan, fast):
 
         def gathered(scores, plan):
             idx = jnp.nonzero(inside, size=cap, fill_value=nb)[0].astype(jnp.int32)
-            keys, index, kprime = _gather(scores, k, plan, idx)
-            t = _bisect_bracket(keys, kprime, base, nbits)
+            keys, index, kprime = _gather(scores, k, plan.count, idx)
+            t = _bisect(keys, kprime, base, nbits)
             return t, _last_kept_one(keys, kprime, t, index, (nb + 1) * _BLOCK)
 
         def whole(scores):
             r = order_keys(scores).reshape(-1)
-            t = _bisect_bracket(r, k, base, nbits)
+            t = _bisect(r, k, base, nbits)
             return t, _last_kept_one(r, k, t, _positions(r), r.size)
 
         return lax.cond(fits, lambda: gathered(scores, plan), lambda: whole(scores))
