@@ -253,37 +253,28 @@ def _last_kept_one(r, k, t, index, size):
     return jnp.where(n_at <= need, last_all, jnp.where(need > 0, nth, -1))
 
 
-def _layer_selection(scores, k, plan, fast):
-    """One layer's (threshold, last kept tie index): `fast` (from the gathered candidates) unless
-    they overflowed, i.e. the threshold moved far from the hint. Then every key between the hint
-    and the threshold, and every tie of the threshold, lies in a block at least as close as the
-    j-th closest (`_bracket`): when those blocks number at most 1/_WIDE_SHARE of the layer they are
-    gathered in index order and bisected within the bracket, otherwise the whole layer is (about 20
-    passes instead of 32)."""
+def _second_try(scores, k, plan):
+    """One layer's (threshold, last kept tie index) when its gathered candidates overflowed, i.e.
+    the threshold moved far from the hint. Every key between the hint and the threshold, and every
+    tie of the threshold, lies in a block at least as close as the j-th closest (`_bracket`): when
+    those blocks number at most 1/_WIDE_SHARE of the layer they are gathered in index order and
+    bisected within the bracket, otherwise the whole layer is (about 20 passes instead of 32)."""
     nb = plan.near.shape[0]
     k = jnp.asarray(k, jnp.int32)
+    inside, cap, base, nbits = _wide_blocks(plan)
 
-    def second_try(scores, plan):
-        inside, cap, base, nbits = _wide_blocks(plan)
-        fits = _count(inside) <= cap
+    def gathered():
+        idx = jnp.nonzero(inside, size=cap, fill_value=nb)[0].astype(jnp.int32)
+        keys, index, kprime = _gather(scores, k, plan.count, idx)
+        t = _bisect(keys, kprime, base, nbits)
+        return t, _last_kept_one(keys, kprime, t, index, (nb + 1) * _BLOCK)
 
-        def gathered(scores, plan):
-            idx = jnp.nonzero(inside, size=cap, fill_value=nb)[0].astype(jnp.int32)
-            keys, index, kprime = _gather(scores, k, plan.count, idx)
-            t = _bisect(keys, kprime, base, nbits)
-            return t, _last_kept_one(keys, kprime, t, index, (nb + 1) * _BLOCK)
+    def whole():
+        r = order_keys(scores).reshape(-1)
+        t = _bisect(r, k, base, nbits)
+        return t, _last_kept_one(r, k, t, _positions(r), r.size)
 
-        def whole(scores):
-            r = order_keys(scores).reshape(-1)
-            t = _bisect(r, k, base, nbits)
-            return t, _last_kept_one(r, k, t, _positions(r), r.size)
-
-        return lax.cond(fits, lambda: gathered(scores, plan), lambda: whole(scores))
-
-    fast = (jnp.asarray(fast[0], jnp.uint32), jnp.asarray(fast[1], jnp.int32))
-    # per layer, scalars out: a layer that needs it pays for its own second try. (A 0/1-trip loop
-    # instead of lax.cond, to avoid copying the scores into the branches, measured slower.)
-    t, last = lax.cond(plan.valid, lambda: fast, lambda: second_try(scores, plan))
+    t, last = lax.cond(_count(inside) <= cap, gathered, whole)
     return jnp.where(k > 0, t, jnp.uint32(_MAX)), last
 
 
@@ -364,9 +355,14 @@ def topk_masks(
         fast = _selection([p.keys for p in plans], [p.k for p in plans], [p.index for p in plans])
         thresholds, last = [], []
         for i, (n, p) in enumerate(zip(names, plans)):
-            # per layer: a layer whose candidates overflow (many flips, ties at the threshold)
-            # costs its own passes, not every layer's
-            t, c = _layer_selection(scores[n], ks[i], p, (fast[0][i], fast[1][i]))
+            # per layer, scalars out: a layer whose candidates overflow (many flips, ties at the
+            # threshold) pays for its own second try, not every layer's. (A 0/1-trip loop instead
+            # of lax.cond, which copies the scores into its branches, measured slower.)
+            t, c = lax.cond(
+                p.valid,
+                lambda i=i: (fast[0][i], fast[1][i]),
+                lambda n=n, i=i, p=p: _second_try(scores[n], ks[i], p),
+            )
             thresholds.append(t)
             last.append(c)
     masks = {

@@ -109,10 +109,10 @@ def restrict_masks(
         per_layer = []
         for i, (n, p) in enumerate(zip(names, plans)):
 
-            def exact_one(score=scores[n], o=old[i], k=ks[i], p=p, i=i):
+            def exact_one(score=scores[n], o=old[i], k=ks[i], p=p):
                 r = masks.order_keys(score).reshape(-1)
                 pos = masks._positions(r)
-                t, last = masks._layer_selection(score, k, p, (fast[0][0][i], fast[0][1][i]))
+                t, last = masks._second_try(score, k, p)
                 c = jnp.sum(masks._chosen(r, pos, t, last) & ~o, dtype=jnp.int32)
 
                 def every_swap():  # rate * c rounds up to c: the new mask is the top-k

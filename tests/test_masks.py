@@ -227,10 +227,9 @@ def test_wide_gather_matches_reference_with_ties(seed, kind, e):
     k = int(rng.integers(1, s.size))
     hint = _hint_at_rank(s, int(np.clip(k + e, 1, s.size)))
     plan = masks._plan(jnp.asarray(s), k, hint)
-    # the second try alone (gathered blocks or the whole layer, bisected within the bracket): the
-    # first try's answer is marked unusable and replaced by garbage
-    unusable = (jnp.uint32(0), jnp.int32(-1))
-    t, last = masks._layer_selection(jnp.asarray(s), k, plan._replace(valid=jnp.bool_(False)), unusable)
+    # the second try alone (gathered blocks or the whole layer, bisected within the bracket),
+    # whether or not the first would have sufficed
+    t, last = masks._second_try(jnp.asarray(s), k, plan)
     assert int(t) == int(masks.topk_mask_with_threshold(jnp.asarray(s), k)[1])
     r = np.asarray(masks.order_keys(jnp.asarray(s))).reshape(-1)
     chosen = (r > int(t)) | ((r == int(t)) & (np.arange(r.size) <= int(last)))
