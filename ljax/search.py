@@ -103,7 +103,8 @@ class SearchState(struct.PyTreeNode):
     step: jax.Array
     scores: dict
     mask: dict
-    thresholds: dict  # top-k threshold keys of the last step: hints for the next selection
+    thresholds: dict  # top-k threshold keys of the last step ...
+    previous: dict  # ... and of the step before: the next selection's hint extrapolates from both
     opt_state: Any
     batch_stats: Any
     rng: jax.Array
@@ -283,6 +284,7 @@ class Search:
             scores=scores,
             mask=mask,
             thresholds=thresholds,
+            previous=thresholds,
             opt_state=self.optimizer().init(scores),
             batch_stats=bs,
             rng=jax.random.key_data(rng),
@@ -340,23 +342,23 @@ class Search:
         loss = lax.pmean(loss, AXIS_NAME)
         updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
         scores = optax.apply_updates(state.scores, updates)
+        hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}
         if self.options.nm is not None:
             mask = nm_lib.nm_restrict_all(state.mask, scores, *self.options.nm, rate)
             thresholds = state.thresholds
         elif restriction.is_plain_topk(self.options.restriction):
             # rate 1 at every step: the top-k alone, without the restriction's look at the old mask
             # (whose changed blocks would all have to be gathered)
-            mask, thresholds = masks.topk_masks(scores, self.kept, state.thresholds)
+            mask, thresholds = masks.topk_masks(scores, self.kept, hints)
         else:
-            mask, thresholds = restriction.restrict_masks(
-                state.mask, scores, self.kept, rate, state.thresholds
-            )
+            mask, thresholds = restriction.restrict_masks(state.mask, scores, self.kept, rate, hints)
         flips = sum(jnp.sum(mask[n] != state.mask[n], dtype=jnp.int32) for n in self.names)
         new = state.replace(
             step=state.step + 1,
             scores=scores,
             mask=mask,
             thresholds=thresholds,
+            previous=state.thresholds,
             opt_state=opt_state,
             batch_stats=lax.pmean(batch_stats, AXIS_NAME),
         )

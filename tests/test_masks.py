@@ -185,6 +185,31 @@ def test_near_hint_takes_the_gathered_path_and_a_far_one_falls_back():
         assert int(t2['w']) == int(masks.topk_mask_with_threshold(moved, k)[1])
 
 
+def test_extrapolate_continues_the_drift_and_clamps_to_uint32():
+    top = 0xFFFFFFFF
+    for last, previous, want in [
+        (10, 7, 13), (7, 10, 4), (5, 5, 5), (top - 1, 5, top), (3, top, 0), (top, 0, top), (0, top, 0),
+    ]:
+        got = masks.extrapolate(jnp.uint32(last), jnp.uint32(previous))
+        assert got.dtype == jnp.uint32 and int(got) == want, (last, previous, int(got))
+
+
+def test_extrapolated_hint_lands_where_a_stale_one_overflows():
+    """Scores drifting steadily (as under momentum): the last threshold misses the first gather,
+    last + (last - previous) hits it; the masks are exact either way."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(1088, 64)).astype(np.float32)
+    k = 6000
+    steps = [jnp.asarray(base + 0.01 * t) for t in range(3)]
+    t0, t1 = (masks.topk_mask_with_threshold(s, k)[1] for s in steps[:2])
+    hint = masks.extrapolate(t1, t0)
+    assert not bool(masks._plan(steps[2], k, t1).valid)
+    assert bool(masks._plan(steps[2], k, hint).valid)
+    for h in (t1, hint):
+        got, _ = masks.topk_masks({'w': steps[2]}, {'w': k}, {'w': h})
+        np.testing.assert_array_equal(got['w'], reference.topk(np.asarray(steps[2]), k))
+
+
 def test_gathered_path_resolves_ties_and_signed_zeros_by_index():
     rng = np.random.default_rng(5)
     s = rng.normal(size=(1088, 64)).astype(np.float32)

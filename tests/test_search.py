@@ -108,6 +108,23 @@ def test_every_step_keeps_exactly_k_per_layer(score_init, allocation):
             np.testing.assert_array_equal(state.mask[n][0], state.mask[n][3])
 
 
+def test_state_keeps_the_last_two_thresholds_for_the_hint():
+    model, v = Net(), pretrained()
+    batches = data(2)
+    search = Search.create(model, v, batches[0][0][:1], sparsity=0.7, total_steps=2)
+    par = Parallel(search)
+    state = par.replicate(search.init_state())
+    seen = [jax.device_get(state.thresholds)]  # copies: the step donates the state
+    for x, y in batches:
+        state, _ = par.train(state, x, y)
+        for n in search.names:
+            np.testing.assert_array_equal(state.previous[n], seen[-1][n])
+        seen.append(jax.device_get(state.thresholds))
+    assert any(  # the threshold moved: the drift the hint extrapolates is not always zero
+        not np.array_equal(seen[1][n], seen[2][n]) for n in search.names
+    )
+
+
 def test_magnitude_init_starts_from_the_magnitude_mask():
     model, v = Net(), pretrained()
     search = Search.create(model, v, np.zeros((1, 12), np.float32), sparsity=0.9, total_steps=1)
