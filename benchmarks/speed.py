@@ -3,6 +3,11 @@
     python benchmarks/speed.py           # full (a few minutes on a 2-core CPU)
     python benchmarks/speed.py --quick   # tiny sizes (seconds), used by the tests
 
+0. Steady state through the one loop (`--parts loop`): `search_jackpot` timed by its per-epoch
+   callback against dense training on the same loop; the same search with the last threshold as
+   the hint instead of its extrapolation (`masks.extrapolate`); and a 'floor' run, the same search
+   with the mask update replaced by one elementwise pass (`one_pass_masks`): what no exact
+   selection can go below, so floor / dense is the lowest search / dense this machine allows.
 1. Step time, per model of the study (the shipped BN-MLP at 28x28, the narrow ResNet-32 at
    14x14, batch 256): a dense training step (SGD momentum 0.9 + coupled weight decay on the
    weights, train-mode BN) against the jackpot search step (`ljax.search.Parallel.train`: STE
@@ -28,9 +33,11 @@ Prints markdown tables; writes CSV to --results-dir (default docs/results) and P
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +69,20 @@ def loop_models(quick: bool):
     ]
 
 
+_TOPK_MASKS = masks.topk_masks
+
+
+@jax.jit
+def one_pass_masks(scores, kept, hints=None):
+    """The floor of any mask update, standing in for `masks.topk_masks` in the 'floor' run: one
+    elementwise pass (read the scores, write the mask `key >= hint`). Not a top-k: the count kept
+    drifts; it times what an exact selection cannot go below (it must read every score and write
+    every mask bit), everything else in the search step unchanged."""
+    if hints is None:  # the initial mask: exact
+        return _TOPK_MASKS(scores, kept)
+    return {n: masks.order_keys(s) >= hints[n] for n, s in scores.items()}, hints
+
+
 def loop_times(label, model, shape, batch, target, steps_per_epoch, epochs, rounds):
     """Epoch times through the one loop (`ljax.loop.Loop`), steady state: `search_jackpot` timed by
     its per-epoch callback, against dense training (`ljax.pretrain.DenseTraining`) on the same loop,
@@ -75,20 +96,33 @@ def loop_times(label, model, shape, batch, target, steps_per_epoch, epochs, roun
         for _ in range(steps_per_epoch)
     ]
     v = jax.device_get(model.init(jax.random.key(0), batches[0][0][:1], train=False))
-    seconds = {'dense': [], 'search': []}
+    seconds = {'dense': [], 'search': [], 'last_hint': [], 'floor': []}
+
+    def run_search(kind):
+        rows = []
+        with contextlib.ExitStack() as stack:
+            if kind == 'floor':
+                stack.enter_context(mock.patch.object(masks, 'topk_masks', one_pass_masks))
+            if kind == 'last_hint':  # the hint before extrapolation: the last threshold alone
+                stack.enter_context(mock.patch.object(masks, 'extrapolate', lambda last, _: last))
+            search_jackpot(
+                model, v, batches, sparsity=0.9, epochs=epochs, progress=False,
+                callback=lambda epoch, row: rows.append(row['seconds']),
+            )
+        seconds[kind] += rows[1:]
+
     for _ in range(rounds):
         task = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=epochs * steps_per_epoch)
         par = Parallel(task)
         loop = Loop(par, epochs, steps_per_epoch, batch * jax.process_count(), progress=False)
         _, rows = loop.run(par.replicate(task.init_state(v)), lambda e, s: iter(batches))
         seconds['dense'] += [r['seconds'] for r in rows[1:]]
-        rows = []
-        search_jackpot(
-            model, v, batches, sparsity=0.9, epochs=epochs, progress=False,
-            callback=lambda epoch, row: rows.append(row['seconds']),
-        )
-        seconds['search'] += rows[1:]
-    dense, search = (float(np.median(seconds[k])) / steps_per_epoch for k in ('dense', 'search'))
+        for kind in ('search', 'last_hint', 'floor'):
+            run_search(kind)
+    dense, search, last_hint, floor = (
+        float(np.median(seconds[k])) / steps_per_epoch
+        for k in ('dense', 'search', 'last_hint', 'floor')
+    )
     return {
         'model': label,
         'batch': batch,
@@ -97,6 +131,10 @@ def loop_times(label, model, shape, batch, target, steps_per_epoch, epochs, roun
         'dense_ms_per_step': 1e3 * dense,
         'search_ms_per_step': 1e3 * search,
         'ratio': search / dense,
+        'last_hint_ms_per_step': 1e3 * last_hint,
+        'last_hint_ratio': last_hint / dense,
+        'floor_ms_per_step': 1e3 * floor,
+        'floor_ratio': floor / dense,
         'target': target,
         'epochs_timed': len(seconds['search']),
     }
@@ -357,7 +395,7 @@ def memory_row(label, model, shape):
     parts = {
         'scores': nbytes(state.scores),
         'mask': nbytes(state.mask),
-        'thresholds': nbytes(state.thresholds),
+        'thresholds': nbytes(state.thresholds) + nbytes(state.previous),
         'optimizer': nbytes(state.opt_state),
         'batch_stats': nbytes(state.batch_stats),
         'step_rng': nbytes(state.step) + nbytes(state.rng),
@@ -423,10 +461,13 @@ def main(argv=None):
         print('## Steady state through the loop: search step / dense step\n')
         print(
             benchlib.markdown_table(
-                ['model', 'batch', 'devices', 'dense ms/step', 'search ms/step', 'search / dense', 'target'],
+                ['model', 'batch', 'devices', 'dense ms/step', 'search ms/step', 'search / dense',
+                 'last-threshold hint / dense', 'floor ms/step', 'floor / dense', 'target'],
                 [
                     [r['model'], r['batch'], r['devices'], f"{r['dense_ms_per_step']:.1f}",
                      f"{r['search_ms_per_step']:.1f}", f"{r['ratio']:.3f}",
+                     f"{r['last_hint_ratio']:.3f}", f"{r['floor_ms_per_step']:.1f}",
+                     f"{r['floor_ratio']:.3f}",
                      f"<= {r['target']}" if r['target'] else '']
                     for r in rows
                 ],

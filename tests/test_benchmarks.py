@@ -114,6 +114,10 @@ def test_speed_quick(tmp_path):
     assert len(steps) == 1 and all(
         float(r['dense_ms']) > 0 and float(r['search_topk_ms']) > 0 for r in steps
     )
+    loop = _csv(tmp_path / 'speed_loop.csv')
+    assert len(loop) == 1 and all(
+        float(loop[0][f'{k}_ms_per_step']) > 0 for k in ('dense', 'search', 'last_hint', 'floor')
+    )
     updates = _csv(tmp_path / 'speed_mask_update.csv')
     assert all(r['identical_to_lax_top_k'] == 'True' for r in updates)
     memory = _csv(tmp_path / 'speed_memory.csv')
