@@ -3,6 +3,12 @@
     python benchmarks/study.py            # full study (about an hour on a 2-core CPU), resumable
     python benchmarks/study.py --quick    # tiny synthetic version (seconds), used by the tests
     python benchmarks/study.py --report-only   # tables, CSV and plots from the rows already done
+    python benchmarks/study.py --part beyond   # 2:4, ERK, Wanda rows (issue 14)
+    python benchmarks/study.py --part seeds    # the headline searches with 3 seeds (issue 15)
+
+Wall time of each part on this 2-core CPU (rows plus pre-training, measured): paper, both models,
+about an hour; beyond, MLP 856 s (on a CPU shared with a CI run) and ResNet-32 1408 s (idle,
+291 s of it pre-training); seeds, MLP 649 s (shared). The ResNet-32 seeds are not run yet.
 
 Models: the shipped BN-MLP 784-768-768-10 (`pretrained/fashion_mnist_mlp.npz`) on 28x28 inputs,
 and a narrow ResNet-32 (stage widths 8/16/32, option-A shortcuts, the paper's CIFAR family) on
