@@ -13,7 +13,8 @@ which is skipped when the threshold is unique.
 
 `topk_masks` selects every layer of a dict in one call, for a cost that does not grow with depth:
 the bisection passes are shared by all layers, and with hints one pass over the scores narrows each
-layer to a few candidate blocks (see `_plan`). A threshold hint is the previous threshold key.
+layer to a few candidate blocks (see `_plan`). A hint is the previous threshold key, or (the search)
+its extrapolation from the last two (`extrapolate`).
 NaN scores are not supported.
 """
 
