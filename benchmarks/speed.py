@@ -153,6 +153,12 @@ def step_models(quick: bool):
             (14, 14, 1),
             256,
         ),
+        (  # the study's 'resnet32_budget' (issue 15): what a step costs at full resolution
+            'ResNet-32 (8/16/32), 28x28',
+            get_model('resnet32_cifar', 10, widths=(8, 16, 32)),
+            (28, 28, 1),
+            256,
+        ),
     ]
 
 

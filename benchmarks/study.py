@@ -12,7 +12,8 @@ about an hour; beyond, MLP 856 s (on a CPU shared with a CI run) and ResNet-32 1
 (idle, 4 rows; seed 0's rows come from the beyond part).
 
 Issue 15's conv net at the paper's budget is the model 'resnet32_budget' (28x28, all 60k images,
-30 epochs); its rows are too slow for this CPU and were not run:
+30 epochs): about an hour per search row on this CPU (4 rows at 90/95%, 4 more for the seeds, 4
+at a third of the budget), so it is meant for a lent GPU or a cached many-hour run:
     python benchmarks/study.py --models resnet32_budget --sparsities 0.9,0.95 --schedules '' \
         --extra-schedules ''                           # dense, one-shot, random / magnitude init
     python benchmarks/study.py --part seeds --models resnet32_budget
@@ -112,9 +113,11 @@ def full_specs() -> dict[str, ModelSpec]:
             pretrain_epochs=6,
             pretrain_batch=256,
         ),
-        # Issue 15: the paper's budget (30 epochs on every training image, full resolution). About
-        # 60x a 'resnet32' row on this 2-core CPU (roughly 80 minutes per search row, 10 for each
-        # pre-training epoch): meant for a lent GPU, or for a long run whose rows are cached.
+        # Issue 15: the paper's budget (30 epochs on every training image, full resolution). On this
+        # 2-core CPU a search step at batch 256 takes 534 ms and a dense one 539 ms (`python
+        # benchmarks/speed.py --parts step --steps 10`), so about 63 minutes of steps per search
+        # row and 21 for the pre-training: meant for a lent GPU, or for a long run whose rows are
+        # cached (rerunning the same command resumes at the first missing row).
         'resnet32_budget': ModelSpec(
             'resnet32_budget',
             "ResNet-32 (widths 8/16/32), 28x28, 60k train, 30 epochs (the paper's budget)",
