@@ -88,7 +88,7 @@ class ModelSpec:
 
 
 def full_specs() -> dict[str, ModelSpec]:
-    return {
+    specs = {
         'mlp': ModelSpec(
             'mlp',
             'BN-MLP 784-768-768-10, 28x28, 60k train',
@@ -113,25 +113,23 @@ def full_specs() -> dict[str, ModelSpec]:
             pretrain_epochs=6,
             pretrain_batch=256,
         ),
-        # Issue 15: the paper's budget (30 epochs on every training image, full resolution). On this
-        # 2-core CPU a search step at batch 256 takes 534 ms and a dense one 539 ms (`python
-        # benchmarks/speed.py --parts step --steps 10`), so about 63 minutes of steps per search
-        # row and 21 for the pre-training: meant for a lent GPU, or for a long run whose rows are
-        # cached (rerunning the same command resumes at the first missing row).
-        'resnet32_budget': ModelSpec(
-            'resnet32_budget',
-            "ResNet-32 (widths 8/16/32), 28x28, 60k train, 30 epochs (the paper's budget)",
-            lambda: get_model('resnet32_cifar', 10, widths=(8, 16, 32)),
-            pool=1,
-            batch=256,
-            epochs=30,
-            evals_per_epoch=1,
-            train_examples=None,
-            pretrained=None,
-            pretrain_epochs=10,
-            pretrain_batch=256,
-        ),
     }
+    # Issue 15: the paper's budget (30 epochs on every training image, full resolution). On this
+    # 2-core CPU a search step at batch 256 takes 534 ms and a dense one 539 ms (`python
+    # benchmarks/speed.py --parts step --steps 10`), so about 63 minutes of steps per search row
+    # and 21 for the pre-training: meant for a lent GPU, or for a long run whose rows are cached
+    # (rerunning the same command resumes at the first missing row).
+    specs['resnet32_budget'] = dataclasses.replace(
+        specs['resnet32'],
+        name='resnet32_budget',
+        label="ResNet-32 (widths 8/16/32), 28x28, 60k train, 30 epochs (the paper's budget)",
+        pool=1,
+        epochs=30,
+        evals_per_epoch=1,
+        train_examples=None,
+        pretrain_epochs=10,
+    )
+    return specs
 
 
 def quick_specs() -> dict[str, ModelSpec]:
