@@ -446,7 +446,8 @@ class Jackpot:
     mask: pytree shaped like params: bool arrays on prunable leaves, None elsewhere.
     sparsity: achieved fraction of prunable weights removed.
     kept_per_layer: {layer path: kept count}. scores: final scores per layer.
-    history: one dict per epoch (train loss/accuracy, mask flips, eval accuracy if eval_batches).
+    history: one dict per epoch (train loss/accuracy, mask flips, eval accuracy if eval_batches);
+      flips count positions whose mask bit changed, so a swap (one revived, one pruned) counts 2.
     """
 
     variables: dict
