@@ -243,6 +243,16 @@ def write_csv(path: str, rows: list[dict]) -> None:
             w.writerow(r)
 
 
+def merge_csv(path: str, rows: list[dict], models) -> None:
+    """`write_csv`, keeping the rows already in `path` whose 'model' is not in `models`: a study
+    run on some models replaces their rows and leaves every other model's as it was."""
+    kept = []
+    if os.path.exists(path):
+        with open(path, newline='') as f:
+            kept = [r for r in csv.DictReader(f) if r.get('model') not in set(models)]
+    write_csv(path, kept + list(rows))
+
+
 def write_json(path: str, payload) -> None:
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'

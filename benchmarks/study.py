@@ -924,9 +924,9 @@ def analyse(
             )
         )
         plot_model(spec, dense, rows, model_name, sparsities, all_schedules, figures_dir)
-    benchlib.write_csv(os.path.join(results_dir, 'study_summary.csv'), summary)
-    benchlib.write_csv(os.path.join(results_dir, 'study_curves.csv'), curves_csv)
-    benchlib.write_csv(os.path.join(results_dir, 'study_overlap.csv'), overlap_rows)
+    benchlib.merge_csv(os.path.join(results_dir, 'study_summary.csv'), summary, models)
+    benchlib.merge_csv(os.path.join(results_dir, 'study_curves.csv'), curves_csv, models)
+    benchlib.merge_csv(os.path.join(results_dir, 'study_overlap.csv'), overlap_rows, models)
     with open(os.path.join(study.out, 'tables.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
@@ -1078,7 +1078,7 @@ def analyse_beyond(study: Study, rows: dict, models, sparsities, results_dir) ->
                         'wall_seconds': r['wall_seconds'],
                     }
                 )
-    benchlib.write_csv(os.path.join(results_dir, 'study_beyond.csv'), out)
+    benchlib.merge_csv(os.path.join(results_dir, 'study_beyond.csv'), out, models)
     return out
 
 
@@ -1126,7 +1126,7 @@ def analyse_seeds(study: Study, rows: dict, models, results_dir) -> list[dict]:
                         'search_seconds': r['search_seconds'],
                     }
                 )
-    benchlib.write_csv(os.path.join(results_dir, 'study_seeds.csv'), out)
+    benchlib.merge_csv(os.path.join(results_dir, 'study_seeds.csv'), out, models)
     return out
 
 

@@ -36,6 +36,9 @@ def test_study_quick_runs_resumes_and_reports(tmp_path):
         '--extra-schedules',
         '',
     ]
+    # another model's rows, from an earlier run on other models: this run must leave them as they are
+    other = 'model,sparsity,method,test_accuracy\nresnet32,0.9,magnitude_init,0.8756\n'
+    (tmp_path / 'study_summary.csv').write_text(other)
     rows = study.main(argv)
     methods = {r['method'] for r in rows.values()}
     assert methods == {
@@ -62,7 +65,10 @@ def test_study_quick_runs_resumes_and_reports(tmp_path):
     }
     assert all(r['wall_seconds'] == rows[k]['wall_seconds'] for k, r in again.items())
     summary = _csv(tmp_path / 'study_summary.csv')
-    assert {r['method'] for r in summary} == methods
+    assert {r['method'] for r in summary if r['model'] == 'mlp'} == methods
+    assert len(summary) == len(methods) + 1  # this run's rows replaced, not appended again
+    kept = [r for r in summary if r['model'] == 'resnet32']
+    assert [(r['method'], r['test_accuracy']) for r in kept] == [('magnitude_init', '0.8756')]
     overlap = _csv(tmp_path / 'study_overlap.csv')
     assert {'magnitude', 'random', 'SNIP', 'SynFlow'} <= set(overlap[0])
     jackpot_overlap = next(r for r in overlap if r['searched_mask'] == 'magnitude_init')
