@@ -55,7 +55,10 @@ class Data:
                 seed if synthetic_seed is None else synthetic_seed,
             )
         else:
-            raw = ljax_data.load_fashion_mnist_idx()
+            # the directory ljax itself reads: $LJAX_FASHION_MNIST_DIR, else Debian's
+            raw = ljax_data.load_fashion_mnist_idx(
+                os.environ.get(ljax_data.FASHION_MNIST_ENV) or ljax_data.FASHION_MNIST_DIR
+            )
             xtr, ytr = raw['train']
             xte, yte = raw['test']
             xtr, ytr = xtr[:train_examples], ytr[:train_examples]

@@ -138,6 +138,25 @@ def test_speed_quick(tmp_path):
         assert 0 < os.path.getsize(tmp_path / name) < 200_000
 
 
+def test_fashion_mnist_loader_reads_the_directory_ljax_reads(tmp_path, monkeypatch):
+    """benchlib.Data honours LJAX_FASHION_MNIST_DIR, as ljax.data does (a GPU machine or a user's
+    copy of the files outside /usr/share)."""
+    import benchlib
+    import numpy as np
+    from tests.test_data import _fake_fashion, _write_idx
+
+    from ljax import data as ljax_data
+
+    for split, n in (('train', 30), ('test', 20)):
+        images, labels = _fake_fashion(n)
+        for name, array in zip(ljax_data._FASHION_FILES[split], (images, labels)):
+            _write_idx(tmp_path / name, array)
+    monkeypatch.setenv(ljax_data.FASHION_MNIST_ENV, str(tmp_path))
+    ours = benchlib.Data()
+    assert ours.x_train.shape == (30, 28, 28, 1) and ours.x_test.shape == (20, 28, 28, 1)
+    np.testing.assert_array_equal(ours.y_test, np.arange(20) % 10)
+
+
 def test_fashion_mnist_loader_matches_ljax_data():
     """benchlib.Data normalises exactly as ljax.data.get_dataset (when the data is installed)."""
     import benchlib
