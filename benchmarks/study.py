@@ -468,6 +468,11 @@ class Study:
             t_eval = time.time()
             curve.append(evaluate(step, state))
             eval_seconds += time.time() - t_eval
+            # progress: a row can take an hour (the paper-budget conv net)
+            self.log(
+                f'  {row_key(spec.name, sparsity, method.key)}: epoch {step / spe:.2f}/{epochs}, '
+                f'test {100 * curve[-1]["accuracy"]:.2f}% ({time.time() - t0:.0f} s)'
+            )
 
         loop = Loop(
             par,
