@@ -63,7 +63,7 @@ import benchlib
 
 from ljax import masks
 from ljax import sparsity as sparsity_lib
-from ljax.models import get_model
+from ljax.models import get_model, onednn
 from ljax.models.resnet_cifar import ResNetCifar
 from ljax.loop import Loop, Periodic
 from ljax.search import Parallel, Search, SearchOptions
@@ -355,6 +355,10 @@ class Study:
             'train_examples': len(data.y_train),
             'test_examples': len(data.y_test),
             'load_average_start': benchlib.load_average(),
+            # which kernels ran the convolutions (ljax.models.onednn, or XLA's before it existed
+            # or where it is not installed): the two agree up to float rounding
+            'cpu_convolution': 'onednn' if onednn.available() else 'xla',
+            'ljax': benchlib.git_revision(),
         }
         if not method.search:
             row.update(self.baseline(spec, variables, data, test, sparsity, method))
@@ -1160,6 +1164,12 @@ def main(argv=None):
     ap.add_argument('--extra-sparsity', type=float, default=0.9)
     ap.add_argument('--report-only', action='store_true', help='no new rows: analyse those done')
     ap.add_argument(
+        '--methods',
+        default=None,
+        help='run only these row methods (comma-separated keys, e.g. random_init), so that two '
+        'processes can each take a row; the report still reads every finished row',
+    )
+    ap.add_argument(
         '--part',
         default='paper',
         choices=('paper', 'beyond', 'seeds'),
@@ -1212,10 +1222,16 @@ def main(argv=None):
             for meth in methods(extras)
             if meth.key.startswith('sr_')
         ]
+    only = [m for m in (args.methods or '').split(',') if m]
+    known = {meth.key for _, _, meth in plan}
+    if set(only) - known:
+        raise SystemExit(
+            f'error: --methods: unknown {sorted(set(only) - known)}; expected some of {sorted(known)}'
+        )
     rows = {}
     for model_name, s, meth in plan:
         path = os.path.join(args.out, 'rows', row_key(model_name, s, meth.key) + '.json')
-        if args.report_only and not os.path.exists(path):
+        if (args.report_only or (only and meth.key not in only)) and not os.path.exists(path):
             continue
         rows[row_key(model_name, s, meth.key)] = study.run_row(study.specs[model_name], s, meth)
     ran = time.time() - t0

@@ -39,7 +39,13 @@ def test_study_quick_runs_resumes_and_reports(tmp_path):
     # another model's rows, from an earlier run on other models: this run must leave them as they are
     other = 'model,sparsity,method,test_accuracy\nresnet32,0.9,magnitude_init,0.8756\n'
     (tmp_path / 'study_summary.csv').write_text(other)
+    # --methods: only those rows, so that two processes can share a study
+    part = study.main(argv + ['--methods', 'dense,magnitude_oneshot'])
+    assert {r['method'] for r in part.values()} == {'dense', 'magnitude_oneshot'}
+    with pytest.raises(SystemExit, match='--methods: unknown'):
+        study.main(argv + ['--methods', 'magnitude'])
     rows = study.main(argv)
+    assert rows['mlp_s90_dense']['wall_seconds'] == part['mlp_s90_dense']['wall_seconds']
     methods = {r['method'] for r in rows.values()}
     assert methods == {
         'dense',
