@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from ljax import checkpoints, convert, data, report
+from ljax import cache, checkpoints, convert, data, report
 from ljax import loop as loop_lib
 from ljax import config as config_lib
 from ljax import workdir as workdir_lib
@@ -53,11 +53,7 @@ def _cache_path(path: str) -> str:
     key = hashlib.sha256(
         f'{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}'.encode()
     ).hexdigest()[:16]
-    return os.path.join(_cache_root(), f'{os.path.basename(path)}.{key}.npz')
-
-
-def _cache_root() -> str:
-    return os.environ.get('LJAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'ljax'))
+    return os.path.join(cache.root(), f'{os.path.basename(path)}.{key}.npz')
 
 
 def load_pretrained(path: str, arch: str) -> dict:
@@ -69,7 +65,7 @@ def load_pretrained(path: str, arch: str) -> dict:
         )
     if path in convert.PRETRAINED_URLS or path.startswith(('http://', 'https://')):
         try:
-            path = str(convert.download_pretrained(path, os.path.join(_cache_root(), 'downloads')))
+            path = str(convert.download_pretrained(path, os.path.join(cache.root(), 'downloads')))
         except ValueError:
             raise
         except Exception as e:  # no network, HTTP error
