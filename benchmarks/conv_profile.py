@@ -1,4 +1,4 @@
-"""Where a step's convolution time goes, per layer shape and direction: XLA vs im2col vs torch.
+"""Where a step's convolution time goes, per layer shape and direction: XLA, im2col, oneDNN, torch.
 
     python benchmarks/conv_profile.py          # every shipped model at issue 11's batch sizes
     python benchmarks/conv_profile.py --models resnet32 --rounds 3
@@ -9,6 +9,8 @@ each a separate jitted function on one CPU device: forward (y = conv(x, w)), inp
 (dL/dx from dL/dy) and weight gradient (dL/dw from dL/dy), with
   xla    - `lax.conv_general_dilated`, what `nn.Conv` runs,
   im2col - `ljax.models.layers.im2col_conv` (strided slices + one matmul; gradients by autodiff),
+  onednn - `ljax.models.onednn.conv` (oneDNN's kernels through XLA's FFI; left out when
+           `onednn.available()` is False),
   torch  - `torch.nn.functional.conv2d` and `aten.convolution_backward` (NCHW, float32), the kernels
            that PyTorch's autograd calls, with --torch-threads threads (default 2).
 Rounds are interleaved (every layer and method once per round) and the median is reported.
@@ -35,6 +37,7 @@ import benchlib
 
 from ljax.models import get_model
 from ljax.models import layers
+from ljax.models import onednn
 
 # (label, model name, kwargs, input HxW, batches)
 MODELS = {
@@ -88,7 +91,11 @@ def make_cases(batch, shape, torch):
     g = rng.normal(size=y_shape).astype(np.float32)
     xj, wj, gj = jax.device_put((x, w, g))
     cases = {}
-    for method, conv in (('xla', conv_x), ('im2col', conv_i)):
+    convs = [('xla', conv_x), ('im2col', conv_i)]
+    if onednn.available():
+        pads = lax.padtype_to_pads((h, w_), (k, k), (s, s), pad) if isinstance(pad, str) else pad
+        convs.append(('onednn', lambda x, w: onednn.conv(x, w, (s, s), pads)))
+    for method, conv in convs:
         fwd, dx, dw = jax_fns(conv)
         cases[(method, 'fwd')] = lambda f=fwd: f(xj, wj)
         cases[(method, 'dx')] = lambda f=dx: f(xj, wj, gj)
@@ -131,7 +138,8 @@ def main():
     print(f'{benchlib.machine()}; torch threads {args.torch_threads}; '
           f'load {benchlib.load_average()}; '
           f'median of {args.rounds} interleaved rounds; git {benchlib.git_revision()}')
-    methods = ('xla', 'im2col') + (('torch',) if torch else ())
+    methods = ('xla', 'im2col') + (('onednn',) if onednn.available() else ())
+    methods += ('torch',) if torch else ()
     for key in args.models:
         label, name, kwargs, hw, batches = MODELS[key]
         shapes = conv_shapes(name, kwargs, hw)

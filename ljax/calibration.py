@@ -14,7 +14,9 @@ total over products and batches (float32 throughout):
 - Dense: exactly ||X_i||_2 over all samples (and positions, for inputs with more axes);
 - Conv (conv_general_dilated): the norm of input channel i over batch and spatial positions of the
   unpadded input (the lhs), the same for every (kh, kw) offset. Wanda's reference code prunes only
-  linear layers; this per-channel norm is the natural extension (see `sparsity.wanda_scores`);
+  linear layers; this per-channel norm is the natural extension (see `sparsity.wanda_scores`).
+  A convolution staged per platform (`lax.platform_dependent`, as `ljax.models.layers` does) is
+  measured on its default branch, the plain convolution;
 - Conv written as patches + dot: the mean over the kh*kw offsets of the norms of the patch
   features, which equals the per-channel norm up to padding and stride at the borders.
 A kernel used by several products (weight sharing) gets the sum of their statistics.
@@ -94,6 +96,18 @@ class _Interpreter:
 
     def _eqn(self, eqn, ins, views):
         name, p, n_out = eqn.primitive.name, eqn.params, len(eqn.outvars)
+        if name == 'cond' and p.get('branches_platforms'):
+            # `lax.platform_dependent` (ljax.models.layers: oneDNN or im2col on CPU, XLA's
+            # convolution elsewhere): the branches compute the same function, so follow the
+            # default one (the plain convolution), whatever platform this runs on.
+            platforms = p['branches_platforms']
+            i = next((k for k, pl in enumerate(platforms) if pl is None), None)
+            if i is None:
+                i = next(
+                    (k for k, pl in enumerate(platforms) if jax.default_backend() in pl), 0
+                )
+            branch = p['branches'][i]
+            return self.run(branch.jaxpr, branch.consts, ins[1:], views[1:])
         sub = next((p[k] for k in ('jaxpr', 'call_jaxpr', 'fun_jaxpr') if k in p), None)
         inner = getattr(sub, 'jaxpr', sub)
         if name in _CALLS or (

@@ -65,6 +65,36 @@ def test_conv_norms_are_per_input_channel():
     np.testing.assert_allclose(got['head/kernel'], _norm(y.mean((1, 2)), 0), rtol=1e-5)
 
 
+def test_convolutions_staged_per_platform_are_measured_like_plain_ones():
+    """ljax.models.layers.Conv stages oneDNN (3x3 here) or im2col (1x1, tiny maps) for CPU and
+    XLA's convolution elsewhere (`lax.platform_dependent`): the norms equal those of the same
+    model built with nn.Conv."""
+    from ljax.models import layers
+
+    class Staged(nn.Module):
+        conv: type = layers.Conv
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.relu(self.conv(4, (3, 3), name='c1')(x))
+            h = nn.relu(self.conv(6, (1, 1), name='c2')(h))
+            y = nn.relu(self.conv(8, (3, 3), strides=4, padding='VALID', name='c3')(h))  # 2x2
+            return nn.Dense(2, name='head')(y.mean((1, 2)))
+
+    x = _rand(4, (3, 9, 9, 3))
+    names = ['c1/kernel', 'c2/kernel', 'c3/kernel', 'head/kernel']
+    norms = {}
+    for conv in (layers.Conv, nn.Conv):
+        model = Staged(conv=conv)
+        v = model.init(jax.random.key(0), x)
+        fn = model_fn(model, v, x)
+        norms[conv] = calibration.input_norms(fn, fn.variables, [x[:2], x[2:]], names)
+    jaxpr = str(jax.make_jaxpr(lambda v, x: Staged().apply(v, x))(v, x))
+    assert jaxpr.count('branches_platforms') == 3  # every kernel went through a staged switch
+    for n in names:
+        np.testing.assert_allclose(norms[layers.Conv][n], norms[nn.Conv][n], rtol=1e-6, err_msg=n)
+
+
 def test_patches_convolution_maps_back_to_input_channels():
     """The kernel is transposed to (in, kh, kw, out) and reshaped to (27, 8) before the matmul
     with lax patches (features ordered (in, kh, kw)): each input channel gets the mean over its

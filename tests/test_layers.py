@@ -1,5 +1,6 @@
 """ljax.models.layers: im2col convolution equals lax.conv_general_dilated (values and gradients),
-dispatch per lowering platform and shape, and the shipped models' parameters are unchanged."""
+dispatch per lowering platform and shape (oneDNN, im2col or XLA on CPU; XLA elsewhere), and the
+shipped models' parameters are unchanged. oneDNN's own equality tests: tests/test_onednn.py."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ljax.models import ResNet50, ResNetCifar, VGG19Cifar, layers
+from ljax.models import ResNet50, ResNetCifar, VGG19Cifar, layers, onednn
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 EXPLICIT = ((1, 2), (0, 1))
@@ -118,20 +119,26 @@ def test_unsupported_convolutions_fall_back_to_lax(kwargs):
 
 
 def _lowered_text(fn, platform, *args):
-    exported = jax.export.export(jax.jit(fn), platforms=(platform,))(*args)
-    return exported.mlir_module()
+    # ljax's oneDNN FFI targets have no export compatibility guarantee; these tests only read
+    # the lowered text.
+    checks = [
+        jax.export.DisabledSafetyCheck.custom_call(name)
+        for name, _ in onednn._TARGETS.values()
+    ]
+    exported = jax.export.export(jax.jit(fn), platforms=(platform,), disabled_checks=checks)
+    return exported(*args).mlir_module()
 
 
 @pytest.mark.parametrize(
-    'x_shape, w_shape, im2col_on_cpu',
+    'x_shape, w_shape, on_cpu',
     [
-        ((2, 8, 8, 16), (1, 1, 16, 8), True),  # 1x1 kernel
-        ((2, 2, 2, 16), (3, 3, 16, 8), True),  # VGG-19's last block: a 2x2 output map
-        ((2, 8, 8, 16), (3, 3, 16, 8), False),  # a large map: XLA's convolution is faster
+        ((2, 8, 8, 16), (1, 1, 16, 8), 'im2col'),  # 1x1 kernel
+        ((2, 2, 2, 16), (3, 3, 16, 8), 'im2col'),  # VGG-19's last block: a 2x2 output map
+        ((2, 8, 8, 16), (3, 3, 16, 8), 'onednn'),  # a large map: oneDNN's kernels
     ],
 )
 @pytest.mark.parametrize('with_grad', [False, True])
-def test_auto_dispatch_by_platform_and_shape(x_shape, w_shape, im2col_on_cpu, with_grad):
+def test_auto_dispatch_by_platform_and_shape(x_shape, w_shape, on_cpu, with_grad):
     x, w = _inputs(x_shape, w_shape, jnp.float32)
 
     def conv(x, w):
@@ -140,12 +147,27 @@ def test_auto_dispatch_by_platform_and_shape(x_shape, w_shape, im2col_on_cpu, wi
     def grads(x, w):
         return jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1))(x, w)
 
+    assert layers.cpu_method(x, w, (1, 1), 'SAME', dimension_numbers=DN) == on_cpu
     fn = grads if with_grad else conv
     for platform in ('cpu', 'cuda', 'tpu'):
         text = _lowered_text(fn, platform, x, w)
-        uses_im2col = platform == 'cpu' and im2col_on_cpu
-        assert ('stablehlo.convolution' in text) == (not uses_im2col), platform
-        assert ('stablehlo.dot_general' in text) == uses_im2col, platform
+        method = on_cpu if platform == 'cpu' else 'xla'
+        assert ('stablehlo.convolution' in text) == (method == 'xla'), platform
+        assert ('stablehlo.dot_general' in text) == (method == 'im2col'), platform
+        # forward, and with the gradient also the input and the weight gradient
+        n_ffi = text.count('custom_call @ljax_onednn_conv')
+        assert n_ffi == ((3 if with_grad else 1) if method == 'onednn' else 0), platform
+
+
+def test_auto_without_onednn_keeps_xla_on_large_maps(monkeypatch):
+    monkeypatch.setattr(layers.onednn, 'available', lambda: False)
+    x, w = _inputs((2, 8, 8, 16), (3, 3, 16, 8), jnp.float32)
+    assert layers.cpu_method(x, w, (1, 1), 'SAME', dimension_numbers=DN) == 'xla'
+    text = _lowered_text(
+        lambda x, w: layers.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DN),
+        'cpu', x, w,
+    )  # fmt: skip
+    assert 'stablehlo.convolution' in text and 'ljax_onednn' not in text
 
 
 def test_auto_runs_and_matches_on_this_backend():

@@ -1,18 +1,22 @@
 """Convolutions that are fast on XLA:CPU, and exact drop-ins for `lax.conv_general_dilated`.
 
-XLA:CPU runs many convolutions far below its matmul speed (a 3x3 512->512 convolution on a 2x2
-map, batch 64, ran at about 1.6 GFLOP/s; docs/RESULTS.md has the per-layer profile). The same
-convolution written as im2col (one strided slice of the padded input per kernel tap, stacked on
-the channel axis) followed by one matmul runs at matmul speed, and so do its gradients: XLA's
-autodiff of slices and a dot is a dot (weight gradient) and a dot plus pads (input gradient).
+XLA:CPU runs convolutions below what the CPU can do, in two ways (docs/RESULTS.md has the
+per-layer profile, `benchmarks/conv_profile.py` makes it):
+- its kernels are slower than oneDNN's (the library PyTorch calls) on every shape we measured,
+  most in the backward pass: `ljax.models.onednn` runs the convolution on oneDNN through XLA's FFI;
+- some shapes collapse (a 3x3 512->512 convolution on a 2x2 map, batch 64, ran at about
+  1.6 GFLOP/s; 1x1 weight gradients 3-10x slower than a dot): the same convolution written as
+  im2col (one strided slice of the padded input per kernel tap, stacked on the channel axis)
+  followed by one matmul runs at matmul speed, and so do its gradients (autodiff of slices and a
+  dot is a dot plus pads).
 
-`conv_general_dilated` has `lax.conv_general_dilated`'s signature. Under `jit` it stages both
-versions with `lax.platform_dependent`: the im2col version runs where the computation is lowered
-for CPU, XLA's own convolution everywhere else (GPU, TPU), so one model runs well on both.
-Shapes the im2col version does not cover (grouped or transposed convolutions) always take XLA's
-path. Users opt in with `ljax.models.layers.Conv` (an `nn.Conv` whose only change is this
-function) or by passing `conv_general_dilated=ljax.models.layers.conv_general_dilated` to their
-own `nn.Conv`; parameter names, shapes and values are those of `nn.Conv`.
+`conv_general_dilated` has `lax.conv_general_dilated`'s signature. Under `jit` it stages the fast
+version and XLA's own with `lax.platform_dependent`: the fast one (`cpu_method` says which) runs
+where the computation is lowered for CPU, XLA's convolution everywhere else (GPU, TPU), so one
+model runs well on both. Shapes neither fast version covers (grouped or transposed convolutions)
+always take XLA's path. Users opt in with `ljax.models.layers.Conv` (an `nn.Conv` whose only change
+is this function) or by passing `conv_general_dilated=ljax.models.layers.conv_general_dilated` to
+their own `nn.Conv`; parameter names, shapes and values are those of `nn.Conv`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# `method` values: 'auto' (im2col when lowered for CPU and the shape is one where XLA:CPU is
-# slow, XLA's convolution elsewhere), 'im2col' (always), 'xla' (always lax.conv_general_dilated).
-METHODS = ('auto', 'im2col', 'xla')
+from ljax.models import onednn
+
+# `method` values: 'auto' (where lowered for CPU, `cpu_method`'s choice; XLA's convolution
+# elsewhere), 'onednn' / 'im2col' / 'xla' (always that one, where it covers the convolution).
+METHODS = ('auto', 'onednn', 'im2col', 'xla')
 
 # Measured on XLA:CPU (benchmarks/conv_profile.py, docs/RESULTS.md): 1x1 kernels lose most in the
 # weight gradient (4-10x slower than a dot); kernels larger than 1x1 lose badly only on tiny output
@@ -144,6 +150,49 @@ def im2col_conv(
     return jnp.transpose(y, perm)
 
 
+def _onednn_covers(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                   dimension_numbers, feature_group_count, batch_group_count,
+                   preferred_element_type) -> bool:
+    if lhs.ndim != 4:
+        return False
+    in_spatial, window = _spatial(lhs.shape, rhs.shape, dimension_numbers)
+    dilation = tuple(rhs_dilation or (1,) * len(window))
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+    pads = _normalize_padding(padding, in_spatial, dilated, window_strides)
+    return onednn.supports(
+        lhs, rhs, pads, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
+        preferred_element_type,
+    )  # fmt: skip
+
+
+def cpu_method(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    preferred_element_type=None,
+) -> str:
+    """What `method='auto'` runs where the computation is lowered for CPU: 'im2col' where
+    `im2col_is_faster` (1x1 kernels, tiny output maps; there oneDNN is no faster than im2col:
+    ResNet-50's 1x1 layers took 2575 against 2541 ms, VGG-19's 2x2 block 426 against 297 ms, in
+    `benchmarks/conv_profile.py`), else 'onednn' where `onednn.supports` the convolution and
+    `onednn.available()`, else 'xla'."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, preferred_element_type)  # fmt: skip
+    if supports_im2col(lhs_dilation, feature_group_count, batch_group_count) and im2col_is_faster(
+        lhs.shape, rhs.shape, window_strides, padding, rhs_dilation, dimension_numbers
+    ):
+        return 'im2col'
+    if _onednn_covers(*args) and onednn.available():
+        return 'onednn'
+    return 'xla'
+
+
 def conv_general_dilated(
     lhs,
     rhs,
@@ -159,14 +208,15 @@ def conv_general_dilated(
     *,
     method: str = 'auto',
 ):
-    """`lax.conv_general_dilated`, as im2col + matmul where the computation is lowered for CPU.
+    """`lax.conv_general_dilated`, on oneDNN or as im2col + matmul where lowered for CPU.
 
-    method: 'auto' (default): where `im2col_is_faster` holds for the shapes (1x1 kernels, tiny
-      output maps), decides per lowering platform with `lax.platform_dependent`: `im2col_conv`
-      for 'cpu', `lax.conv_general_dilated` for every other platform; any other shape runs
-      `lax.conv_general_dilated` everywhere. 'im2col' / 'xla' force one of them.
-    Convolutions `im2col_conv` does not cover (input dilation, feature or batch groups) always
-    run `lax.conv_general_dilated`.
+    method: 'auto' (default): decides per lowering platform with `lax.platform_dependent`:
+      `cpu_method`'s choice for 'cpu', `lax.conv_general_dilated` for every other platform (when
+      `cpu_method` says 'xla', no switch is staged). 'onednn' / 'im2col' / 'xla' force one of them
+      on every platform ('onednn' exists on CPU only).
+    Convolutions the forced or chosen version does not cover (for oneDNN: anything but 2-D float32
+    NHWC/HWIO without groups or input dilation; for im2col: input dilation, groups) run
+    `lax.conv_general_dilated`; so does 'onednn' when `onednn.available()` is False.
     """
     if method not in METHODS:
         raise ValueError(f'method: expected one of {METHODS}, got {method!r}')
@@ -182,28 +232,43 @@ def conv_general_dilated(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    if method == 'xla' or not supports_im2col(lhs_dilation, feature_group_count, batch_group_count):
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, preferred_element_type)  # fmt: skip
+    if method == 'auto':
+        chosen = cpu_method(*args)
+    elif method == 'onednn':
+        chosen = 'onednn' if _onednn_covers(*args) and onednn.available() else 'xla'
+    elif method == 'im2col':
+        chosen = 'im2col' if supports_im2col(
+            lhs_dilation, feature_group_count, batch_group_count
+        ) else 'xla'
+    else:
+        chosen = 'xla'
+    if chosen == 'xla':
         return xla(lhs, rhs)
-    fast = functools.partial(
-        im2col_conv,
-        window_strides=window_strides,
-        padding=padding,
-        rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
-    if method == 'im2col':
+    if chosen == 'onednn':
+        in_spatial, window = _spatial(lhs.shape, rhs.shape, dimension_numbers)
+        dilation = tuple(rhs_dilation or (1,) * len(window))
+        dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+        pads = _normalize_padding(padding, in_spatial, dilated, window_strides)
+        fast = lambda x, w: onednn.conv(x, w, window_strides, pads, dilation)
+    else:
+        fast = functools.partial(
+            im2col_conv,
+            window_strides=window_strides,
+            padding=padding,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    if method != 'auto':
         return fast(lhs, rhs)
-    if not im2col_is_faster(
-        lhs.shape, rhs.shape, window_strides, padding, rhs_dilation, dimension_numbers
-    ):
-        return xla(lhs, rhs)
     return lax.platform_dependent(lhs, rhs, cpu=fast, default=xla)
 
 
 class Conv(nn.Conv):
-    """`flax.linen.Conv` that runs `conv_general_dilated` above (im2col + matmul on CPU).
+    """`flax.linen.Conv` that runs `conv_general_dilated` above (oneDNN or im2col on CPU).
 
     Same fields, parameters (`kernel`, `bias`), initialisers and results as `nn.Conv`; only the
     convolution primitive differs, so checkpoints move freely between the two.
