@@ -1028,7 +1028,8 @@ def plot_model(spec, dense, rows, model_name, sparsities, schedules, figures_dir
         axes[1][j].set_yscale('log')
     axes[0][0].set_ylabel('mask flips per epoch\n(% of kept weights)')
     axes[1][0].set_ylabel('train loss (window mean)')
-    axes[0][-1].legend(fontsize=7)
+    if axes[0][-1].get_legend_handles_labels()[0]:  # no search row done yet: nothing to label
+        axes[0][-1].legend(fontsize=7)
     fig.suptitle(
         f'{spec.label}\nmask flips (0 drawn at 1e-3) and train loss, with and without the short '
         'restriction',

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import os
 import shutil
+import site
 import subprocess
 import sys
 import sysconfig
@@ -70,8 +71,9 @@ def _find(relative: str, roots: Sequence[str]) -> Path | None:
 
 
 def _prefixes() -> list[str]:
-    # The onednn wheels install into the environment's data directory (include/, lib/).
-    return [sys.prefix, sysconfig.get_path('data'), '/usr/local', '/usr']
+    # The onednn wheels install into the environment's data directory (include/, lib/), or the
+    # user's with `pip install --user`.
+    return [sys.prefix, sysconfig.get_path('data'), site.USER_BASE, '/usr/local', '/usr']
 
 
 def _library() -> Path:
