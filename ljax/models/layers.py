@@ -150,15 +150,20 @@ def im2col_conv(
     return jnp.transpose(y, perm)
 
 
+def _pads_and_dilation(lhs, rhs, window_strides, padding, rhs_dilation, dimension_numbers):
+    """Padding as (low, high) pairs and the kernel dilation, per spatial dimension."""
+    in_spatial, window = _spatial(lhs.shape, rhs.shape, dimension_numbers)
+    dilation = tuple(rhs_dilation or (1,) * len(window))
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+    return _normalize_padding(padding, in_spatial, dilated, window_strides), dilation
+
+
 def _onednn_covers(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                    dimension_numbers, feature_group_count, batch_group_count,
                    preferred_element_type) -> bool:
     if lhs.ndim != 4:
         return False
-    in_spatial, window = _spatial(lhs.shape, rhs.shape, dimension_numbers)
-    dilation = tuple(rhs_dilation or (1,) * len(window))
-    dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
-    pads = _normalize_padding(padding, in_spatial, dilated, window_strides)
+    pads, _ = _pads_and_dilation(lhs, rhs, window_strides, padding, rhs_dilation, dimension_numbers)
     return onednn.supports(
         lhs, rhs, pads, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
         preferred_element_type,
@@ -247,10 +252,9 @@ def conv_general_dilated(
     if chosen == 'xla':
         return xla(lhs, rhs)
     if chosen == 'onednn':
-        in_spatial, window = _spatial(lhs.shape, rhs.shape, dimension_numbers)
-        dilation = tuple(rhs_dilation or (1,) * len(window))
-        dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
-        pads = _normalize_padding(padding, in_spatial, dilated, window_strides)
+        pads, dilation = _pads_and_dilation(
+            lhs, rhs, window_strides, padding, rhs_dilation, dimension_numbers
+        )
         fast = lambda x, w: onednn.conv(x, w, window_strides, pads, dilation)
     else:
         fast = functools.partial(
