@@ -69,7 +69,8 @@ struct Prims {
 };
 
 // Activations stay in XLA's NHWC: letting oneDNN pick (blocked layouts, with reorders) was no
-// faster on ResNet-32's shapes and up to 3.7x slower on the input gradient at 8 channels.
+// faster on ResNet-32's shapes and much slower on the input gradient at 8 channels, in a one-off
+// comparison during development (not a shipped benchmark).
 constexpr tag kAct = tag::nhwc;
 
 std::mutex cache_mutex;
