@@ -2,6 +2,7 @@
 
     python benchmarks/accelerator.py            # ResNet-50 224x224 batch 128/256 f32/bf16, VGG-19 32x32 batch 256
     python benchmarks/accelerator.py --quick    # tiny shapes, seconds on a CPU (the tests run it)
+    python benchmarks/accelerator.py --cases resnet50:256:bfloat16 vgg19:256:float32   # some rows
 
 Synthetic data, every local device (pmap; the global batch is split across them). Each row times
 `--steps` steps dispatched back to back with one wait at the end (the steady state of the loop,
@@ -9,7 +10,8 @@ which reads metrics only once per log interval), after `--warmup` steps that inc
 the dense training step (`ljax.pretrain.DenseTraining`: every weight trained, SGD momentum) and the
 jackpot search step (`ljax.search.Search.train_step`: STE forward, SGD on the scores, exact top-k
 mask update of every prunable layer), both at 90% sparsity. Prints a markdown table and writes
-CSV to --out (default benchmarks/out/accelerator.csv).
+CSV to --out (default benchmarks/out/accelerator.csv) after every row, with the seconds of the
+warm-up steps (compilation included). Measured on an NVIDIA H200: docs/RESULTS.md, Speed, section 5.
 """
 
 from __future__ import annotations
@@ -31,30 +33,35 @@ from ljax.pretrain import DenseTraining
 from ljax.search import Search, SearchOptions
 
 
-def cases(quick: bool):
-    """(label, model, input shape, global batch, dtype)."""
+def cases(quick: bool) -> dict:
+    """{'name:batch:dtype': (label, model, input shape, global batch, dtype)}."""
     if quick:
         mlp = get_model('mlp', 10, hidden=(32, 32))
-        return [('BN-MLP 784-32-32-10', mlp, (28, 28, 1), 8, d) for d in ('float32', 'bfloat16')]
-    resnet50 = get_model('resnet50', 1000)
-    return [
-        ('ResNet-50, 224x224', resnet50, (224, 224, 3), batch, dtype)
-        for batch in (128, 256)
-        for dtype in ('float32', 'bfloat16')
-    ] + [('VGG-19, 32x32', get_model('vgg19_cifar', 10), (32, 32, 3), 256, 'float32')]
+        rows = [('mlp', 'BN-MLP 784-32-32-10', mlp, (28, 28, 1), 8, d) for d in ('float32', 'bfloat16')]
+    else:
+        resnet50 = get_model('resnet50', 1000)
+        rows = [
+            ('resnet50', 'ResNet-50, 224x224', resnet50, (224, 224, 3), batch, dtype)
+            for batch in (128, 256)
+            for dtype in ('float32', 'bfloat16')
+        ] + [('vgg19', 'VGG-19, 32x32', get_model('vgg19_cifar', 10), (32, 32, 3), 256, 'float32')]
+    return {f'{name}:{batch}:{dtype}': (label, model, shape, batch, dtype)
+            for name, label, model, shape, batch, dtype in rows}
 
 
-def throughput(par, state, x, y, steps: int, warmup: int) -> float:
-    """Seconds per step, `steps` steps dispatched back to back, one wait at the end."""
+def throughput(par, state, x, y, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds per step, `steps` steps dispatched back to back with one wait at the end;
+    seconds of the warm-up steps, compilation included)."""
     x, y = par.put(x, y)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         state, metrics = par.train(state, x, y)
     jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     for _ in range(steps):
         state, metrics = par.train(state, x, y)
     jax.block_until_ready((state, metrics))
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t1) / steps, t1 - t0
 
 
 def row(label, model, shape, batch, dtype, steps, warmup) -> dict:
@@ -65,12 +72,12 @@ def row(label, model, shape, batch, dtype, steps, warmup) -> dict:
     variables = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
     dense = DenseTraining(model, lr=0.1, weight_decay=1e-4, total_steps=10**6, dtype=dtype)
     par = Parallel(dense)
-    dense_s = throughput(par, par.replicate(dense.init_state(variables)), x, y, steps, warmup)
+    dense_s, dense_warmup = throughput(par, par.replicate(dense.init_state(variables)), x, y, steps, warmup)
     search = Search.create(
         model, variables, x[:1], sparsity=0.9, total_steps=10**6, options=SearchOptions(dtype=dtype)
     )
     par = Parallel(search)
-    search_s = throughput(par, par.replicate(search.init_state()), x, y, steps, warmup)
+    search_s, search_warmup = throughput(par, par.replicate(search.init_state()), x, y, steps, warmup)
     return {
         'model': label,
         'batch': batch,
@@ -81,6 +88,9 @@ def row(label, model, shape, batch, dtype, steps, warmup) -> dict:
         'dense_img_s': batch / dense_s,
         'search_img_s': batch / search_s,
         'search_over_dense': search_s / dense_s,
+        'dense_warmup_s': dense_warmup,
+        'search_warmup_s': search_warmup,
+        'matmul_precision': str(jax.config.jax_default_matmul_precision or 'default'),
     }
 
 
@@ -89,19 +99,29 @@ def main(argv=None):
     ap.add_argument('--quick', action='store_true')
     ap.add_argument('--steps', type=int, default=None, help='timed steps (default 20; quick 2)')
     ap.add_argument('--warmup', type=int, default=3)
+    ap.add_argument('--cases', nargs='+', default=None,
+                    help='only these rows, as name:batch:dtype (e.g. vgg19:256:float32); default all')
     ap.add_argument('--out', default=os.path.join(benchlib.HERE, 'out', 'accelerator.csv'))
     args = ap.parse_args(argv)
     steps = args.steps or (2 if args.quick else 20)
     device = jax.devices()[0]
     print(f'{jax.device_count()} x {device.device_kind} ({device.platform}); {benchlib.machine()}\n', flush=True)
     rows = []
-    for case in cases(args.quick):
+    table = cases(args.quick)
+    unknown = sorted(set(args.cases or ()) - set(table))
+    if unknown:
+        ap.error(f'unknown --cases {", ".join(unknown)}; choose from {", ".join(table)}')
+    for key, case in table.items():
+        if args.cases and key not in args.cases:
+            continue
         rows.append(row(*case, steps, args.warmup))
         r = rows[-1]
         print(f"{r['model']} batch {r['batch']} {r['dtype']}: dense {r['dense_ms']:.1f} ms, "
-              f"search {r['search_ms']:.1f} ms", flush=True)
-    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    benchlib.write_csv(args.out, rows)
+              f"search {r['search_ms']:.1f} ms (warm-up with compilation {r['dense_warmup_s']:.0f} s, "
+              f"{r['search_warmup_s']:.0f} s)", flush=True)
+        # after every row, so a run stopped at a time limit keeps what it measured
+        os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+        benchlib.write_csv(args.out, rows)
     print()
     print(benchlib.markdown_table(
         ['model', 'batch', 'dtype', 'devices', 'dense ms', 'search ms', 'dense img/s', 'search img/s', 'search / dense'],

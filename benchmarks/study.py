@@ -356,9 +356,14 @@ class Study:
             'train_examples': len(data.y_train),
             'test_examples': len(data.y_test),
             'load_average_start': benchlib.load_average(),
-            # which kernels ran the convolutions (ljax.models.onednn, or XLA's before it existed
-            # or where it is not installed): the two agree up to float rounding
-            'cpu_convolution': 'onednn' if onednn.available() else 'xla',
+            # where the row ran, and (on a CPU) which kernels ran the convolutions
+            # (ljax.models.onednn, or XLA's before it existed or where it is not installed): the
+            # two agree up to float rounding
+            'device': f'{jax.devices()[0].platform} {jax.devices()[0].device_kind}',
+            'matmul_precision': str(jax.config.jax_default_matmul_precision or 'default'),
+            'cpu_convolution': (
+                ('onednn' if onednn.available() else 'xla') if jax.default_backend() == 'cpu' else None
+            ),
             'ljax': benchlib.git_revision(),
         }
         if not method.search:

@@ -58,6 +58,8 @@ def test_study_quick_runs_resumes_and_reports(tmp_path):
     }
     for r in rows.values():
         assert 0.0 <= r['final_accuracy'] <= 1.0
+        # where the row ran: the virtual CPU devices here, so the convolution kernels are named
+        assert r['device'].startswith('cpu ') and r['cpu_convolution'] in ('onednn', 'xla')
     jackpot = rows['mlp_s90_magnitude_init']
     assert jackpot['kept'] == round(0.1 * jackpot['prunable'])
     assert len(jackpot['curve']) == 1 + jackpot['epochs'] * jackpot['evals_per_epoch']
@@ -190,3 +192,10 @@ def test_accelerator_quick(tmp_path):
     for r in rows:
         assert r['dense_ms'] > 0 and r['search_ms'] > 0 and r['devices'] == 4
     assert len(_csv(tmp_path / 'acc.csv')) == 2
+    # --cases runs only the named rows; a name that is no row is refused with the list
+    rows = accelerator.main(['--quick', '--cases', 'mlp:8:bfloat16', '--out', str(tmp_path / 'one.csv')])
+    assert [r['dtype'] for r in rows] == ['bfloat16']
+    assert [r['dtype'] for r in _csv(tmp_path / 'one.csv')] == ['bfloat16']
+    with pytest.raises(SystemExit) as err:
+        accelerator.main(['--quick', '--cases', 'mlp:8:float16', '--out', str(tmp_path / 'bad.csv')])
+    assert err.value.code == 2 and not (tmp_path / 'bad.csv').exists()
