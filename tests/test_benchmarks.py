@@ -120,6 +120,15 @@ def test_study_quick_beyond_and_seeds(tmp_path):
     assert not np.allclose(final[0], final[1]) and not np.allclose(final[1], final[2])
     table = _csv(tmp_path / 'study_seeds.csv')
     assert len(table) == 6 and {r['init'] for r in table} == {'magnitude', 'random'}
+    # claim 2 per seed: the epoch at which magnitude init reaches random init's final accuracy
+    for r in table:
+        if r['init'] == 'random':
+            assert r['epochs_to_random_final'] == ''
+            continue
+        rand = seeds['mlp_s90_random_init' + (f"_seed{r['seed']}" if r['seed'] != '0' else '')]
+        e = study.epochs_to_target(seeds['mlp_s90_magnitude_init' + (f"_seed{r['seed']}" if r['seed'] != '0' else '')],
+                                   rand['final_accuracy'])
+        assert r['epochs_to_random_final'] == ('' if e is None else str(e))
 
 
 def test_speed_quick(tmp_path):
