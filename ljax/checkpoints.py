@@ -49,6 +49,10 @@ class ConfigMismatchError(ValueError):
     pass
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint step failed to reach the disk twice."""
+
+
 def _normalise(value):
     return json.loads(json.dumps(value, default=str))
 
@@ -105,13 +109,8 @@ def check_or_write_config(workdir: str, config: dict, identity: dict | None = No
     os.replace(tmp, path)
 
 
-def _missing_file(e: BaseException | None) -> bool:
-    """Whether an error (or its cause) says a file orbax was writing disappeared."""
-    while e is not None:
-        if isinstance(e, FileNotFoundError) or 'NOT_FOUND' in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _meta_digest(meta: dict) -> str:
@@ -136,6 +135,7 @@ class Checkpoints:
         self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
         self.max_to_keep = max_to_keep
         self.manager = self._open()
+        self._pending: tuple[int, Any, dict] | None = None  # the last save until it is settled
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
@@ -146,39 +146,74 @@ class Checkpoints:
             item_names=('state', 'meta'),
         )
 
-    def _reopen_if_deleted(self, error: BaseException | None = None) -> bool:
-        """When checkpoints/ (or a step being written) was deleted under the run: say so, start a
-        fresh manager and return True. `error`: what a save or wait raised (None: check the dir)."""
-        if os.path.isdir(self.directory) and not (error is not None and _missing_file(error)):
-            return False
-        try:  # the save that was writing into the deleted directory fails; it is lost
-            self.manager.wait_until_finished()
-        except Exception:
-            pass
-        try:
-            self.manager.close()
-        except Exception:
-            pass
-        _say(f'{self.directory} was deleted during the run; recreating it (earlier steps are lost)')
+    def _fresh_manager(self) -> None:
+        """Replace the manager (one whose save failed re-raises that failure on every wait)."""
+        for finish in (self.manager.wait_until_finished, self.manager.close):
+            try:
+                finish()
+            except Exception:
+                pass
         self.manager = self._open()
-        return True
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save asynchronously, with the checksums `restore` verifies (in meta[CHECKSUM_KEY])."""
+        """Save asynchronously, with the checksums `restore` verifies (in meta[CHECKSUM_KEY]).
+
+        The previous save is settled first: a step that did not reach the disk is written again.
+        """
         state = jax.tree.map(np.asarray, jax.device_get(state))
         meta = _normalise({k: v for k, v in meta.items() if k != CHECKSUM_KEY})
         meta[CHECKSUM_KEY] = {'state': fingerprint(state), 'meta': _meta_digest(meta)}
+        self._settle()
+        self._write(step, state, meta)
+        self._pending = (step, state, meta)
+
+    def _write(self, step: int, state: Any, meta: dict) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._reopen_if_deleted()
+        self.manager.save(step, args=args, force=True)
+
+    def _settle(self) -> None:
+        """Wait for the last save. If its step is not on disk afterwards (checkpoints/ or the step
+        being written was deleted, or a write failed in orbax's background thread, which orbax
+        only logs), say so in one line and write that step again, synchronously; if that fails
+        too, raise CheckpointWriteError."""
+        pending, self._pending = self._pending, None
         try:
-            self.manager.save(step, args=args, force=True)
-        except Exception as e:  # a previous async save failed: retry only if its files vanished
-            if not self._reopen_if_deleted(e):
-                raise
-            self.manager.save(step, args=args, force=True)
+            self.manager.wait_until_finished()
+            error = None
+        except Exception as e:
+            error = e
+        deleted = not os.path.isdir(self.directory)
+        if error is not None or deleted:
+            self._fresh_manager()  # recreates checkpoints/
+        if pending is None:
+            if error is not None:
+                raise error
+            if deleted:
+                _say(f'{self.directory} was deleted during the run; recreated it (earlier steps are lost)')
+            return
+        step = pending[0]
+        self.manager.reload()
+        if step in self.manager.all_steps():
+            return
+        if deleted:
+            _say(
+                f'{self.directory} was deleted during the run; recreated it and writing step {step} '
+                'again (earlier steps are lost)'
+            )
+        else:
+            why = _first_line(error) if error is not None else 'it is missing after the save'
+            _say(f'checkpoint step {step} did not reach {self.directory} ({why}); writing it again')
+        try:
+            self._write(*pending)
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._fresh_manager()
+            raise CheckpointWriteError(
+                f'checkpoint step {step} could not be written to {self.directory}: {_first_line(e)}'
+            ) from e
 
     def restore(self, abstract_state: Any, older: Sequence[tuple[Any, Callable]] = ()):
         """The newest step that loads and verifies, as (step, state, meta); None when there is none.
@@ -199,7 +234,7 @@ class Checkpoints:
                 upgraded = self._load_older(step, older)
                 if upgraded is not None:
                     return (step,) + upgraded
-                reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                reason = _first_line(e)
                 where = self._move_aside(step)
                 moved += 1
                 _say(
@@ -256,11 +291,8 @@ class Checkpoints:
         return os.path.relpath(dst, os.path.dirname(self.directory))
 
     def wait(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:
-            if not self._reopen_if_deleted(e):
-                raise
+        """Block until the last save is on disk (written again if it failed; see `save`)."""
+        self._settle()
 
     def close(self) -> None:
         self.wait()

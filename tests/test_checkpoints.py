@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,9 +93,7 @@ def test_no_intact_step_left_starts_over_and_says_so(tmp_path, capfd):
     assert restore(tmp_path)[0] == 5
 
 
-def test_save_recreates_a_deleted_checkpoint_directory(tmp_path):
-    import shutil
-
+def test_save_recreates_a_deleted_checkpoint_directory(tmp_path, capfd):
     ckpt = checkpoints.Checkpoints(str(tmp_path), 2)
     ckpt.save(1, state_at(1), {})
     ckpt.wait()
@@ -102,7 +101,65 @@ def test_save_recreates_a_deleted_checkpoint_directory(tmp_path):
     ckpt.save(2, state_at(2), {})
     ckpt.save(3, state_at(3), {})
     ckpt.close()
+    assert 'was deleted during the run; recreated it' in capfd.readouterr().err
     assert restore(tmp_path)[0] == 3
+
+
+def failing_commits(monkeypatch, times):
+    """Make orbax's last write of a save (commit_success.txt, in its background thread) fail
+    `times` times, as it did when TFDS's mock file system was active during the commit."""
+    from orbax.checkpoint._src.path import async_path
+
+    original, failed = async_path.write_text, []
+
+    async def write_text(path, text, **kwargs):
+        if path.name == 'commit_success.txt' and len(failed) < times:
+            failed.append(str(path))
+            raise FileNotFoundError(2, 'No such file or directory', str(path))
+        return await original(path, text, **kwargs)
+
+    monkeypatch.setattr(async_path, 'write_text', write_text)
+    return failed
+
+
+def steps_on_disk(tmp_path):
+    directory = tmp_path / 'checkpoints'
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_a_save_whose_commit_fails_is_written_again_at_the_next_save(tmp_path, capfd, monkeypatch):
+    failed = failing_commits(monkeypatch, times=1)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), 3)
+    ckpt.save(1, state_at(1), {'history': [1]})
+    ckpt.save(2, state_at(2), {'history': [2]})
+    ckpt.close()
+    assert len(failed) == 1 and '/1.orbax-checkpoint-tmp/' in failed[0]
+    assert steps_on_disk(tmp_path) == [1, 2]
+    err = capfd.readouterr().err
+    assert 'checkpoint step 1 did not reach' in err and 'writing it again' in err
+    assert 'deleted' not in err
+    shutil.rmtree(tmp_path / 'checkpoints' / '2')
+    step, state, meta = restore(tmp_path)
+    assert (step, meta) == (1, {'history': [1]})
+    np.testing.assert_array_equal(state['scores']['b'], state_at(1)['scores']['b'])
+
+
+def test_the_last_save_is_written_again_on_close(tmp_path, monkeypatch):
+    failing_commits(monkeypatch, times=1)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), 3)
+    ckpt.save(1, state_at(1), {})
+    ckpt.close()
+    assert steps_on_disk(tmp_path) == [1]
+    assert restore(tmp_path)[0] == 1
+
+
+def test_a_step_that_fails_twice_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    failing_commits(monkeypatch, times=2)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), 3)
+    ckpt.save(1, state_at(1), {})
+    with pytest.raises(checkpoints.CheckpointWriteError, match='checkpoint step 1 could not be written'):
+        ckpt.wait()
+    ckpt.close()
 
 
 def test_fingerprint_depends_on_names_dtypes_shapes_and_bytes_not_on_containers():
