@@ -14,16 +14,20 @@ which is skipped when the threshold is unique.
 `topk_masks` selects every layer of a dict in one call, for a cost that does not grow with depth:
 the bisection passes are shared by all layers, and with hints one pass over the scores narrows each
 layer to a few candidate blocks (see `_plan`). A hint is the previous threshold key, or (the search)
-its extrapolation from the last two (`extrapolate`).
+its extrapolation from the last two (`extrapolate`). On GPU and TPU the passes run instead over the
+keys of all layers concatenated, one segmented reduction per pass, which launches a few kernels per
+pass rather than several per layer (`default_selection`).
 NaN scores are not supported.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _WINDOW_BITS = 16
@@ -304,6 +308,36 @@ def _kth_largest_many(rows, ks):
     return [jnp.where(k > 0, f, jnp.uint32(_MAX)) for f, k in zip(found, ks)]
 
 
+def _segments(rows):
+    """All rows as one [R, _ROW] array (each row zero-padded to a multiple of _ROW: key 0 ranks
+    below every real key) and the row id of each of its R lines (static)."""
+    parts, ids = [], []
+    for i, r in enumerate(rows):
+        pad = -r.size % _ROW
+        parts.append(jnp.pad(r, (0, pad)))
+        ids.append(np.full((r.size + pad) // _ROW, i, np.int32))
+    return jnp.concatenate(parts).reshape(-1, _ROW), np.concatenate(ids)
+
+
+def _kth_largest_segmented(rows, ks):
+    """`_kth_largest_many` as one counting pass over every row's keys per bit (a row sum and a
+    segment sum), instead of one reduction per row per bit: on an accelerator a pass is then a
+    couple of kernels whatever the number of rows (layers), not several per row."""
+    keys, ids = _segments(rows)
+    seg = jnp.asarray(ids)
+    ks = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks])
+
+    def body(i, found):
+        cand = found | (jnp.uint32(1) << (jnp.uint32(31) - i))
+        per_line = jnp.sum((keys >= cand[seg][:, None]).astype(jnp.int32), axis=1)
+        counts = jax.ops.segment_sum(per_line, seg, len(rows), indices_are_sorted=True)
+        return jnp.where(counts >= ks, cand, found)
+
+    found = lax.fori_loop(jnp.uint32(0), jnp.uint32(32), body, jnp.zeros(len(rows), jnp.uint32))
+    found = jnp.where(ks > 0, found, jnp.uint32(_MAX))
+    return [found[i] for i in range(len(rows))]
+
+
 def _last_kept(rows, ks, thresholds, indices):
     """Per row: the largest index among the ties at the threshold that the top-k keeps (-1: none).
 
@@ -322,9 +356,9 @@ def _last_kept(rows, ks, thresholds, indices):
     )
 
 
-def _selection(rows, ks, indices):
+def _selection(rows, ks, indices, segmented=False):
     """Per row the threshold key and the last tie index of its top-k: see `_chosen`."""
-    thresholds = _kth_largest_many(rows, ks)
+    thresholds = (_kth_largest_segmented if segmented else _kth_largest_many)(rows, ks)
     return thresholds, _last_kept(rows, ks, thresholds, indices)
 
 
@@ -336,20 +370,38 @@ def _positions(x):
     return jnp.arange(x.size, dtype=jnp.int32)
 
 
-@jax.jit
+SELECTIONS = ('hinted', 'segmented')
+
+
+def default_selection() -> str:
+    """How `topk_masks` selects on this backend. 'hinted' on CPU, where memory traffic dominates:
+    one pass narrows each layer to a few candidate blocks around its hint. 'segmented' on GPU and
+    TPU, where the number of kernels dominates: the hints' per-layer gathers, top_k's and
+    fallback branches cost more there than 32 exact counting passes over all the keys, each one
+    kernel for every layer together (measured on an NVIDIA H200: docs/RESULTS.md, Speed)."""
+    return 'hinted' if jax.default_backend() == 'cpu' else 'segmented'
+
+
+@functools.partial(jax.jit, static_argnames='selection')
 def topk_masks(
     scores: dict[str, jax.Array],
     kept: dict[str, int | jax.Array],
     hints: dict[str, jax.Array] | None = None,
+    selection: str | None = None,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """`topk_mask_with_threshold` for every layer of a dict in one call: (masks, thresholds).
 
-    Same masks and threshold keys as the per-layer function. Without `hints` all layers share 32
-    bisection passes; with them (last step's thresholds) one pass over the scores finds a few
-    candidate blocks per layer and the selection runs on those (a layer whose candidates miss
-    falls back alone to the warm-started per-layer bisection).
+    Same masks and threshold keys as the per-layer function, whichever `selection` (None: the
+    backend's `default_selection()`). 'hinted' with `hints` (last step's thresholds): one pass
+    over the scores finds a few candidate blocks per layer and the selection runs on those (a
+    layer whose candidates miss falls back alone to the warm-started per-layer bisection);
+    without hints all layers share 32 bisection passes. 'segmented' ignores the hints: 32
+    counting passes over the concatenated keys of all layers, one segmented reduction each.
     Either way the masks are then written in one elementwise pass.
     """
+    selection = selection or default_selection()
+    if selection not in SELECTIONS:
+        raise ValueError(f'selection must be one of {SELECTIONS}, not {selection!r}')
     names = list(scores)
     ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
 
@@ -358,9 +410,9 @@ def topk_masks(
 
     def exact():
         rows = keys()
-        return _selection(rows, ks, [_positions(r) for r in rows])
+        return _selection(rows, ks, [_positions(r) for r in rows], selection == 'segmented')
 
-    if hints is None:
+    if hints is None or selection == 'segmented':
         thresholds, last = exact()
     else:
         plans = [_plan(scores[n], k, hints[n]) for n, k in zip(names, ks)]

@@ -1,6 +1,9 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from ljax import masks
@@ -143,12 +146,14 @@ def hints_for(kind, scores, kept, rng):
     return {n: masks.topk_mask_with_threshold(jnp.asarray(s), kept[n])[1] for n, s in scores.items()}
 
 
-@settings(max_examples=12, deadline=None)
-@given(layer_dicts(), st.sampled_from(['none', 'right', 'stale', 'garbage']))
-def test_topk_masks_match_reference_and_per_layer(args, hint_kind):
+@settings(max_examples=16, deadline=None)
+@given(layer_dicts(), st.sampled_from(['none', 'right', 'stale', 'garbage']), st.sampled_from(masks.SELECTIONS))
+def test_topk_masks_match_reference_and_per_layer(args, hint_kind, selection):
     scores, kept, rng = args
     hints = hints_for(hint_kind, scores, kept, rng)
-    got, thresholds = masks.topk_masks({n: jnp.asarray(s) for n, s in scores.items()}, kept, hints)
+    got, thresholds = masks.topk_masks(
+        {n: jnp.asarray(s) for n, s in scores.items()}, kept, hints, selection=selection
+    )
     assert set(got) == set(scores)
     for n, s in scores.items():
         m = np.asarray(got[n])
@@ -158,10 +163,11 @@ def test_topk_masks_match_reference_and_per_layer(args, hint_kind):
         assert thresholds[n].dtype == jnp.uint32 and int(thresholds[n]) == int(t)
 
 
-def test_topk_masks_takes_traced_k_and_hints_under_jit():
+@pytest.mark.parametrize('selection', masks.SELECTIONS)
+def test_topk_masks_takes_traced_k_and_hints_under_jit(selection):
     rng = np.random.default_rng(3)
     scores = {n: jnp.asarray(layer_scores(rng, s, 'few')) for n, s in LAYERS.items()}
-    f = jax.jit(masks.topk_masks)
+    f = jax.jit(functools.partial(masks.topk_masks, selection=selection))
     for frac in (0.0, 0.3, 1.0):
         kept = {n: jnp.int32(round(frac * int(np.prod(s)))) for n, s in LAYERS.items()}
         hints = {n: jnp.uint32(0x80000000) for n in LAYERS}

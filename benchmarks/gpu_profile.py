@@ -1,0 +1,175 @@
+"""Where the search step's time goes on a GPU, against the dense step (issue 10).
+
+    XLA_FLAGS="--xla_dump_to=/tmp/xla_dump --xla_dump_hlo_module_re=.*(fun|train_step).*" \
+        python benchmarks/gpu_profile.py 128        # batch; SIZE=224 (image side) by default
+
+ResNet-50, synthetic data, one device. For the search step (the backend's selection), the dense
+step, and the search step with every layer selected exactly without hints: wall ms per step over 10
+steps, then a `jax.profiler` trace of 3 steps, read back with `jax.profiler.ProfileData`: GPU
+kernel time and kernels per step, and the kernel time grouped by the HLO op's source path (from
+XLA's optimized-HLO dump). Then the mask update alone (`masks.topk_masks` and its parts) on the
+searched scores. Traces (gzipped, when under 20 MB) and the HLO go to $OUT (default /tmp/out).
+Run on an NVIDIA H200: docs/RESULTS.md, Speed, section 5. On a CPU there are no GPU kernels to
+count, only the wall times.
+"""
+import collections
+import glob
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.getcwd())
+from ljax import masks
+from ljax.models import get_model
+from ljax.parallel import Parallel
+from ljax.pretrain import DenseTraining
+from ljax.search import Search, SearchOptions
+from jax.profiler import ProfileData
+
+OUT = os.environ.get('OUT', '/tmp/out')
+os.makedirs(OUT, exist_ok=True)
+batch = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+S = int(os.environ.get('SIZE', 224))
+shape = (S, S, 3)
+T0 = time.time()
+
+
+def log(*a):
+    print(f'[{time.time() - T0:6.1f}s]', *a, flush=True)
+
+
+def hlo_map(compiled_text):
+    """instruction name -> op_name metadata."""
+    out = {}
+    for m in re.finditer(r'%?([\w.\-]+) = [^\n]*?metadata=\{[^}]*op_name="([^"]*)"', compiled_text):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def label(op_name):
+    parts = op_name.split('/')
+    # drop pmap/jit wrappers and transforms at the front, keep the path inside
+    keep = [p for p in parts if not p.startswith(('pmap(', 'jvp(', 'transpose(', 'pjit'))]
+    return '/'.join(keep[:4]) + ' :: ' + parts[-1] if keep else op_name
+
+
+def profile(name, par, state, x, y, steps=3):
+    for _ in range(2):
+        state, m = par.train(state, x, y)
+    jax.block_until_ready((state, m))
+    t = time.perf_counter()
+    for _ in range(10):
+        state, m = par.train(state, x, y)
+    jax.block_until_ready((state, m))
+    wall = (time.perf_counter() - t) / 10
+    d = f'/tmp/trace_{name}'
+    jax.profiler.start_trace(d)
+    for _ in range(steps):
+        state, m = par.train(state, x, y)
+    jax.block_until_ready((state, m))
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f'{d}/**/*.xplane.pb', recursive=True))[-1]
+    if os.path.getsize(path) < 20e6:
+        os.system(f'gzip -c {path} > {OUT}/{name}.xplane.pb.gz')
+    # HLO names -> source op names, from XLA's dump of the step just compiled (XLA_FLAGS)
+    dumps = sorted([f for f in glob.glob('/tmp/xla_dump/*after_optimizations.txt') if 'fun' in f or 'train_step' in f], key=os.path.getmtime)
+    text = open(dumps[-1]).read() if dumps else ''
+    log(f'HLO from {dumps[-1] if dumps else None}')
+    os.system(f'gzip -c {dumps[-1]} > {OUT}/{name}.hlo.txt.gz' if dumps else 'true')
+    names = hlo_map(text)
+    pd = ProfileData.from_file(path)
+    kernels, total, groups, ngroups = 0, 0.0, collections.Counter(), collections.Counter()
+    streams = {}
+    for plane in pd.planes:
+        if not plane.name.startswith('/device:GPU'):
+            continue
+        for line in plane.lines:
+            if 'stream' not in line.name.lower():
+                continue
+            for ev in line.events:
+                st = dict(ev.stats)
+                op = st.get('hlo_op', ev.name)
+                kernels += 1
+                total += ev.duration_ns
+                g = label(names.get(op, str(st.get('tf_op', op))))
+                groups[g] += ev.duration_ns
+                ngroups[g] += 1
+                streams[line.name] = streams.get(line.name, 0) + ev.duration_ns
+    log(f'{name}: wall {1e3 * wall:.2f} ms/step; GPU kernel time {total / steps / 1e6:.2f} ms/step '
+        f'in {kernels / steps:.0f} kernels/step; streams {[(k, round(v / steps / 1e6, 2)) for k, v in streams.items()]}')
+    for g, ns in groups.most_common(45):
+        print(f'   {ns / steps / 1e3:9.1f} us  x{ngroups[g] / steps:6.1f}  {g}')
+    return state
+
+
+def main():
+    log(jax.devices(), jax.__version__)
+    model = get_model('resnet50', 1000)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    variables = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
+    search = Search.create(model, variables, x[:1], sparsity=0.9, total_steps=10**6,
+                           options=SearchOptions(dtype='float32'))
+    par = Parallel(search)
+    xd, yd = par.put(x, y)
+    state = profile('search', par, par.replicate(search.init_state()), xd, yd)
+    dense = DenseTraining(model, lr=0.1, weight_decay=1e-4, total_steps=10**6, dtype='float32')
+    pard = Parallel(dense)
+    profile('dense', pard, pard.replicate(dense.init_state(variables)), xd, yd)
+
+    # the same search step with every selection exact (32 passes shared by all layers, no cond)
+    import ljax.search as search_mod
+    orig = masks.topk_masks
+
+    class ExactMasks:
+        def __getattr__(self, a):
+            return getattr(masks, a)
+
+        @staticmethod
+        def topk_masks(scores, kept, hints=None):
+            return orig(scores, kept)
+
+    search_mod.masks = ExactMasks()
+    search_x = Search.create(model, variables, x[:1], sparsity=0.9, total_steps=10**6,
+                             options=SearchOptions(dtype='float32'))
+    parx = Parallel(search_x)
+    profile('search_exact', parx, parx.replicate(search_x.init_state()), xd, yd)
+    search_mod.masks = masks
+
+    # the mask update alone, on the searched scores (drifted a few steps)
+    s = jax.device_get(jax.tree.map(lambda a: a[0], state))
+    scores = {n: jnp.asarray(s.scores[n]) for n in search.names}
+    hints = {n: masks.extrapolate(s.thresholds[n], s.previous[n]) for n in search.names}
+    kept = search.kept
+
+    def timeit(f, *a, n=20):
+        r = f(*a)
+        jax.block_until_ready(r)
+        t = time.perf_counter()
+        for _ in range(n):
+            r = f(*a)
+        jax.block_until_ready(r)
+        return 1e3 * (time.perf_counter() - t) / n
+
+    log(f'{len(scores)} prunable layers, {sum(v.size for v in scores.values())} weights')
+    log(f'topk_masks with hints: {timeit(masks.topk_masks, scores, kept, hints):.2f} ms')
+    log(f'topk_masks exact (no hints): {timeit(lambda a, b: masks.topk_masks(a, b), scores, kept):.2f} ms')
+    plans = jax.jit(lambda sc, hs: [masks._plan(sc[n], kept[n], hs[n]) for n in search.names])
+    log(f'_plan of every layer: {timeit(plans, scores, hints):.2f} ms')
+    ps = plans(scores, hints)
+    sel = jax.jit(lambda ps: masks._selection([p.keys for p in ps], [p.k for p in ps], [p.index for p in ps]))
+    log(f'_selection on the candidates: {timeit(sel, ps):.2f} ms')
+    log(f'invalid plans (second try): {sum(not bool(p.valid) for p in ps)} of {len(ps)}')
+    flips = jax.jit(lambda a, b: sum(jnp.sum(a[n] != b[n], dtype=jnp.int32) for n in a))
+    m1 = masks.topk_masks(scores, kept, hints)[0]
+    log(f'flip count: {timeit(flips, m1, m1):.2f} ms')
+    log('done')
+
+
+main()

@@ -1,0 +1,140 @@
+"""The search step with each `masks.topk_masks` selection, side by side in one process (issue 10).
+
+    python benchmarks/gpu_selection.py 128      # batch; SIZE=224 (image side), STEPS=20
+
+ResNet-50, synthetic data, one device: the dense step, then the search step with the selection
+forced to 'segmented', 'hinted' and 'segmented' again (ms per step over STEPS steps after 3
+warm-up steps, and the ratio to dense), whether the masks agree after those steps, and then the
+mask update alone per selection. Run on an NVIDIA H200: docs/RESULTS.md, Speed, section 5.
+"""
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.getcwd())
+import ljax.search as search_mod
+from ljax import masks
+from ljax.models import get_model
+from ljax.parallel import Parallel
+from ljax.pretrain import DenseTraining
+from ljax.search import Search, SearchOptions
+
+batch = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+S = int(os.environ.get('SIZE', 224))
+STEPS = int(os.environ.get('STEPS', 20))
+T0 = time.time()
+
+
+def log(*a):
+    print(f'[{time.time() - T0:6.1f}s]', *a, flush=True)
+
+
+def step_ms(par, state, x, y):
+    for _ in range(3):
+        state, m = par.train(state, x, y)
+    jax.block_until_ready((state, m))
+    t = time.perf_counter()
+    for _ in range(STEPS):
+        state, m = par.train(state, x, y)
+    jax.block_until_ready((state, m))
+    return 1e3 * (time.perf_counter() - t) / STEPS, state
+
+
+class Forced:
+    def __init__(self, selection):
+        self.selection = selection
+
+    def __getattr__(self, a):
+        return getattr(masks, a)
+
+    def topk_masks(self, scores, kept, hints=None):
+        return masks.topk_masks(scores, kept, hints, selection=self.selection)
+
+
+def main():
+    log(jax.devices(), jax.__version__, 'default selection', masks.default_selection())
+    model = get_model('resnet50', 1000)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, S, S, 3)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    variables = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
+    dense = DenseTraining(model, lr=0.1, weight_decay=1e-4, total_steps=10**6, dtype='float32')
+    par = Parallel(dense)
+    xd, yd = par.put(x, y)
+    d, _ = step_ms(par, par.replicate(dense.init_state(variables)), xd, yd)
+    log(f'dense {d:.2f} ms/step')
+    states = {}
+    for sel in ('segmented', 'hinted', 'segmented'):
+        search_mod.masks = Forced(sel)
+        search = Search.create(model, variables, x[:1], sparsity=0.9, total_steps=10**6,
+                               options=SearchOptions(dtype='float32'))
+        par = Parallel(search)
+        ms, st = step_ms(par, par.replicate(search.init_state()), xd, yd)
+        states[sel] = jax.device_get(jax.tree.map(lambda a: a[0], st))
+        log(f'search ({sel}) {ms:.2f} ms/step = {ms / d:.3f} x dense')
+    search_mod.masks = masks
+    a, b = states['segmented'], states['hinted']
+    same = all(np.array_equal(a.mask[n], b.mask[n]) for n in a.mask)
+    log(f'masks after {3 + STEPS} steps identical between selections: {same}')
+
+    s = b
+    names = list(s.scores)
+    scores = {n: jnp.asarray(s.scores[n]) for n in names}
+    hints = {n: masks.extrapolate(s.thresholds[n], s.previous[n]) for n in names}
+    kept = {n: int(np.asarray(s.mask[n]).sum()) for n in names}
+
+    def timeit(f, *args, n=20):
+        r = f(*args)
+        jax.block_until_ready(r)
+        t = time.perf_counter()
+        for _ in range(n):
+            r = f(*args)
+        jax.block_until_ready(r)
+        return 1e3 * (time.perf_counter() - t) / n, r
+
+    base = masks.topk_masks.__wrapped__
+    results = {}
+    for sel in ('hinted', 'segmented'):
+        f = jax.jit(functools.partial(base, selection=sel))
+        ms, r = timeit(lambda sc, h: f(sc, kept, h), scores, hints)
+        results[sel] = r
+        log(f'topk_masks {sel}: {ms:.2f} ms')
+    f = jax.jit(functools.partial(base, selection='hinted'))
+    log(f'topk_masks hinted, no hints (per-layer 32 passes): {timeit(lambda sc: f(sc, kept), scores)[0]:.2f} ms')
+
+    # variant: segment counts by a cumulative sum instead of a scatter-add
+    orig = masks._kth_largest_segmented
+
+    def by_cumsum(rows, ks):
+        keys, ids = masks._segments(rows)
+        seg = jnp.asarray(ids)
+        ends = jnp.asarray(np.cumsum(np.bincount(ids, minlength=len(rows))) - 1)
+        ks = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks])
+
+        def body(i, found):
+            cand = found | (jnp.uint32(1) << (jnp.uint32(31) - i))
+            per_line = jnp.sum((keys >= cand[seg][:, None]).astype(jnp.int32), axis=1)
+            cs = jnp.cumsum(per_line)[ends]
+            counts = cs - jnp.concatenate([jnp.zeros(1, cs.dtype), cs[:-1]])
+            return jnp.where(counts >= ks, cand, found)
+
+        found = lax.fori_loop(jnp.uint32(0), jnp.uint32(32), body, jnp.zeros(len(rows), jnp.uint32))
+        found = jnp.where(ks > 0, found, jnp.uint32(0xFFFFFFFF))
+        return [found[i] for i in range(len(rows))]
+
+    masks._kth_largest_segmented = by_cumsum
+    f = jax.jit(functools.partial(base, selection='segmented'))
+    ms, r = timeit(lambda sc, h: f(sc, kept, h), scores, hints)
+    masks._kth_largest_segmented = orig
+    same = all(np.array_equal(r[0][n], results['hinted'][0][n]) for n in names)
+    log(f'topk_masks segmented by cumsum: {ms:.2f} ms (same masks: {same})')
+    log('done')
+
+
+main()
