@@ -9,6 +9,7 @@ rate = 1 gives plain top-k, rate = 0 freezes the mask.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -49,9 +50,9 @@ def restrict_mask(mask: jax.Array, scores: jax.Array, k, rate) -> jax.Array:
     return restrict_mask_with_threshold(mask, scores, k, rate)[0]
 
 
-def _swap_selections(rows, old, index, ks, rate):
+def _swap_selections(rows, old, index, ks, rate, segmented=False):
     """The top-k, revive and keep selections of each row, as (threshold, last tie index) pairs."""
-    top = masks._selection(rows, ks, index)
+    top = masks._selection(rows, ks, index, segmented)
     chosen = [masks._chosen(r, i, t, c) for r, i, t, c in zip(rows, index, *top)]
     revive = [t & ~o for t, o in zip(chosen, old)]
     prune = [o & ~t for t, o in zip(chosen, old)]
@@ -62,18 +63,20 @@ def _swap_selections(rows, old, index, ks, rate):
         [jnp.where(v, kk, jnp.uint32(0)) for v, kk in zip(revive + prune, rows + rows)],
         r + [ci - ri for ci, ri in zip(c, r)],
         index + index,
+        segmented,
     )
     n = len(rows)
     return top, (t[:n], last[:n]), (t[n:], last[n:])
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames='selection')
 def restrict_masks(
     mask: dict[str, jax.Array],
     scores: dict[str, jax.Array],
     kept: dict[str, int | jax.Array],
     rate,
     hints: dict[str, jax.Array] | None = None,
+    selection: str | None = None,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """`restrict_mask_with_threshold` for every layer of a dict in one call: (mask, thresholds).
 
@@ -82,7 +85,12 @@ def restrict_masks(
     and the mask can differ and the three selections (top-k, revive, prune) run on those alone;
     without hints each is an exact bisection shared by all layers, and a layer whose candidates
     overflow runs its own exact selections. The new masks are then written in one elementwise pass.
+    `selection` as in `masks.topk_masks`: 'segmented' (the GPU/TPU default) ignores the hints and
+    runs each selection as passes over all layers' keys at once.
     """
+    selection = selection or masks.default_selection()
+    if selection not in masks.SELECTIONS:
+        raise ValueError(f'selection must be one of {masks.SELECTIONS}, not {selection!r}')
     names = list(scores)
     ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
     old = [mask[n].reshape(-1) for n in names]
@@ -92,9 +100,10 @@ def restrict_masks(
 
     def exact():
         rows = keys()
-        return _swap_selections(rows, old, [masks._positions(r) for r in rows], ks, rate)
+        positions = [masks._positions(r) for r in rows]
+        return _swap_selections(rows, old, positions, ks, rate, selection == 'segmented')
 
-    if hints is None:
+    if hints is None or selection == 'segmented':
         top, come_in, stay = exact()
     else:
         plans = [masks._plan(scores[n], k, hints[n], mask[n]) for n, k in zip(names, ks)]

@@ -284,3 +284,9 @@ def test_wide_gather_splits_ties_at_indices_beyond_the_gathered_size():
     got, _ = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
     np.testing.assert_array_equal(got['w'], reference.topk(s, k))
     assert np.asarray(got['w']).reshape(-1)[spots].tolist() == [True] * 3 + [False] * 3
+
+
+def test_selection_defaults_to_the_backend_and_rejects_unknown_names():
+    assert masks.default_selection() == ('hinted' if jax.default_backend() == 'cpu' else 'segmented')
+    with pytest.raises(ValueError, match="selection must be one of .*'sorted'"):
+        masks.topk_masks({'w': jnp.ones(4)}, {'w': 2}, selection='sorted')

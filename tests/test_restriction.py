@@ -93,13 +93,14 @@ def layer_dicts(draw):
     return mask, scores, kept, before, rng
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(
     layer_dicts(),
     st.sampled_from([0.0, 0.3, 0.5, 1.0]),
     st.sampled_from(['none', 'stale', 'right', 'garbage']),
+    st.sampled_from(masks.SELECTIONS),
 )
-def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind):
+def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind, selection):
     mask, scores, kept, before, rng = args
     threshold = lambda s, n: masks.topk_mask_with_threshold(jnp.asarray(s), kept[n])[1]
     hints = {
@@ -114,6 +115,7 @@ def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind):
         kept,
         jnp.float32(rate),
         hints,
+        selection=selection,
     )
     for n in scores:
         np.testing.assert_array_equal(
