@@ -13,7 +13,7 @@ about an hour; beyond, MLP 856 s (on a CPU shared with a CI run) and ResNet-32 1
 
 Issue 15's conv net at the paper's budget is the model 'resnet32_budget' (28x28, all 60k images,
 30 epochs): 43-62 minutes per search row on this CPU with oneDNN convolutions (measured at 95%:
-2558 s idle, 3712 s beside a CI run; seed rows at 90%: 2780-3042 s, nearly idle; 4618 and 4715 s
+2558 s idle, 3712 s beside a CI run; seed rows at 90%: 2780-3042 s, nearly idle, 3693 s beside test runs; 4618 and 4715 s
 at 90% on XLA's kernels; 138 s on an NVIDIA H200); 4 rows at 90/95%,
 2 more at a third of the epochs, 4 for the seeds, so it is meant for a lent GPU or a cached
 many-hour run (`--methods` lets two processes take different rows):
