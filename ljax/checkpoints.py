@@ -109,6 +109,15 @@ def check_or_write_config(workdir: str, config: dict, identity: dict | None = No
     os.replace(tmp, path)
 
 
+def _missing_file(e: BaseException | None) -> bool:
+    """Whether an error (or its cause) says a file orbax was writing disappeared."""
+    while e is not None:
+        if isinstance(e, FileNotFoundError) or 'NOT_FOUND' in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
@@ -175,10 +184,11 @@ class Checkpoints:
         self.manager.save(step, args=args, force=True)
 
     def _settle(self) -> None:
-        """Wait for the last save. If its step is not on disk afterwards (checkpoints/ or the step
-        being written was deleted, or a write failed in orbax's background thread, which orbax
-        only logs), say so in one line and write that step again, synchronously; if that fails
-        too, raise CheckpointWriteError."""
+        """Wait for the last save. If its step is not on disk afterwards because a file vanished
+        (checkpoints/ or the step being written was deleted, or a write went elsewhere in orbax's
+        background thread, which orbax only logs), say so in one line and write that step again,
+        synchronously; if that fails too, raise CheckpointWriteError. Any other failure (a full
+        disk, no permission) is raised as it is: writing again would fail alike."""
         pending, self._pending = self._pending, None
         try:
             self.manager.wait_until_finished()
@@ -188,9 +198,9 @@ class Checkpoints:
         deleted = not os.path.isdir(self.directory)
         if error is not None or deleted:
             self._fresh_manager()  # recreates checkpoints/
+        if error is not None and (pending is None or not _missing_file(error)):
+            raise error
         if pending is None:
-            if error is not None:
-                raise error
             if deleted:
                 _say(f'{self.directory} was deleted during the run; recreated it (earlier steps are lost)')
             return

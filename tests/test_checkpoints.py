@@ -105,7 +105,7 @@ def test_save_recreates_a_deleted_checkpoint_directory(tmp_path, capfd):
     assert restore(tmp_path)[0] == 3
 
 
-def failing_commits(monkeypatch, times):
+def failing_commits(monkeypatch, times, error=None):
     """Make orbax's last write of a save (commit_success.txt, in its background thread) fail
     `times` times, as it did when TFDS's mock file system was active during the commit."""
     from orbax.checkpoint._src.path import async_path
@@ -115,7 +115,7 @@ def failing_commits(monkeypatch, times):
     async def write_text(path, text, **kwargs):
         if path.name == 'commit_success.txt' and len(failed) < times:
             failed.append(str(path))
-            raise FileNotFoundError(2, 'No such file or directory', str(path))
+            raise error or FileNotFoundError(2, 'No such file or directory', str(path))
         return await original(path, text, **kwargs)
 
     monkeypatch.setattr(async_path, 'write_text', write_text)
@@ -151,6 +151,18 @@ def test_the_last_save_is_written_again_on_close(tmp_path, monkeypatch):
     ckpt.close()
     assert steps_on_disk(tmp_path) == [1]
     assert restore(tmp_path)[0] == 1
+
+
+def test_a_full_disk_is_raised_as_it_is_not_written_again(tmp_path, capfd, monkeypatch):
+    import errno
+
+    failed = failing_commits(monkeypatch, 1, OSError(errno.ENOSPC, 'No space left on device'))
+    ckpt = checkpoints.Checkpoints(str(tmp_path), 3)
+    ckpt.save(1, state_at(1), {})
+    with pytest.raises(OSError, match='No space left on device'):
+        ckpt.save(2, state_at(2), {})
+    assert len(failed) == 1 and 'writing it again' not in capfd.readouterr().err
+    ckpt.close()
 
 
 def test_a_step_that_fails_twice_stops_the_run_in_one_line(tmp_path, monkeypatch):
