@@ -382,6 +382,14 @@ def default_selection() -> str:
     return 'hinted' if jax.default_backend() == 'cpu' else 'segmented'
 
 
+def resolve_selection(selection: str | None) -> str:
+    """`selection`, or the backend's default for None; an unknown name is refused in one line."""
+    selection = selection or default_selection()
+    if selection not in SELECTIONS:
+        raise ValueError(f'selection must be one of {SELECTIONS}, not {selection!r}')
+    return selection
+
+
 @functools.partial(jax.jit, static_argnames='selection')
 def topk_masks(
     scores: dict[str, jax.Array],
@@ -399,9 +407,7 @@ def topk_masks(
     counting passes over the concatenated keys of all layers, one segmented reduction each.
     Either way the masks are then written in one elementwise pass.
     """
-    selection = selection or default_selection()
-    if selection not in SELECTIONS:
-        raise ValueError(f'selection must be one of {SELECTIONS}, not {selection!r}')
+    selection = resolve_selection(selection)
     names = list(scores)
     ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
 

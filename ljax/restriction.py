@@ -88,9 +88,7 @@ def restrict_masks(
     `selection` as in `masks.topk_masks`: 'segmented' (the GPU/TPU default) ignores the hints and
     runs each selection as passes over all layers' keys at once.
     """
-    selection = selection or masks.default_selection()
-    if selection not in masks.SELECTIONS:
-        raise ValueError(f'selection must be one of {masks.SELECTIONS}, not {selection!r}')
+    selection = masks.resolve_selection(selection)
     names = list(scores)
     ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
     old = [mask[n].reshape(-1) for n in names]

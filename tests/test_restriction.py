@@ -168,3 +168,9 @@ def test_is_plain_topk_names_exactly_the_rate_one_schedules():
         assert restriction.is_plain_topk(name), name
     for name in ('cosine', 'poly4', 'linear', 0.5, 'constant:0.5', True, lambda step: 1.0):
         assert not restriction.is_plain_topk(name), name
+
+
+def test_restrict_masks_rejects_an_unknown_selection():
+    with pytest.raises(ValueError, match="selection must be one of .*'sorted'"):
+        restriction.restrict_masks({'w': jnp.ones(4, bool)}, {'w': jnp.ones(4)}, {'w': 4}, 1.0,
+                                   selection='sorted')
