@@ -33,9 +33,6 @@ from jax.profiler import ProfileData
 
 OUT = os.environ.get('OUT', '/tmp/out')
 os.makedirs(OUT, exist_ok=True)
-batch = int(sys.argv[1]) if len(sys.argv) > 1 else 128
-S = int(os.environ.get('SIZE', 224))
-shape = (S, S, 3)
 T0 = time.time()
 
 
@@ -58,15 +55,35 @@ def label(op_name):
     return '/'.join(keep[:4]) + ' :: ' + parts[-1] if keep else op_name
 
 
-def profile(name, par, state, x, y, steps=3):
-    for _ in range(2):
+def timeit(f, *a, n=20):
+    """ms per call of `f(*a)`, `n` calls dispatched back to back after one warm-up call."""
+    r = f(*a)
+    jax.block_until_ready(r)
+    t = time.perf_counter()
+    for _ in range(n):
+        r = f(*a)
+    jax.block_until_ready(r)
+    return 1e3 * (time.perf_counter() - t) / n
+
+
+def step_ms(par, state, x, y, steps=20, warmup=3):
+    """(ms per training step of `par` over `steps` steps dispatched back to back after `warmup`
+    steps, the state after them)."""
+    for _ in range(warmup):
         state, m = par.train(state, x, y)
     jax.block_until_ready((state, m))
     t = time.perf_counter()
-    for _ in range(10):
+    for _ in range(steps):
         state, m = par.train(state, x, y)
     jax.block_until_ready((state, m))
-    wall = (time.perf_counter() - t) / 10
+    return 1e3 * (time.perf_counter() - t) / steps, state
+
+
+def profile(name, par, state, x, y, steps=3, top=45):
+    """Wall time of 10 steps, then a trace of `steps` steps: kernel time and count per step and
+    the `top` source groups by kernel time. Returns (state, wall ms per step)."""
+    wall, state = step_ms(par, state, x, y, steps=10, warmup=2)
+    wall /= 1e3
     d = f'/tmp/trace_{name}'
     jax.profiler.start_trace(d)
     for _ in range(steps):
@@ -102,12 +119,15 @@ def profile(name, par, state, x, y, steps=3):
                 streams[line.name] = streams.get(line.name, 0) + ev.duration_ns
     log(f'{name}: wall {1e3 * wall:.2f} ms/step; GPU kernel time {total / steps / 1e6:.2f} ms/step '
         f'in {kernels / steps:.0f} kernels/step; streams {[(k, round(v / steps / 1e6, 2)) for k, v in streams.items()]}')
-    for g, ns in groups.most_common(45):
+    for g, ns in groups.most_common(top):
         print(f'   {ns / steps / 1e3:9.1f} us  x{ngroups[g] / steps:6.1f}  {g}')
-    return state
+    return state, 1e3 * wall
 
 
 def main():
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+    S = int(os.environ.get('SIZE', 224))
+    shape = (S, S, 3)
     log(jax.devices(), jax.__version__)
     model = get_model('resnet50', 1000)
     rng = np.random.default_rng(0)
@@ -118,7 +138,7 @@ def main():
                            options=SearchOptions(dtype='float32'))
     par = Parallel(search)
     xd, yd = par.put(x, y)
-    state = profile('search', par, par.replicate(search.init_state()), xd, yd)
+    state, _ = profile('search', par, par.replicate(search.init_state()), xd, yd)
     dense = DenseTraining(model, lr=0.1, weight_decay=1e-4, total_steps=10**6, dtype='float32')
     pard = Parallel(dense)
     profile('dense', pard, pard.replicate(dense.init_state(variables)), xd, yd)
@@ -148,15 +168,6 @@ def main():
     hints = {n: masks.extrapolate(s.thresholds[n], s.previous[n]) for n in search.names}
     kept = search.kept
 
-    def timeit(f, *a, n=20):
-        r = f(*a)
-        jax.block_until_ready(r)
-        t = time.perf_counter()
-        for _ in range(n):
-            r = f(*a)
-        jax.block_until_ready(r)
-        return 1e3 * (time.perf_counter() - t) / n
-
     log(f'{len(scores)} prunable layers, {sum(v.size for v in scores.values())} weights')
     log(f'topk_masks with hints: {timeit(masks.topk_masks, scores, kept, hints):.2f} ms')
     log(f'topk_masks exact (no hints): {timeit(lambda a, b: masks.topk_masks(a, b), scores, kept):.2f} ms')
@@ -172,4 +183,5 @@ def main():
     log('done')
 
 
-main()
+if __name__ == '__main__':
+    main()

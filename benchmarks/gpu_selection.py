@@ -10,7 +10,6 @@ mask update alone per selection. Run on an NVIDIA H200: docs/RESULTS.md, Speed, 
 import functools
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,25 +24,12 @@ from ljax.parallel import Parallel
 from ljax.pretrain import DenseTraining
 from ljax.search import Search, SearchOptions
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_profile import log, step_ms, timeit
+
 batch = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 S = int(os.environ.get('SIZE', 224))
 STEPS = int(os.environ.get('STEPS', 20))
-T0 = time.time()
-
-
-def log(*a):
-    print(f'[{time.time() - T0:6.1f}s]', *a, flush=True)
-
-
-def step_ms(par, state, x, y):
-    for _ in range(3):
-        state, m = par.train(state, x, y)
-    jax.block_until_ready((state, m))
-    t = time.perf_counter()
-    for _ in range(STEPS):
-        state, m = par.train(state, x, y)
-    jax.block_until_ready((state, m))
-    return 1e3 * (time.perf_counter() - t) / STEPS, state
 
 
 class Forced:
@@ -67,7 +53,7 @@ def main():
     dense = DenseTraining(model, lr=0.1, weight_decay=1e-4, total_steps=10**6, dtype='float32')
     par = Parallel(dense)
     xd, yd = par.put(x, y)
-    d, _ = step_ms(par, par.replicate(dense.init_state(variables)), xd, yd)
+    d, _ = step_ms(par, par.replicate(dense.init_state(variables)), xd, yd, STEPS)
     log(f'dense {d:.2f} ms/step')
     states = {}
     for sel in ('segmented', 'hinted', 'segmented'):
@@ -75,7 +61,7 @@ def main():
         search = Search.create(model, variables, x[:1], sparsity=0.9, total_steps=10**6,
                                options=SearchOptions(dtype='float32'))
         par = Parallel(search)
-        ms, st = step_ms(par, par.replicate(search.init_state()), xd, yd)
+        ms, st = step_ms(par, par.replicate(search.init_state()), xd, yd, STEPS)
         states[sel] = jax.device_get(jax.tree.map(lambda a: a[0], st))
         log(f'search ({sel}) {ms:.2f} ms/step = {ms / d:.3f} x dense')
     search_mod.masks = masks
@@ -89,24 +75,16 @@ def main():
     hints = {n: masks.extrapolate(s.thresholds[n], s.previous[n]) for n in names}
     kept = {n: int(np.asarray(s.mask[n]).sum()) for n in names}
 
-    def timeit(f, *args, n=20):
-        r = f(*args)
-        jax.block_until_ready(r)
-        t = time.perf_counter()
-        for _ in range(n):
-            r = f(*args)
-        jax.block_until_ready(r)
-        return 1e3 * (time.perf_counter() - t) / n, r
-
     base = masks.topk_masks.__wrapped__
     results = {}
     for sel in ('hinted', 'segmented'):
         f = jax.jit(functools.partial(base, selection=sel))
-        ms, r = timeit(lambda sc, h: f(sc, kept, h), scores, hints)
+        g = lambda sc, h, f=f: f(sc, kept, h)
+        ms, r = timeit(g, scores, hints), g(scores, hints)
         results[sel] = r
         log(f'topk_masks {sel}: {ms:.2f} ms')
     f = jax.jit(functools.partial(base, selection='hinted'))
-    log(f'topk_masks hinted, no hints (per-layer 32 passes): {timeit(lambda sc: f(sc, kept), scores)[0]:.2f} ms')
+    log(f'topk_masks hinted, no hints (per-layer 32 passes): {timeit(lambda sc: f(sc, kept), scores):.2f} ms')
 
     # variant: segment counts by a cumulative sum instead of a scatter-add
     orig = masks._kth_largest_segmented
@@ -130,7 +108,8 @@ def main():
 
     masks._kth_largest_segmented = by_cumsum
     f = jax.jit(functools.partial(base, selection='segmented'))
-    ms, r = timeit(lambda sc, h: f(sc, kept, h), scores, hints)
+    g = lambda sc, h: f(sc, kept, h)
+    ms, r = timeit(g, scores, hints), g(scores, hints)
     masks._kth_largest_segmented = orig
     same = all(np.array_equal(r[0][n], results['hinted'][0][n]) for n in names)
     log(f'topk_masks segmented by cumsum: {ms:.2f} ms (same masks: {same})')

@@ -15,8 +15,8 @@ which is skipped when the threshold is unique.
 the bisection passes are shared by all layers, and with hints one pass over the scores narrows each
 layer to a few candidate blocks (see `_plan`). A hint is the previous threshold key, or (the search)
 its extrapolation from the last two (`extrapolate`). On GPU and TPU the passes run instead over the
-keys of all layers concatenated, one segmented reduction per pass, which launches a few kernels per
-pass rather than several per layer (`default_selection`).
+keys of all layers concatenated, one chunked row sum and one segment sum per pass, which launches a
+few kernels per pass rather than several per layer (`default_selection`).
 NaN scores are not supported.
 """
 
@@ -308,32 +308,41 @@ def _kth_largest_many(rows, ks):
     return [jnp.where(k > 0, f, jnp.uint32(_MAX)) for f, k in zip(found, ks)]
 
 
-def _segments(rows):
-    """All rows as one [R, _ROW] array (each row zero-padded to a multiple of _ROW: key 0 ranks
-    below every real key) and the row id of each of its R lines (static)."""
+# The segmented passes sum each row's keys in chunks of _SEG_LINES lines of _ROW keys (a row is
+# padded to whole chunks), so the segment sum adds a few thousand chunk counts rather than one
+# count per line (on an NVIDIA H200 this took the VGG-19 mask update from 4.6 to 1.3 ms).
+# _SEG_UNROLL unrolls the 32 passes; measured slower there, so off (docs/RESULTS.md, Speed).
+_SEG_LINES = 64
+_SEG_UNROLL = False
+
+
+def _segments(rows, lines=1):
+    """All rows as one [Q, lines * _ROW] array (each row zero-padded to whole chunks: key 0 ranks
+    below every real key) and the row id of each of its Q chunks (static)."""
+    width = lines * _ROW
     parts, ids = [], []
     for i, r in enumerate(rows):
-        pad = -r.size % _ROW
+        pad = -r.size % width
         parts.append(jnp.pad(r, (0, pad)))
-        ids.append(np.full((r.size + pad) // _ROW, i, np.int32))
-    return jnp.concatenate(parts).reshape(-1, _ROW), np.concatenate(ids)
+        ids.append(np.full((r.size + pad) // width, i, np.int32))
+    return jnp.concatenate(parts).reshape(-1, width), np.concatenate(ids)
 
 
 def _kth_largest_segmented(rows, ks):
-    """`_kth_largest_many` as one counting pass over every row's keys per bit (a row sum and a
-    segment sum), instead of one reduction per row per bit: on an accelerator a pass is then a
-    couple of kernels whatever the number of rows (layers), not several per row."""
-    keys, ids = _segments(rows)
+    """`_kth_largest_many` as one counting pass over every row's keys per bit (a chunked row sum
+    and a segment sum), instead of one reduction per row per bit: on an accelerator a pass is then
+    a couple of kernels whatever the number of rows (layers), not several per row."""
+    keys, ids = _segments(rows, _SEG_LINES)
     seg = jnp.asarray(ids)
     ks = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks])
 
     def body(i, found):
-        cand = found | (jnp.uint32(1) << (jnp.uint32(31) - i))
-        per_line = jnp.sum((keys >= cand[seg][:, None]).astype(jnp.int32), axis=1)
-        counts = jax.ops.segment_sum(per_line, seg, len(rows), indices_are_sorted=True)
+        cand = found | (jnp.uint32(1) << (jnp.uint32(31) - jnp.asarray(i, jnp.uint32)))
+        per_chunk = jnp.sum((keys >= cand[seg][:, None]).astype(jnp.int32), axis=1)
+        counts = jax.ops.segment_sum(per_chunk, seg, len(rows), indices_are_sorted=True)
         return jnp.where(counts >= ks, cand, found)
 
-    found = lax.fori_loop(jnp.uint32(0), jnp.uint32(32), body, jnp.zeros(len(rows), jnp.uint32))
+    found = lax.fori_loop(0, 32, body, jnp.zeros(len(rows), jnp.uint32), unroll=_SEG_UNROLL)
     found = jnp.where(ks > 0, found, jnp.uint32(_MAX))
     return [found[i] for i in range(len(rows))]
 
