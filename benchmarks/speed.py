@@ -48,7 +48,7 @@ from flax import jax_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
 
-from ljax import masks, restriction
+from ljax import masks, reductions, restriction
 from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
 from ljax import search_jackpot
@@ -307,7 +307,7 @@ def mask_update_times(shapes, repeats, with_lax=True):
     topk = jax.jit(lambda s, h: masks.topk_masks(s, kept, h))
     restrict = jax.jit(lambda m, s, h, r: restriction.restrict_masks(m, s, kept, r, h))
     one_pass = jax.jit(  # one counting pass over every key: the unit the passes above cost
-        lambda s: [masks._count(masks.order_keys(s[m]) >= hints[m]) for m in names]
+        lambda s: [reductions.count(masks.order_keys(s[m]) >= hints[m]) for m in names]
     )
 
     @jax.jit

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ljax.parallel import Parallel, first
+from ljax.reductions import all_finite
 
 EpochBatches = Callable[[int, int], Iterator]  # (epoch, start_step) -> iterator of (x, y, ...)
 
@@ -36,7 +37,7 @@ def keep_if_not_finite(loss, grads, new, old, updated=()):
     finite flag as int32). Call with values that agree across devices, so every replica decides
     alike."""
     finite = jnp.isfinite(loss) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves((grads, updated))])
+        jnp.stack([all_finite(g) for g in jax.tree.leaves((grads, updated))])
     )
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old), finite.astype(jnp.int32)
 

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ljax.reductions import count as _count, total as _total
+
 _WINDOW_BITS = 16
 _ROW = 64
 
@@ -40,14 +42,6 @@ def order_keys(x: jax.Array) -> jax.Array:
     # -0.0 ranks as +0.0 (done on the bits: XLA folds `x + 0.0` into `x` under jit)
     bits = jnp.where(bits == jnp.uint32(0x80000000), jnp.uint32(0), bits)
     return jnp.where(bits >> 31, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def _count(pred):
-    """Number of True entries (int32). XLA:CPU vectorises row sums but not a flat sum to a scalar."""
-    pred = pred.reshape(-1)
-    if pred.size >= 2 * _ROW and pred.size % _ROW == 0:
-        return jnp.sum(jnp.sum(pred.reshape(-1, _ROW).astype(jnp.int32), axis=1))
-    return jnp.sum(pred.astype(jnp.int32))
 
 
 def _count_ge(keys, t):
@@ -194,13 +188,17 @@ def _plan(scores, k, hint, mask=None) -> _Plan:
     j = jnp.where(e < 0, -e, e + 1)
     # closeness to h of each block's nearest key on the threshold's side (0: none there)
     near = jnp.where(e < 0, below, above)
-    priority = jnp.where(near == 0, -jnp.inf, near.astype(jnp.float32))
+    # priority: minus the distance from h of that key, in float32, which is exact for the 2**24
+    # keys nearest h (a float32 of `near` itself ties keys that differ in their last 8 bits, and
+    # early in a search, scores near 1.0 and 1 - margin, those ties left the threshold's block out)
+    dist = jnp.where(e < 0, h - near, ~near - h)
+    priority = jnp.where(near == 0, -jnp.inf, -dist.astype(jnp.float32))
     if mask is not None:
         priority = jnp.where(stats[3] > 0, jnp.inf, priority)
     if cap == nb:  # a small layer: every block (cheaper than choosing)
         idx = jnp.arange(nb, dtype=jnp.int32)
     else:
-        _, idx = lax.top_k(priority, cap)  # float order may tie close keys: checked exactly below
+        _, idx = lax.top_k(priority, cap)  # far blocks may tie in float32: checked exactly below
         idx = (-lax.top_k(-idx.astype(jnp.float32), cap)[0]).astype(jnp.int32)  # ascending
     inside = jnp.zeros(nb, bool).at[idx].set(True)
     outside_max = jnp.max(jnp.where(inside, jnp.uint32(0), near))
@@ -258,7 +256,7 @@ def _last_kept_one(r, k, t, index, size):
     at = r == t
     need = k - above  # ties kept, lowest indices first
     n_at = _count(at)
-    last_all = jnp.max(jnp.where(at, index, -1))
+    last_all = _total(jnp.where(at, index, -1), jnp.max)
     nbits = jnp.where((n_at > need) & (need > 0), max(int(size), 1).bit_length(), 0)
 
     def body(i, offset):  # largest c with count(ties at indices < c) < need: the need-th tie's
@@ -356,7 +354,7 @@ def _last_kept(rows, ks, thresholds, indices):
     unique = jnp.all(jnp.stack([_count(a) + n == k for a, n, k in zip(at, above, ks)]))
 
     def last(keep):
-        return [jnp.max(jnp.where(a & kp, i, -1)) for a, kp, i in zip(at, keep, indices)]
+        return [_total(jnp.where(a & kp, i, -1), jnp.max) for a, kp, i in zip(at, keep, indices)]
 
     return lax.cond(
         unique,

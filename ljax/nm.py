@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ljax import masks
+from ljax.reductions import count
 
 
 def check_nm(nm, shapes: Mapping[str, tuple]) -> None:
@@ -105,7 +106,7 @@ def nm_restrict(mask: jax.Array, scores: jax.Array, n: int, m: int, rate) -> jax
     mask = mask.astype(bool)
     top = nm_mask(scores, n, m)
     revive, prune = top & ~mask, mask & ~top
-    c = jnp.sum(revive, dtype=jnp.int32)
+    c = count(revive)
     r = num_swaps(rate, c)
 
     def restricted():

@@ -18,6 +18,7 @@ import optax
 from jax import lax
 
 from ljax import masks
+from ljax.reductions import count
 
 RateSchedule = Callable[[jax.Array], jax.Array]
 
@@ -34,7 +35,7 @@ def restrict_mask_with_threshold(mask, scores, k, rate, hint=None):
     top, threshold = masks.topk_mask_with_threshold(scores, k, hint=hint)
     revive = top & ~mask
     prune = mask & ~top
-    c = jnp.sum(revive, dtype=jnp.int32)
+    c = count(revive)
     r = num_swaps(rate, c)
 
     def restricted():
@@ -56,7 +57,7 @@ def _swap_selections(rows, old, index, ks, rate, segmented=False):
     chosen = [masks._chosen(r, i, t, c) for r, i, t, c in zip(rows, index, *top)]
     revive = [t & ~o for t, o in zip(chosen, old)]
     prune = [o & ~t for t, o in zip(chosen, old)]
-    c = [masks._count(r) for r in revive]
+    c = [count(r) for r in revive]
     r = [num_swaps(rate, ci) for ci in c]
     # invalid entries get key 0, below every real score (as `topk_mask(..., valid=)` does)
     t, last = masks._selection(
@@ -120,7 +121,7 @@ def restrict_masks(
                 r = masks.order_keys(score).reshape(-1)
                 pos = masks._positions(r)
                 t, last = masks._second_try(score, k, p)
-                c = jnp.sum(masks._chosen(r, pos, t, last) & ~o, dtype=jnp.int32)
+                c = count(masks._chosen(r, pos, t, last) & ~o)
 
                 def every_swap():  # rate * c rounds up to c: the new mask is the top-k
                     everything = (jnp.uint32(0), jnp.int32(r.size))

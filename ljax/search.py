@@ -33,6 +33,7 @@ from jax import lax
 from ljax import loop as loop_lib
 from ljax import calibration as calibration_lib
 from ljax import masks, restriction, sparsity as sparsity_lib
+from ljax.reductions import count
 from ljax import nm as nm_lib
 from ljax.modelfn import ModelFn, check_variables, model_fn
 from ljax.parallel import AXIS_NAME, Parallel
@@ -377,7 +378,7 @@ class Search:
             mask, thresholds = masks.topk_masks(scores, self.kept, hints)
         else:
             mask, thresholds = restriction.restrict_masks(state.mask, scores, self.kept, rate, hints)
-        flips = sum(jnp.sum(mask[n] != state.mask[n], dtype=jnp.int32) for n in self.names)
+        flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
         new = state.replace(
             step=state.step + 1,
             scores=scores,

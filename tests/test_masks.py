@@ -216,6 +216,22 @@ def test_extrapolated_hint_lands_where_a_stale_one_overflows():
         np.testing.assert_array_equal(got['w'], reference.topk(np.asarray(steps[2]), k))
 
 
+def test_first_gather_holds_the_threshold_when_scores_differ_in_their_last_bits():
+    """Early in a search the scores sit near 1.0 and differ by a few ulps: the nearest keys of
+    over a hundred blocks then lie within 128 of the hint, where a float32 of the key itself ties
+    them (and only 32 blocks are gathered); the distance to the hint stays exact, so an exact
+    hint's first gather holds the threshold."""
+    rng = np.random.default_rng(1)  # seeds 1, 2, 5-8 of 0-11 missed with a float32 of the key
+    ulps = rng.permutation(2048 * 64).reshape(2048, 64)  # distinct scores: no ties
+    s = (np.float32(1.0).view(np.int32) + ulps).astype(np.int32).view(np.float32)
+    k = int(s.size * 0.1)
+    _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
+    assert bool(masks._plan(jnp.asarray(s), k, t).valid)
+    got, t2 = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': t})
+    np.testing.assert_array_equal(got['w'], reference.topk(s, k))
+    assert int(t2['w']) == int(t)
+
+
 def test_gathered_path_resolves_ties_and_signed_zeros_by_index():
     rng = np.random.default_rng(5)
     s = rng.normal(size=(1088, 64)).astype(np.float32)
