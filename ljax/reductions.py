@@ -7,6 +7,8 @@ reduction over rows of at most 32 elements keeps the elementwise work fused into
 (about 3.6 ms). Here every full reduction is two: one over rows of `_ROW` elements, then one over
 the row results, with an optimization barrier between them so that XLA does not merge them back
 into one reduction. On GPU and TPU the barrier costs one small intermediate (1/32 of the input).
+Arrays under `_LARGE` elements keep one reduction: their copy is small, and the barrier's extra
+operations measured slower there (the selections count many small rows per pass).
 Measured in docs/RESULTS.md, Speed.
 """
 
@@ -17,15 +19,16 @@ import jax.numpy as jnp
 from jax import lax
 
 _ROW = 32
+_LARGE = 1 << 18
 
 
 def total(x: jax.Array, fn=jnp.sum) -> jax.Array:
     """`fn(x)` over every element, for an associative `fn(array, axis=None)` such as jnp.sum,
     jnp.max or jnp.all, as a reduction over rows of 32 and one over their results."""
     x = x.reshape(-1)
-    n = x.size - x.size % _ROW
-    if n < 2 * _ROW:
+    if x.size < _LARGE:
         return fn(x)
+    n = x.size - x.size % _ROW
     rows = lax.optimization_barrier(fn(x[:n].reshape(-1, _ROW), axis=1))
     if n < x.size:
         rows = jnp.concatenate([rows, fn(x[n:])[None]])
@@ -34,6 +37,10 @@ def total(x: jax.Array, fn=jnp.sum) -> jax.Array:
 
 def count(pred: jax.Array) -> jax.Array:
     """Number of True entries of a bool array (int32)."""
+    pred = pred.reshape(-1)
+    if pred.size < _LARGE and pred.size % 64 == 0 and pred.size >= 128:
+        # XLA:CPU vectorises row sums but not a flat sum to a scalar
+        return jnp.sum(jnp.sum(pred.reshape(-1, 64).astype(jnp.int32), axis=1))
     return total(pred.astype(jnp.int32))
 
 

@@ -6,7 +6,7 @@ import pytest
 from ljax import reductions
 
 
-@pytest.mark.parametrize('n', [0, 1, 31, 63, 64, 65, 96, 1000, 4099])
+@pytest.mark.parametrize('n', [0, 1, 31, 63, 64, 65, 96, 1000, 4099, (1 << 18) + 33, 1 << 19])
 def test_count_total_and_all_finite_match_numpy_at_every_size(n):
     rng = np.random.default_rng(n)
     x = rng.normal(size=n).astype(np.float32)
