@@ -208,3 +208,13 @@ def test_accelerator_quick(tmp_path):
     with pytest.raises(SystemExit) as err:
         accelerator.main(['--quick', '--cases', 'mlp:8:float16', '--out', str(tmp_path / 'bad.csv')])
     assert err.value.code == 2 and not (tmp_path / 'bad.csv').exists()
+
+
+def test_reductions_benchmark_agrees_at_a_ragged_size():
+    import cpu_reductions as bench
+
+    rows = bench.main(['--size', '100003', '--calls', '1'])
+    assert [r[0] for r in rows] == [
+        'flip count: sum(a != b)', 'finite: all(isfinite(g))', 'max(where(a, index, -1))'
+    ]
+    assert all(r[-1] is True for r in rows)
