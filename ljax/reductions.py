@@ -1,10 +1,10 @@
 """Reductions of a whole array to a scalar, written so that XLA:CPU runs them at memory speed.
 
 XLA:CPU rewrites a reduction over more than 32 elements into a chain of reduce-windows over a
-materialised copy of its input (its tree-reduction rewrite), so `jnp.sum(a != b)` over 25.5M
-elements first writes 25.5M int32 and then reads them back: about 37 ms on this 2-core machine. A
-reduction over rows of at most 32 elements keeps the elementwise work fused into one parallel loop
-(about 3.6 ms). Here every full reduction is two: one over rows of `_ROW` elements, then one over
+materialised copy of its input (its tree-reduction rewrite), so `jnp.sum(a != b)` over 25.2M
+elements first writes 25.2M int32 and then reads them back: 48.7 ms on a 2-core machine, against
+8.6 ms here (`python benchmarks/cpu_reductions.py`). A reduction over rows of at most 32 elements
+keeps the elementwise work fused into one parallel loop. Here every full reduction is two: one over rows of `_ROW` elements, then one over
 the row results, with an optimization barrier between them so that XLA does not merge them back
 into one reduction. On GPU and TPU the barrier costs one small intermediate (1/32 of the input).
 Arrays under `_LARGE` elements keep one reduction: their copy is small, and the barrier's extra
