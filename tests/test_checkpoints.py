@@ -144,6 +144,35 @@ def test_a_save_whose_commit_fails_is_written_again_at_the_next_save(tmp_path, c
     np.testing.assert_array_equal(state['scores']['b'], state_at(1)['scores']['b'])
 
 
+def test_a_save_whose_item_directory_vanished_before_its_check_is_written_again(
+    tmp_path, capfd, monkeypatch
+):
+    # CI (stop 23): orbax's post-save metadata check found the item's tmp directory gone and raised
+    # 'Checkpoint directory does not exist' from its background thread; the run then stopped.
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    original, failed = array_metadata_store.validate_all_array_metadatas, []
+
+    async def validate(validator, store, directory):
+        if not failed:
+            failed.append(str(directory))
+            raise ValueError(f'Checkpoint directory does not exist: {directory}.')
+        return await original(validator, store, directory)
+
+    monkeypatch.setattr(array_metadata_store, 'validate_all_array_metadatas', validate)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), 3)
+    ckpt.save(1, state_at(1), {'history': [1]})
+    ckpt.save(2, state_at(2), {'history': [2]})
+    ckpt.close()
+    assert len(failed) == 1 and '/1.orbax-checkpoint-tmp/state' in failed[0]
+    assert steps_on_disk(tmp_path) == [1, 2]
+    assert 'checkpoint step 1 did not reach' in capfd.readouterr().err
+    shutil.rmtree(tmp_path / 'checkpoints' / '2')
+    step, state, meta = restore(tmp_path)
+    assert (step, meta) == (1, {'history': [1]})
+    np.testing.assert_array_equal(state['scores']['b'], state_at(1)['scores']['b'])
+
+
 def test_the_last_save_is_written_again_on_close(tmp_path, monkeypatch):
     failing_commits(monkeypatch, times=1)
     ckpt = checkpoints.Checkpoints(str(tmp_path), 3)
