@@ -165,7 +165,10 @@ def _blocked_keys(scores):
 def _plan(scores, k, hint, mask=None) -> _Plan:
     """One layer's candidate blocks around `hint`, from one variadic reduce over its keys."""
     n = scores.size
-    kb = _blocked_keys(scores)
+    # The barrier keeps XLA from merging these keys with the mask write's (the same expression
+    # of the same scores): merged, XLA:CPU wrote every layer's keys out and read them back, which
+    # doubled `topk_masks` on ResNet-50's shapes (about 100 -> 50 ms, docs/RESULTS.md, Speed).
+    kb = _blocked_keys(lax.optimization_barrier(scores))
     nb = kb.shape[0]
     cap = nb if nb <= _WHOLE else max(_MIN_BLOCKS, nb // _BLOCK_SHARE)
     k = jnp.asarray(k, jnp.int32)

@@ -1,4 +1,5 @@
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -306,3 +307,32 @@ def test_selection_defaults_to_the_backend_and_rejects_unknown_names():
     assert masks.default_selection() == ('hinted' if jax.default_backend() == 'cpu' else 'segmented')
     with pytest.raises(ValueError, match="selection must be one of .*'sorted'"):
         masks.topk_masks({'w': jnp.ones(4)}, {'w': 2}, selection='sorted')
+
+
+@pytest.mark.parametrize('fn', ['topk', 'restrict'])
+def test_hinted_update_never_writes_a_layers_keys_out(fn):
+    # The hinted selection reads each layer's scores twice (the plan's pass, the mask write), each
+    # computing the order keys on the fly. XLA merged the two identical expressions and wrote the
+    # keys out (uint32, the layer's size) to read them back: that doubled the mask update on
+    # ResNet-50's shapes. No entry-level op may produce a uint32 array of a layer's full size.
+    from ljax import restriction
+
+    shapes = {'a': (256, 1024), 'b': (3, 3, 128, 128)}
+    scores = {n: jnp.zeros(s, jnp.float32) for n, s in shapes.items()}
+    kept = {n: int(np.prod(s)) // 10 for n, s in shapes.items()}
+    hints = {n: jnp.uint32(1 << 31) for n in shapes}
+    if fn == 'topk':
+        lowered = masks.topk_masks.lower(scores, kept, hints, selection='hinted')
+    else:
+        mask = {n: jnp.zeros(s, bool) for n, s in shapes.items()}
+        lowered = restriction.restrict_masks.lower(mask, scores, kept, 0.5, hints, selection='hinted')
+    text = lowered.compile().as_text()
+    entry = text[text.index('\nENTRY'):]
+    sizes = {int(np.prod(s)) for s in shapes.values()}
+    written = [
+        line.strip()[:120]
+        for line in entry.splitlines()
+        for shape in re.findall(r'= u32\[([0-9,]+)\]', line)
+        if int(np.prod([int(d) for d in shape.split(',')])) in sizes
+    ]
+    assert written == []
