@@ -122,7 +122,10 @@ def topk_mask(scores: jax.Array, k, valid=None, hint=None) -> jax.Array:
 # blocks (and the disagreeing ones) are gathered, a few per layer, and the exact selection runs on
 # them. When they do not fit the capacity the call falls back to exact bisection over all keys.
 _BLOCK = 64
-_WHOLE = 1024  # a layer of at most this many blocks is gathered whole (its 32 passes are cheap)
+# A layer of at most _WHOLE blocks is gathered whole (its 32 passes are cheap). 1024 made 64 equal
+# layers of 65,536 weights cost 165 ms (32 passes over all 4.2M keys) against 23 ms with 64, and
+# ResNet-50's update 73 -> 51 ms (restriction 147 -> 88 ms), the stand-in step unchanged.
+_WHOLE = 64
 _MIN_BLOCKS = 32  # candidate blocks gathered per larger layer: the larger of this ...
 _BLOCK_SHARE = 64  # ... and 1/_BLOCK_SHARE of the layer's blocks
 _MAX = 0xFFFFFFFF
