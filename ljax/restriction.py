@@ -102,55 +102,69 @@ def restrict_masks(
         positions = [masks._positions(r) for r in rows]
         return _swap_selections(rows, old, positions, ks, rate, selection == 'segmented')
 
+    def write(top, come_in, stay):  # every layer's new mask in one elementwise pass
+        new = {}
+        for i, (n, r, o) in enumerate(zip(names, keys(), old)):
+            pos = masks._positions(r)
+            new[n] = _swapped(r, pos, o, top, come_in, stay, i).reshape(mask[n].shape)
+        return new, dict(zip(names, top[0]))
+
     if hints is None or selection == 'segmented':
-        top, come_in, stay = exact()
-    else:
-        plans = [masks._plan(scores[n], k, hints[n], mask[n]) for n, k in zip(names, ks)]
-        gathered = [
-            jnp.pad(o, (0, -o.size % masks._BLOCK)).reshape(-1, masks._BLOCK)[p.idx].reshape(-1)
-            for o, p in zip(old, plans)
-        ]
-        # outside the gathered blocks the top-k equals the mask: no candidate lies there
-        fast = _swap_selections(
-            [p.keys for p in plans], gathered, [p.index for p in plans], [p.k for p in plans], rate
-        )
-        per_layer = []
-        for i, (n, p) in enumerate(zip(names, plans)):
+        return write(*exact())
+    plans = [masks._plan(scores[n], k, hints[n], mask[n]) for n, k in zip(names, ks)]
+    gathered = [
+        jnp.pad(o, (0, -o.size % masks._BLOCK)).reshape(-1, masks._BLOCK)[p.idx].reshape(-1)
+        for o, p in zip(old, plans)
+    ]
+    # outside the gathered blocks the top-k equals the mask: no candidate lies there
+    fast = _swap_selections(
+        [p.keys for p in plans], gathered, [p.index for p in plans], [p.k for p in plans], rate
+    )
 
-            def exact_one(score=scores[n], o=old[i], k=ks[i], p=p):
-                r = masks.order_keys(score).reshape(-1)
-                pos = masks._positions(r)
-                t, last = masks._second_try(score, k, p)
-                c = count(masks._chosen(r, pos, t, last) & ~o)
+    new, thresholds = {}, {}
+    for i, (n, o, p, g) in enumerate(zip(names, old, plans, gathered)):
 
-                def every_swap():  # rate * c rounds up to c: the new mask is the top-k
-                    everything = (jnp.uint32(0), jnp.int32(r.size))
-                    nothing = (jnp.uint32(masks._MAX), jnp.int32(-1))
-                    return (t, last), everything, nothing
+        def scattered(o=o, p=p, g=g, i=i):
+            # the layer's candidates were all gathered, so outside them the new mask is the old
+            # one: only the gathered blocks are rewritten (no pass over all scores and masks)
+            rows = _swapped(p.keys, p.index, g, *fast, i).reshape(-1, masks._BLOCK)
+            nb = p.near.shape[0]
+            blocks = jnp.pad(o, (0, nb * masks._BLOCK - o.size)).reshape(nb, masks._BLOCK)
+            blocks = blocks.at[p.idx].set(rows, unique_indices=True, indices_are_sorted=True)
+            return blocks.reshape(-1)[: o.size], fast[0][0][i]
 
-                def some_swaps():
-                    out = _swap_selections([r], [o], [pos], [k], rate)
-                    return tuple((tt[0], cc[0]) for tt, cc in out)
+        def exact_one(score=scores[n], o=o, k=ks[i], p=p):
+            r = masks.order_keys(score).reshape(-1)
+            pos = masks._positions(r)
+            t, last = masks._second_try(score, k, p)
+            c = count(masks._chosen(r, pos, t, last) & ~o)
 
-                return lax.cond(num_swaps(rate, c) == c, every_swap, some_swaps)
+            def every_swap():  # rate * c rounds up to c: the new mask is the top-k
+                everything = (jnp.uint32(0), jnp.int32(r.size))
+                nothing = (jnp.uint32(masks._MAX), jnp.int32(-1))
+                return (t, last), everything, nothing
 
-            # per layer, scalars only: a layer whose candidates overflow costs its own passes
-            per_layer.append(
-                lax.cond(p.valid, lambda i=i: tuple((t[i], c[i]) for t, c in fast), exact_one)
-            )
-        top, come_in, stay = (
-            ([layer[j][0] for layer in per_layer], [layer[j][1] for layer in per_layer])
-            for j in range(3)
-        )
-    new = {}
-    for i, (n, r, o) in enumerate(zip(names, keys(), old)):
-        pos = masks._positions(r)
-        top_i = masks._chosen(r, pos, top[0][i], top[1][i])
-        revive, prune = top_i & ~o, o & ~top_i
-        come = revive & masks._chosen(r, pos, come_in[0][i], come_in[1][i])
-        keep = prune & masks._chosen(r, pos, stay[0][i], stay[1][i])
-        new[n] = ((o & ~(prune & ~keep)) | come).reshape(mask[n].shape)
-    return new, dict(zip(names, top[0]))
+            def some_swaps():
+                out = _swap_selections([r], [o], [pos], [k], rate)
+                return tuple((tt[0], cc[0]) for tt, cc in out)
+
+            sel = lax.cond(num_swaps(rate, c) == c, every_swap, some_swaps)
+            sel = tuple(([a], [b]) for a, b in sel)
+            return _swapped(r, pos, o, *sel, 0), sel[0][0][0]
+
+        # per layer: a layer whose candidates overflow costs its own passes
+        flat, thresholds[n] = lax.cond(p.valid, scattered, exact_one)
+        new[n] = flat.reshape(mask[n].shape)
+    return new, thresholds
+
+
+def _swapped(keys, index, old, top, come_in, stay, i):
+    """Row i's new mask from its old one and its three selections (threshold, last tie) lists."""
+    top_i = masks._chosen(keys, index, top[0][i], top[1][i])
+    revive, prune = top_i & ~old, old & ~top_i
+    come = revive & masks._chosen(keys, index, come_in[0][i], come_in[1][i])
+    keep = prune & masks._chosen(keys, index, stay[0][i], stay[1][i])
+    return (old & ~(prune & ~keep)) | come
 
 
 def is_plain_topk(name) -> bool:
