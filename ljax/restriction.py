@@ -83,9 +83,11 @@ def restrict_masks(
 
     Same masks and threshold keys as the per-layer function; `rate` (may be traced) is shared.
     With `hints`, one pass over scores and masks finds the few blocks per layer where the top-k
-    and the mask can differ and the three selections (top-k, revive, prune) run on those alone;
-    without hints each is an exact bisection shared by all layers, and a layer whose candidates
-    overflow runs its own exact selections. The new masks are then written in one elementwise pass.
+    and the mask can differ and the three selections (top-k, revive, prune) run on those alone,
+    and only those blocks of the old mask are rewritten (elsewhere the top-k equals the mask); a
+    layer whose candidates overflow runs its own exact selections and writes its whole mask.
+    Without hints each selection is an exact bisection shared by all layers, and the new masks are
+    written in one elementwise pass.
     `selection` as in `masks.topk_masks`: 'segmented' (the GPU/TPU default) ignores the hints and
     runs each selection as passes over all layers' keys at once.
     """
