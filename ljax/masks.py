@@ -48,16 +48,33 @@ def _count_ge(keys, t):
     return _count(keys >= t)
 
 
+def _tied(arrays, i):
+    """`arrays` as read in iteration `i` of a loop. What a pass computes from them then depends on
+    the loop counter, so XLA recomputes it inside each pass (fused into the count) instead of
+    hoisting it out of the loop and writing it out in full: a pass over a layer's keys then needs
+    no buffer of the layer's size."""
+    return lax.optimization_barrier((arrays, i))[0]
+
+
+def _row(keys, i):
+    """(keys, valid or None) of a row at loop iteration i: `keys` is an array, or a function of
+    the iteration returning that pair (recomputed in each pass, see `_tied`). Invalid keys rank
+    as key 0, below every real score."""
+    return keys(i) if callable(keys) else (keys, None)
+
+
 def _bisect(keys, k, base, nbits):
     """Largest t in [base, base + 2**nbits) with count(keys >= t) >= k, given that base qualifies.
 
-    `nbits` may be traced (a while loop of nbits counting passes)."""
+    `nbits` may be traced (a while loop of nbits counting passes); `keys` as in `_row`."""
     nbits = jnp.asarray(nbits, jnp.uint32)
 
     def body(i, offset):
         cand = offset | (jnp.uint32(1) << (nbits - 1 - i).astype(jnp.uint32))
         t = base + cand  # a candidate past the top of uint32 (base + 2**nbits may wrap) never qualifies
-        return jnp.where((t >= base) & (_count_ge(keys, t) >= k), cand, offset)
+        r, valid = _row(keys, i)
+        ge = r >= t if valid is None else (r >= t) & valid  # t >= 1: key 0 never counts
+        return jnp.where((t >= base) & (_count(ge) >= k), cand, offset)
 
     return base + lax.fori_loop(jnp.uint32(0), nbits, body, jnp.uint32(0))
 
@@ -257,17 +274,26 @@ def _wide_blocks(plan):
 
 def _last_kept_one(r, k, t, index, size):
     """`_last_kept` for one row without a cumulative sum over it: when not every tie at `t` is
-    kept, the index of the last kept one is found by bisection over the indices (all < `size`)."""
-    above = _count(r > t)
-    at = r == t
-    need = k - above  # ties kept, lowest indices first
+    kept, the index of the last kept one is found by bisection over the indices (all < `size`).
+    `r` as in `_row` (t >= 1 when it has a valid mask); `index` None: the row's positions."""
+
+    def ties(i):
+        keys, valid = _row(r, i)
+        above, at = keys > t, keys == t
+        if valid is not None:
+            above, at = above & valid, at & valid
+        return above, at, _positions(keys) if index is None else index
+
+    above, at, idx = ties(jnp.int32(0))
+    need = k - _count(above)  # ties kept, lowest indices first
     n_at = _count(at)
-    last_all = _total(jnp.where(at, index, -1), jnp.max)
+    last_all = _total(jnp.where(at, idx, -1), jnp.max)
     nbits = jnp.where((n_at > need) & (need > 0), max(int(size), 1).bit_length(), 0)
 
     def body(i, offset):  # largest c with count(ties at indices < c) < need: the need-th tie's
         cand = offset | (jnp.int32(1) << (nbits - 1 - i))
-        return jnp.where(_count(at & (index < cand)) < need, cand, offset)
+        _, at, idx = ties(i)
+        return jnp.where(_count(at & (idx < cand)) < need, cand, offset)
 
     nth = lax.fori_loop(0, nbits, body, jnp.int32(0))
     return jnp.where(n_at <= need, last_all, jnp.where(need > 0, nth, -1))
@@ -289,10 +315,12 @@ def _second_try(scores, k, plan):
         t = _bisect(keys, kprime, base, nbits)
         return t, _last_kept_one(keys, kprime, t, index, (nb + 1) * _BLOCK)
 
-    def whole():
-        r = order_keys(scores).reshape(-1)
+    def whole():  # keys recomputed in each pass: no buffer of the layer's size
+        def r(i):
+            return order_keys(_tied(scores, i)).reshape(-1), None
+
         t = _bisect(r, k, base, nbits)
-        return t, _last_kept_one(r, k, t, _positions(r), r.size)
+        return t, _last_kept_one(r, k, t, None, scores.size)
 
     t, last = lax.cond(_count(inside) <= cap, gathered, whole)
     return jnp.where(k > 0, t, jnp.uint32(_MAX)), last

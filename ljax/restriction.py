@@ -136,28 +136,54 @@ def restrict_masks(
             return blocks.reshape(-1)[: o.size], fast[0][0][i]
 
         def exact_one(score=scores[n], o=o, k=ks[i], p=p):
+            sel = tuple(([a], [b]) for a, b in _exact_swaps(score, o, k, rate, p))
             r = masks.order_keys(score).reshape(-1)
-            pos = masks._positions(r)
-            t, last = masks._second_try(score, k, p)
-            c = count(masks._chosen(r, pos, t, last) & ~o)
-
-            def every_swap():  # rate * c rounds up to c: the new mask is the top-k
-                everything = (jnp.uint32(0), jnp.int32(r.size))
-                nothing = (jnp.uint32(masks._MAX), jnp.int32(-1))
-                return (t, last), everything, nothing
-
-            def some_swaps():
-                out = _swap_selections([r], [o], [pos], [k], rate)
-                return tuple((tt[0], cc[0]) for tt, cc in out)
-
-            sel = lax.cond(num_swaps(rate, c) == c, every_swap, some_swaps)
-            sel = tuple(([a], [b]) for a, b in sel)
-            return _swapped(r, pos, o, *sel, 0), sel[0][0][0]
+            return _swapped(r, masks._positions(r), o, *sel, 0), sel[0][0][0]
 
         # per layer: a layer whose candidates overflow costs its own passes
         flat, thresholds[n] = lax.cond(p.valid, scattered, exact_one)
         new[n] = flat.reshape(mask[n].shape)
     return new, thresholds
+
+
+def _exact_swaps(score, old, k, rate, plan):
+    """One layer's three selections, (threshold, last tie index) each, by bisection passes over
+    all its keys, for a layer whose gathered candidates overflowed. Each pass recomputes the keys,
+    the top-k and the revive/prune masks from the scores and the old mask (`masks._tied`), and no
+    cumulative sum runs: this fallback needs no buffer of the layer's size, which matters because
+    its buffers are allocated on every call, taken or not."""
+    t, last = masks._second_try(score, k, plan)
+    size = score.size
+
+    def candidates(i):  # (keys, revive, prune) at pass i
+        s, o = masks._tied((score, old), i)
+        keys = masks.order_keys(s).reshape(-1)
+        top = masks._chosen(keys, masks._positions(keys), t, last)
+        return keys, top & ~o, o & ~top
+
+    keys, revive, _ = candidates(jnp.int32(0))
+    c = count(revive)
+    r = num_swaps(rate, c)
+
+    def every_swap():  # rate * c rounds up to c: the new mask is the top-k
+        everything = (jnp.uint32(0), jnp.int32(size))
+        nothing = (jnp.uint32(masks._MAX), jnp.int32(-1))
+        return everything, nothing
+
+    def some_swaps():
+        out = []
+        for which, kk in ((1, r), (2, c - r)):
+
+            def row(i, which=which):
+                got = candidates(i)
+                return got[0], got[which]
+
+            th = masks._bisect(row, kk, jnp.uint32(0), 32)
+            th = jnp.where(kk > 0, th, jnp.uint32(masks._MAX))
+            out.append((th, masks._last_kept_one(row, kk, th, None, size)))
+        return tuple(out)
+
+    return ((t, last),) + lax.cond(r == c, every_swap, some_swaps)
 
 
 def _swapped(keys, index, old, top, come_in, stay, i):
