@@ -13,7 +13,8 @@ which is skipped when the threshold is unique.
 
 `topk_masks` selects every layer of a dict in one call, for a cost that does not grow with depth:
 the bisection passes are shared by all layers, and with hints one pass over the scores narrows each
-layer to a few candidate blocks (see `_plan`). A hint is the previous threshold key, or (the search)
+layer to a few candidate blocks (see `_plan`), whose candidates are then selected stacked by size,
+warm-started in the hint's window (`_stacked_selection`). A hint is the previous threshold key, or (the search)
 its extrapolation from the last two (`extrapolate`). On GPU and TPU the passes run instead over the
 keys of all layers concatenated, one chunked row sum and one segment sum per pass, which launches a
 few kernels per pass rather than several per layer (`default_selection`).
@@ -397,8 +398,93 @@ def _last_kept(rows, ks, thresholds, indices):
     )
 
 
-def _selection(rows, ks, indices, segmented=False):
+def _row_total(x, fn=jnp.sum):
+    """`fn` over each row of a [R, S] array, through rows of _ROW where S allows (XLA:CPU
+    vectorises those; a longer row goes through its tree-reduction rewrite)."""
+    r, s = x.shape
+    if s % _ROW == 0 and s > _ROW:
+        x = fn(x.reshape(r, s // _ROW, _ROW), axis=2)
+    return fn(x, axis=1)
+
+
+def _row_count(pred):
+    return _row_total(pred.astype(jnp.int32))
+
+
+def _stacked_selection(rows, ks, indices, hints=None):
+    """`_selection` with the rows of each size stacked into one [R, S] array, so that a counting
+    pass is one operation per size rather than one per row (the gathered candidates of
+    ResNet-50's 54 layers come in 9 sizes), and with fewer passes: a row with a hint (its top-k
+    threshold key, roughly) whose window of 2**16 keys around it holds the threshold bisects that
+    window alone, and a row without one bisects between its smallest nonzero key and its largest
+    (the restriction's revive and prune rows hold only a few keys near the threshold). All rows
+    share one loop of as many passes as the widest row needs. Same thresholds and last ties,
+    row for row."""
+    sizes = {}
+    for i, r in enumerate(rows):
+        sizes.setdefault(r.size, []).append(i)
+    groups = list(sizes.values())
+    keys = [jnp.stack([rows[i] for i in g]) for g in groups]
+    kk = [jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in g]) for g in groups]
+    index = [jnp.stack([indices[i] for i in g]) for g in groups]
+    if hints is None:  # [smallest nonzero key, largest key]: key 0 is padding or not a candidate
+        base = [_row_total(jnp.where(x > 0, x, jnp.uint32(_MAX)), jnp.min) for x in keys]
+        top = [_row_total(x, jnp.max) for x in keys]
+        base = [jnp.where(t > 0, b, 0) for b, t in zip(base, top)]
+        nbits = [jnp.uint32(32) - lax.clz(t - b) for b, t in zip(base, top)]
+    else:
+        width = jnp.uint32(1 << _WINDOW_BITS)
+        hh = [jnp.stack([jnp.asarray(hints[i], jnp.uint32) for i in g]) for g in groups]
+        lo = [jnp.clip(h, width // 2, jnp.uint32(_MAX) - width) - width // 2 for h in hh]
+        inside = [
+            (_row_count(x >= w[:, None]) >= k) & (_row_count(x >= (w + width)[:, None]) < k)
+            for x, w, k in zip(keys, lo, kk)
+        ]
+        base = [jnp.where(i, w, jnp.uint32(0)) for i, w in zip(inside, lo)]
+        nbits = [jnp.where(i, jnp.uint32(_WINDOW_BITS), jnp.uint32(32)) for i in inside]
+    passes = jnp.max(jnp.concatenate(nbits))
+
+    def body(i, offset):
+        bit = passes - 1 - i
+        out = []
+        for x, o, k, b, n in zip(keys, offset, kk, base, nbits):
+            cand = o | (jnp.uint32(1) << bit)
+            t = b + cand  # past the top of uint32 (b + 2**n may wrap): never qualifies
+            ok = (bit < n) & (t >= b) & (_row_count(x >= t[:, None]) >= k)
+            out.append(jnp.where(ok, cand, o))
+        return out
+
+    zero = [jnp.zeros(len(g), jnp.uint32) for g in groups]
+    offset = lax.fori_loop(jnp.uint32(0), passes, body, zero)
+    found = [jnp.where(k > 0, b + o, jnp.uint32(_MAX)) for b, o, k in zip(base, offset, kk)]
+    above = [_row_count(x > t[:, None]) for x, t in zip(keys, found)]
+    at = [x == t[:, None] for x, t in zip(keys, found)]
+    unique = jnp.all(jnp.concatenate([_row_count(a) + n == k for a, n, k in zip(at, above, kk)]))
+
+    def last(keep):
+        return [_row_total(jnp.where(a & kp, i, -1), jnp.max) for a, kp, i in zip(at, keep, index)]
+
+    last = lax.cond(
+        unique,
+        lambda: last([True] * len(groups)),
+        lambda: last(
+            [
+                jnp.cumsum(a, axis=1, dtype=jnp.int32) <= (k - n)[:, None]
+                for a, n, k in zip(at, above, kk)
+            ]
+        ),
+    )
+    thresholds, lasts = [None] * len(rows), [None] * len(rows)
+    for g, t, c in zip(groups, found, last):
+        for j, i in enumerate(g):
+            thresholds[i], lasts[i] = t[j], c[j]
+    return thresholds, lasts
+
+
+def _selection(rows, ks, indices, segmented=False, stacked=False, hints=None):
     """Per row the threshold key and the last tie index of its top-k: see `_chosen`."""
+    if stacked:
+        return _stacked_selection(rows, ks, indices, hints)
     thresholds = (_kth_largest_segmented if segmented else _kth_largest_many)(rows, ks)
     return thresholds, _last_kept(rows, ks, thresholds, indices)
 
@@ -463,7 +549,10 @@ def topk_masks(
         thresholds, last = exact()
     else:
         plans = [_plan(scores[n], k, hints[n]) for n, k in zip(names, ks)]
-        fast = _selection([p.keys for p in plans], [p.k for p in plans], [p.index for p in plans])
+        fast = _selection(
+            [p.keys for p in plans], [p.k for p in plans], [p.index for p in plans],
+            stacked=True, hints=[p.h for p in plans],
+        )
         thresholds, last = [], []
         for i, (n, p) in enumerate(zip(names, plans)):
             # per layer, scalars out: a layer whose candidates overflow (many flips, ties at the

@@ -51,9 +51,12 @@ def restrict_mask(mask: jax.Array, scores: jax.Array, k, rate) -> jax.Array:
     return restrict_mask_with_threshold(mask, scores, k, rate)[0]
 
 
-def _swap_selections(rows, old, index, ks, rate, segmented=False):
-    """The top-k, revive and keep selections of each row, as (threshold, last tie index) pairs."""
-    top = masks._selection(rows, ks, index, segmented)
+def _swap_selections(rows, old, index, ks, rate, segmented=False, hints=None):
+    """The top-k, revive and keep selections of each row, as (threshold, last tie index) pairs.
+    With `hints` (the hinted path's gathered candidates) the rows go through
+    `masks._stacked_selection`, the top-k's warm-started at the hints."""
+    stacked = hints is not None
+    top = masks._selection(rows, ks, index, segmented, stacked, hints)
     chosen = [masks._chosen(r, i, t, c) for r, i, t, c in zip(rows, index, *top)]
     revive = [t & ~o for t, o in zip(chosen, old)]
     prune = [o & ~t for t, o in zip(chosen, old)]
@@ -65,6 +68,7 @@ def _swap_selections(rows, old, index, ks, rate, segmented=False):
         r + [ci - ri for ci, ri in zip(c, r)],
         index + index,
         segmented,
+        stacked,
     )
     n = len(rows)
     return top, (t[:n], last[:n]), (t[n:], last[n:])
@@ -120,7 +124,8 @@ def restrict_masks(
     ]
     # outside the gathered blocks the top-k equals the mask: no candidate lies there
     fast = _swap_selections(
-        [p.keys for p in plans], gathered, [p.index for p in plans], [p.k for p in plans], rate
+        [p.keys for p in plans], gathered, [p.index for p in plans], [p.k for p in plans], rate,
+        hints=[p.h for p in plans],
     )
 
     new, thresholds = {}, {}

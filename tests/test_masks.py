@@ -336,3 +336,34 @@ def test_hinted_update_never_writes_a_layers_keys_out(fn):
         if int(np.prod([int(d) for d in shape.split(',')])) in sizes
     ]
     assert written == []
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_stacked_selection_matches_the_per_row_selection(seed):
+    # Rows of three sizes (two sharing one), tie-heavy and padded (key 0) rows, k from 0 to all
+    # real keys, and hints on the threshold, near it, far off (the window misses: that row takes
+    # 32 passes while the others take 16 in the same loop) and none (the [min, max] bracket).
+    rng = np.random.default_rng(seed)
+    sizes = [128, 128, 192, 320, 192]
+    rows, ks, indices = [], [], []
+    for i, size in enumerate(sizes):
+        values = rng.normal(size=size) if i % 2 else rng.choice([-1.0, -0.0, 0.0, 0.5, 1.0], size)
+        keys = np.array(masks.order_keys(jnp.asarray(values, jnp.float32)))
+        real = size - int(rng.integers(0, size // 2)) if i > 1 else size
+        keys[real:] = 0  # padding past a layer's end
+        rows.append(jnp.asarray(keys))
+        ks.append(jnp.int32([0, real, int(rng.integers(1, real))][i % 3]))
+        indices.append(jnp.asarray(np.sort(rng.choice(10 * size, size, replace=False)), jnp.int32))
+    want = masks._selection(rows, ks, indices)
+    exact = [np.asarray(t) for t in want[0]]
+    for hints in (
+        exact,
+        [t + np.uint32(5) if t < 2**31 else t - np.uint32(5) for t in exact],
+        [np.uint32(rng.integers(0, 2**32)) for _ in rows],
+        None,
+    ):
+        got = jax.jit(lambda r, k, i, h: masks._selection(r, k, i, stacked=True, hints=h))(
+            rows, ks, indices, hints
+        )
+        assert [int(t) for t in got[0]] == [int(t) for t in want[0]]
+        assert [int(c) for c in got[1]] == [int(c) for c in want[1]]
