@@ -166,7 +166,7 @@ def _exact_swaps(score, old, k, rate, plan):
         top = masks._chosen(keys, masks._positions(keys), t, last)
         return keys, top & ~o, o & ~top
 
-    keys, revive, _ = candidates(jnp.int32(0))
+    _, revive, _ = candidates(jnp.int32(0))
     c = count(revive)
     r = num_swaps(rate, c)
 
