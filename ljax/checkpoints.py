@@ -213,9 +213,11 @@ class Checkpoints:
                 _say(f'{self.directory} was deleted during the run; recreated it (earlier steps are lost)')
             return
         step = pending[0]
-        self.manager.reload()
-        if step in self.manager.all_steps():
+        if self._on_disk(step):
             return
+        if not deleted and not os.path.isdir(self.directory):  # deleted as we looked
+            deleted = True
+            self._fresh_manager()
         if deleted:
             _say(
                 f'{self.directory} was deleted during the run; recreated it and writing step {step} '
@@ -232,6 +234,17 @@ class Checkpoints:
             raise CheckpointWriteError(
                 f'checkpoint step {step} could not be written to {self.directory}: {_first_line(e)}'
             ) from e
+
+    def _on_disk(self, step: int) -> bool:
+        """Whether `step` is among the steps in checkpoints/; False when checkpoints/ vanishes
+        while orbax lists it (it checks that the directory exists, then lists it)."""
+        try:
+            self.manager.reload()
+            return step in self.manager.all_steps()
+        except Exception as e:
+            if not _missing_file(e):
+                raise
+            return False
 
     def restore(self, abstract_state: Any, older: Sequence[tuple[Any, Callable]] = ()):
         """The newest step that loads and verifies, as (step, state, meta); None when there is none.

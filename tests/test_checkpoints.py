@@ -105,6 +105,38 @@ def test_save_recreates_a_deleted_checkpoint_directory(tmp_path, capfd):
     assert restore(tmp_path)[0] == 3
 
 
+def test_save_recreates_a_checkpoint_directory_deleted_while_orbax_lists_it(
+    tmp_path, capfd, monkeypatch
+):
+    # CI (stop 26): checkpoints/ was deleted after orbax found that it exists and before it listed
+    # it (CheckpointManager.reload), so the listing raised FileNotFoundError and ended the run.
+    from orbax.checkpoint._src.path import step as step_lib
+
+    ckpt = checkpoints.Checkpoints(str(tmp_path), 2)
+    ckpt.save(1, state_at(1), {})
+    ckpt.wait()
+    original, deleted = step_lib._is_valid_base_path, []
+
+    def exists_then_deleted(path):
+        valid = original(path)
+        if valid and not deleted:
+            deleted.append(str(path))
+            shutil.rmtree(str(path))
+        return valid
+
+    monkeypatch.setattr(step_lib, '_is_valid_base_path', exists_then_deleted)
+    ckpt.save(2, state_at(2), {})
+    ckpt.save(3, state_at(3), {})
+    ckpt.close()
+    assert deleted == [os.path.join(str(tmp_path), 'checkpoints')]
+    err = capfd.readouterr().err
+    assert 'was deleted during the run; recreated it and writing step 2 again' in err
+    assert steps_on_disk(tmp_path) == [2, 3]
+    step, state, _ = restore(tmp_path)
+    assert step == 3
+    np.testing.assert_array_equal(state['scores']['b'], state_at(3)['scores']['b'])
+
+
 def failing_commits(monkeypatch, times, error=None):
     """Make orbax's last write of a save (commit_success.txt, in its background thread) fail
     `times` times, as it did when TFDS's mock file system was active during the commit."""
