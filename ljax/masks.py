@@ -163,6 +163,8 @@ class _Plan(NamedTuple):
     h: jax.Array  # the hint as used (uint32)
     e: jax.Array  # count of keys >= h minus k: the threshold is >= h when e >= 0, below it if not
     j: jax.Array  # the threshold is the j-th closest key to h on its side
+    changed: jax.Array | None = None  # [nb] int32 per block: keys >= h where `old` is False or
+    #                                   the reverse (with `old` or `mask` given)
 
 
 def extrapolate(last: jax.Array, previous: jax.Array) -> jax.Array:
@@ -183,8 +185,12 @@ def _blocked_keys(scores):
     return jnp.pad(keys, (0, pad)).reshape(-1, _BLOCK)
 
 
-def _plan(scores, k, hint, mask=None) -> _Plan:
-    """One layer's candidate blocks around `hint`, from one variadic reduce over its keys."""
+def _plan(scores, k, hint, mask=None, old=None) -> _Plan:
+    """One layer's candidate blocks around `hint`, from one variadic reduce over its keys.
+
+    mask (the restriction's old mask): every block where keys >= hint and the mask differ is
+    gathered too (invalid if they do not fit). old: those blocks are only counted (`changed`),
+    for the count of flips (`_flips`)."""
     n = scores.size
     # The barrier keeps XLA from merging these keys with the mask write's (the same expression
     # of the same scores): merged, XLA:CPU wrote every layer's keys out and read them back, which
@@ -197,13 +203,14 @@ def _plan(scores, k, hint, mask=None) -> _Plan:
     h = jnp.where(k == 0, jnp.uint32(_MAX), jnp.where(k == n, jnp.uint32(1), h))
     ge = kb >= h
     ops = [ge.astype(jnp.int32), jnp.where(ge, jnp.uint32(0), kb), jnp.where(ge, ~kb, 0)]
-    if mask is not None:
-        mb = jnp.pad(mask.reshape(-1), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)
+    compared = mask if mask is not None else old
+    if compared is not None:
+        mb = jnp.pad(compared.reshape(-1), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)
         ops.append((ge != mb).astype(jnp.int32))
 
     def combine(a, b):  # one variadic reduce: a single pass over the keys
         out = (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.maximum(a[2], b[2]))
-        return out + ((a[3] + b[3],) if mask is not None else ())
+        return out + ((a[3] + b[3],) if compared is not None else ())
 
     zero = (jnp.int32(0), jnp.uint32(0), jnp.uint32(0), jnp.int32(0))[: len(ops)]
     stats = lax.reduce(tuple(ops), zero, combine, (1,))
@@ -231,7 +238,22 @@ def _plan(scores, k, hint, mask=None) -> _Plan:
         valid &= ~jnp.any(~inside & (stats[3] > 0))
     # gathered from the scores, not from `kb`, which would then be written out in full
     keys, index, kprime = _gather(scores, k, count, idx)
-    return _Plan(idx, keys, index, kprime, valid, near, count, h, e, j)
+    changed = stats[3] if compared is not None else None
+    return _Plan(idx, keys, index, kprime, valid, near, count, h, e, j, changed)
+
+
+def _gathered_rows(x, idx):
+    """Blocks `idx` of a layer's flat array (ids past its last block give padding), flat."""
+    pad = -x.size % _BLOCK + _BLOCK
+    return jnp.pad(x.reshape(-1), (0, pad)).reshape(-1, _BLOCK)[idx].reshape(-1)
+
+
+def _flips(plan, new_rows, old_rows):
+    """Positions whose bit differs between the new mask and `old`, for a layer whose new mask is
+    keys >= h outside the gathered blocks (a valid plan): the plan's count of `changed` outside
+    those blocks plus the count inside them, from the gathered rows alone."""
+    outside = jnp.sum(plan.changed) - jnp.sum(jnp.pad(plan.changed, (0, 1))[plan.idx])
+    return outside + _count(new_rows != old_rows)
 
 
 _WIDE_SHARE = 8  # the second try gathers up to 1/_WIDE_SHARE of a layer's blocks
@@ -523,8 +545,11 @@ def topk_masks(
     kept: dict[str, int | jax.Array],
     hints: dict[str, jax.Array] | None = None,
     selection: str | None = None,
-) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """`topk_mask_with_threshold` for every layer of a dict in one call: (masks, thresholds).
+    old: dict[str, jax.Array] | None = None,
+):
+    """`topk_mask_with_threshold` for every layer of a dict in one call: (masks, thresholds), and
+    with `old` (the masks these replace) a third output, the count of positions whose bit flips
+    (all layers; int32).
 
     Same masks and threshold keys as the per-layer function, whichever `selection` (None: the
     backend's `default_selection()`). 'hinted' with `hints` (last step's thresholds): one pass
@@ -532,7 +557,8 @@ def topk_masks(
     layer whose candidates miss falls back alone to the warm-started per-layer bisection);
     without hints all layers share 32 bisection passes. 'segmented' ignores the hints: 32
     counting passes over the concatenated keys of all layers, one segmented reduction each.
-    Either way the masks are then written in one elementwise pass.
+    Either way the masks are then written in one elementwise pass. The flips of a layer whose
+    candidates were gathered are counted from the hint pass and the gathered blocks alone.
     """
     selection = resolve_selection(selection)
     names = list(scores)
@@ -545,30 +571,50 @@ def topk_masks(
         rows = keys()
         return _selection(rows, ks, [_positions(r) for r in rows], selection == 'segmented')
 
+    counting = old is not None
+
+    def all_flips(n, t, c):  # a pass over the layer's scores and old mask
+        r = order_keys(scores[n]).reshape(-1)
+        return _count(_chosen(r, _positions(r), t, c) != old[n].reshape(-1))
+
     if hints is None or selection == 'segmented':
         thresholds, last = exact()
+        flips = [all_flips(n, t, c) for n, t, c in zip(names, thresholds, last)] if counting else []
     else:
-        plans = [_plan(scores[n], k, hints[n]) for n, k in zip(names, ks)]
+        plans = [
+            _plan(scores[n], k, hints[n], old=old[n] if counting else None) for n, k in zip(names, ks)
+        ]
         fast = _selection(
             [p.keys for p in plans], [p.k for p in plans], [p.index for p in plans],
             stacked=True, hints=[p.h for p in plans],
         )
-        thresholds, last = [], []
+        thresholds, last, flips = [], [], []
         for i, (n, p) in enumerate(zip(names, plans)):
+
+            def gathered(i=i, p=p, n=n):
+                t, c = fast[0][i], fast[1][i]
+                if not counting:
+                    return t, c
+                new_rows = _chosen(p.keys, p.index, t, c)
+                return t, c, _flips(p, new_rows, _gathered_rows(old[n], p.idx))
+
+            def second_try(n=n, i=i, p=p):
+                t, c = _second_try(scores[n], ks[i], p)
+                return (t, c, all_flips(n, t, c)) if counting else (t, c)
+
             # per layer, scalars out: a layer whose candidates overflow (many flips, ties at the
             # threshold) pays for its own second try, not every layer's. (A 0/1-trip loop instead
             # of lax.cond, which copies the scores into its branches, measured slower.)
-            t, c = lax.cond(
-                p.valid,
-                lambda i=i: (fast[0][i], fast[1][i]),
-                lambda n=n, i=i, p=p: _second_try(scores[n], ks[i], p),
-            )
-            thresholds.append(t)
-            last.append(c)
+            out = lax.cond(p.valid, gathered, second_try)
+            thresholds.append(out[0])
+            last.append(out[1])
+            flips += out[2:]
     masks = {
         n: _chosen(r, _positions(r), t, c).reshape(scores[n].shape)
         for n, r, t, c in zip(names, keys(), thresholds, last)
     }
+    if counting:
+        return masks, dict(zip(names, thresholds)), sum(flips, jnp.int32(0))
     return masks, dict(zip(names, thresholds))
 
 

@@ -74,7 +74,7 @@ def _swap_selections(rows, old, index, ks, rate, segmented=False, hints=None):
     return top, (t[:n], last[:n]), (t[n:], last[n:])
 
 
-@functools.partial(jax.jit, static_argnames='selection')
+@functools.partial(jax.jit, static_argnames=('selection', 'count_flips'))
 def restrict_masks(
     mask: dict[str, jax.Array],
     scores: dict[str, jax.Array],
@@ -82,8 +82,11 @@ def restrict_masks(
     rate,
     hints: dict[str, jax.Array] | None = None,
     selection: str | None = None,
-) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """`restrict_mask_with_threshold` for every layer of a dict in one call: (mask, thresholds).
+    count_flips: bool = False,
+):
+    """`restrict_mask_with_threshold` for every layer of a dict in one call: (mask, thresholds),
+    and with `count_flips` a third output, the count of positions whose bit flips (int32; for a
+    layer whose blocks were gathered, counted on those blocks alone).
 
     Same masks and threshold keys as the per-layer function; `rate` (may be traced) is shared.
     With `hints`, one pass over scores and masks finds the few blocks per layer where the top-k
@@ -109,46 +112,49 @@ def restrict_masks(
         return _swap_selections(rows, old, positions, ks, rate, selection == 'segmented')
 
     def write(top, come_in, stay):  # every layer's new mask in one elementwise pass
-        new = {}
+        new, flips = {}, []
         for i, (n, r, o) in enumerate(zip(names, keys(), old)):
             pos = masks._positions(r)
-            new[n] = _swapped(r, pos, o, top, come_in, stay, i).reshape(mask[n].shape)
-        return new, dict(zip(names, top[0]))
+            flat = _swapped(r, pos, o, top, come_in, stay, i)
+            flips.append(count(flat != o))
+            new[n] = flat.reshape(mask[n].shape)
+        return (new, dict(zip(names, top[0]))) + ((sum(flips, jnp.int32(0)),) if count_flips else ())
 
     if hints is None or selection == 'segmented':
         return write(*exact())
     plans = [masks._plan(scores[n], k, hints[n], mask[n]) for n, k in zip(names, ks)]
-    gathered = [
-        jnp.pad(o, (0, -o.size % masks._BLOCK)).reshape(-1, masks._BLOCK)[p.idx].reshape(-1)
-        for o, p in zip(old, plans)
-    ]
+    gathered = [masks._gathered_rows(o, p.idx) for o, p in zip(old, plans)]
     # outside the gathered blocks the top-k equals the mask: no candidate lies there
     fast = _swap_selections(
         [p.keys for p in plans], gathered, [p.index for p in plans], [p.k for p in plans], rate,
         hints=[p.h for p in plans],
     )
 
-    new, thresholds = {}, {}
+    new, thresholds, flips = {}, {}, []
     for i, (n, o, p, g) in enumerate(zip(names, old, plans, gathered)):
 
         def scattered(o=o, p=p, g=g, i=i):
             # the layer's candidates were all gathered, so outside them the new mask is the old
             # one: only the gathered blocks are rewritten (no pass over all scores and masks)
-            rows = _swapped(p.keys, p.index, g, *fast, i).reshape(-1, masks._BLOCK)
+            flat = _swapped(p.keys, p.index, g, *fast, i)
+            rows = flat.reshape(-1, masks._BLOCK)
             nb = p.near.shape[0]
             blocks = jnp.pad(o, (0, nb * masks._BLOCK - o.size)).reshape(nb, masks._BLOCK)
             blocks = blocks.at[p.idx].set(rows, unique_indices=True, indices_are_sorted=True)
-            return blocks.reshape(-1)[: o.size], fast[0][0][i]
+            out = blocks.reshape(-1)[: o.size], fast[0][0][i]
+            return out + ((count(flat != g),) if count_flips else ())
 
         def exact_one(score=scores[n], o=o, k=ks[i], p=p):
             sel = tuple(([a], [b]) for a, b in _exact_swaps(score, o, k, rate, p))
             r = masks.order_keys(score).reshape(-1)
-            return _swapped(r, masks._positions(r), o, *sel, 0), sel[0][0][0]
+            flat = _swapped(r, masks._positions(r), o, *sel, 0)
+            return (flat, sel[0][0][0]) + ((count(flat != o),) if count_flips else ())
 
         # per layer: a layer whose candidates overflow costs its own passes
-        flat, thresholds[n] = lax.cond(p.valid, scattered, exact_one)
-        new[n] = flat.reshape(mask[n].shape)
-    return new, thresholds
+        out = lax.cond(p.valid, scattered, exact_one)
+        new[n], thresholds[n] = out[0].reshape(mask[n].shape), out[1]
+        flips += out[2:]
+    return (new, thresholds) + ((sum(flips, jnp.int32(0)),) if count_flips else ())
 
 
 def _exact_swaps(score, old, k, rate, plan):

@@ -372,13 +372,15 @@ class Search:
         if self.options.nm is not None:
             mask = nm_lib.nm_restrict_all(state.mask, scores, *self.options.nm, rate)
             thresholds = state.thresholds
+            flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
         elif restriction.is_plain_topk(self.options.restriction):
             # rate 1 at every step: the top-k alone, without the restriction's look at the old mask
-            # (whose changed blocks would all have to be gathered)
-            mask, thresholds = masks.topk_masks(scores, self.kept, hints)
+            # (whose changed blocks would all have to be gathered); flips counted on the way
+            mask, thresholds, flips = masks.topk_masks(scores, self.kept, hints, old=state.mask)
         else:
-            mask, thresholds = restriction.restrict_masks(state.mask, scores, self.kept, rate, hints)
-        flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
+            mask, thresholds, flips = restriction.restrict_masks(
+                state.mask, scores, self.kept, rate, hints, count_flips=True
+            )
         new = state.replace(
             step=state.step + 1,
             scores=scores,

@@ -147,14 +147,37 @@ def hints_for(kind, scores, kept, rng):
     return {n: masks.topk_mask_with_threshold(jnp.asarray(s), kept[n])[1] for n, s in scores.items()}
 
 
+def old_masks(kind, scores, kept, rng):
+    """Masks a step replaces: None (flips not counted), the top-k of scores before a small step,
+    or random bits (any mask may be given)."""
+    if kind == 'none':
+        return None
+    if kind == 'random':
+        return {n: jnp.asarray(rng.random(s.shape) < 0.5) for n, s in scores.items()}
+    before = {n: s - 1e-3 * rng.normal(size=s.shape).astype(np.float32) for n, s in scores.items()}
+    return {n: jnp.asarray(reference.topk(s, kept[n])) for n, s in before.items()}
+
+
 @settings(max_examples=16, deadline=None)
-@given(layer_dicts(), st.sampled_from(['none', 'right', 'stale', 'garbage']), st.sampled_from(masks.SELECTIONS))
-def test_topk_masks_match_reference_and_per_layer(args, hint_kind, selection):
+@given(
+    layer_dicts(),
+    st.sampled_from(['none', 'right', 'stale', 'garbage']),
+    st.sampled_from(masks.SELECTIONS),
+    st.sampled_from(['none', 'stale', 'random']),
+)
+def test_topk_masks_match_reference_and_per_layer(args, hint_kind, selection, old_kind):
     scores, kept, rng = args
     hints = hints_for(hint_kind, scores, kept, rng)
-    got, thresholds = masks.topk_masks(
-        {n: jnp.asarray(s) for n, s in scores.items()}, kept, hints, selection=selection
+    old = old_masks(old_kind, scores, kept, rng)
+    out = masks.topk_masks(
+        {n: jnp.asarray(s) for n, s in scores.items()}, kept, hints, selection=selection, old=old
     )
+    got, thresholds = out[:2]
+    if old is None:
+        assert len(out) == 2
+    else:  # the flips, counted from the hint pass and the gathered blocks where it can
+        want = sum(int(np.sum(reference.topk(s, kept[n]) != np.asarray(old[n]))) for n, s in scores.items())
+        assert int(out[2]) == want
     assert set(got) == set(scores)
     for n, s in scores.items():
         m = np.asarray(got[n])
@@ -186,10 +209,13 @@ def test_near_hint_takes_the_gathered_path_and_a_far_one_falls_back():
     near = masks._plan(moved, k, t)
     assert bool(near.valid) and near.idx.size < 1088  # a subset of the blocks holds the threshold
     assert not bool(masks._plan(moved, k, jnp.uint32(0x90000000)).valid)
+    old = reference.topk(s + 0.1 * rng.normal(size=s.shape).astype(np.float32), k)  # steps ago
     for hint in (t, jnp.uint32(0x90000000)):
-        got, t2 = masks.topk_masks({'w': moved}, {'w': k}, {'w': hint})
-        np.testing.assert_array_equal(got['w'], reference.topk(np.asarray(moved), k))
+        got, t2, flips = masks.topk_masks({'w': moved}, {'w': k}, {'w': hint}, old={'w': old})
+        want = reference.topk(np.asarray(moved), k)
+        np.testing.assert_array_equal(got['w'], want)
         assert int(t2['w']) == int(masks.topk_mask_with_threshold(moved, k)[1])
+        assert int(flips) == np.sum(want != old) > 0
 
 
 def test_extrapolate_continues_the_drift_and_clamps_to_uint32():

@@ -99,8 +99,9 @@ def layer_dicts(draw):
     st.sampled_from([0.0, 0.3, 0.5, 1.0]),
     st.sampled_from(['none', 'stale', 'right', 'garbage']),
     st.sampled_from(masks.SELECTIONS),
+    st.booleans(),
 )
-def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind, selection):
+def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind, selection, count_flips):
     mask, scores, kept, before, rng = args
     threshold = lambda s, n: masks.topk_mask_with_threshold(jnp.asarray(s), kept[n])[1]
     hints = {
@@ -109,14 +110,19 @@ def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind, sel
         'right': {n: threshold(scores[n], n) for n in scores},
         'garbage': {n: jnp.uint32(rng.integers(0, 2**32)) for n in scores},
     }[hint_kind]
-    got, thresholds = restriction.restrict_masks(
+    out = restriction.restrict_masks(
         {n: jnp.asarray(m) for n, m in mask.items()},
         {n: jnp.asarray(s) for n, s in scores.items()},
         kept,
         jnp.float32(rate),
         hints,
         selection=selection,
+        count_flips=count_flips,
     )
+    got, thresholds = out[:2]
+    assert len(out) == 2 + count_flips
+    if count_flips:
+        assert int(out[2]) == sum(int(np.sum(np.asarray(got[n]) != mask[n])) for n in scores)
     for n in scores:
         np.testing.assert_array_equal(
             got[n], reference.restrict(mask[n], scores[n], kept[n], rate).reshape(mask[n].shape)
@@ -134,10 +140,14 @@ def test_restrict_masks_gathered_path_under_jit_with_traced_rate():
     mask = reference.topk(prev, k)
     hint = masks.topk_mask_with_threshold(jnp.asarray(prev), k)[1]
     assert bool(masks._plan(jnp.asarray(new), k, hint, jnp.asarray(mask)).valid)
-    f = jax.jit(lambda m, s, r: restriction.restrict_masks(m, s, {'w': k}, r, {'w': hint}))
+    f = jax.jit(
+        lambda m, s, r: restriction.restrict_masks(m, s, {'w': k}, r, {'w': hint}, count_flips=True)
+    )
     for rate in (0.0, 0.5, 0.999, 1.0):
-        got, _ = f({'w': jnp.asarray(mask)}, {'w': jnp.asarray(new)}, jnp.float32(rate))
-        np.testing.assert_array_equal(got['w'], reference.restrict(mask, new, k, rate))
+        got, _, flips = f({'w': jnp.asarray(mask)}, {'w': jnp.asarray(new)}, jnp.float32(rate))
+        want = reference.restrict(mask, new, k, rate)
+        np.testing.assert_array_equal(got['w'], want)
+        assert int(flips) == np.sum(want != mask)  # counted on the gathered blocks alone
     moved = reference.restrict(mask, new, k, 0.5)
     assert 0 < (moved != mask).sum() < (reference.topk(new, k) != mask).sum()  # a real half step
 
@@ -155,11 +165,13 @@ def test_restrict_masks_far_moved_threshold_takes_the_wide_gather():
     inside, cap, _, _ = masks._wide_blocks(plan)
     assert not bool(plan.valid) and int(inside.sum()) <= cap
     for rate in (0.0, 0.5, 1.0):
-        got, t = restriction.restrict_masks(
+        got, t, flips = restriction.restrict_masks(
             {'w': jnp.asarray(mask)}, {'w': jnp.asarray(new)}, {'w': k}, jnp.float32(rate),
-            {'w': hint},
+            {'w': hint}, count_flips=True,
         )
-        np.testing.assert_array_equal(got['w'], reference.restrict(mask, new, k, rate))
+        want = reference.restrict(mask, new, k, rate)
+        np.testing.assert_array_equal(got['w'], want)
+        assert int(flips) == np.sum(want != mask)
         assert int(t['w']) == int(masks.topk_mask_with_threshold(jnp.asarray(new), k)[1])
 
 

@@ -110,6 +110,27 @@ def test_every_step_keeps_exactly_k_per_layer(score_init, allocation):
             np.testing.assert_array_equal(state.mask[n][0], state.mask[n][3])
 
 
+@pytest.mark.parametrize('restriction', ['none', 'cosine'])
+def test_flips_metric_counts_the_mask_bits_each_step_changed(restriction):
+    # the step counts flips inside the mask update (from its hint pass and gathered blocks)
+    model, v = Net(), pretrained()
+    batches = data(3)
+    search = Search.create(
+        model, v, batches[0][0][:1], sparsity=0.7, total_steps=6,
+        options=SearchOptions(restriction=restriction, lr=1.0),
+    )
+    par = Parallel(search)
+    state = par.replicate(search.init_state())
+    seen = []
+    for step in range(6):
+        before = jax.device_get(state.mask)  # a copy: the step donates the state
+        state, metrics = par.train(state, *batches[step % 3])
+        changed = sum(int(np.sum(before[n][0] != np.asarray(state.mask[n][0]))) for n in search.names)
+        assert np.all(np.asarray(metrics['flips']) == changed), (step, metrics['flips'], changed)
+        seen.append(changed)
+    assert sum(seen) > 0
+
+
 def test_state_keeps_the_last_two_thresholds_for_the_hint():
     model, v = Net(), pretrained()
     batches = data(2)
