@@ -350,21 +350,28 @@ class Search:
         dtype = DTYPES[self.options.dtype]
         rate = self._rate_schedule(state.step)  # on the device: no host value per step
 
-        def loss_fn(scores):
-            f = {n: _cast(w, dtype) for n, w in flat.items()}
-            for n in self.names:
-                f[n] = f[n] * masks.ste(scores[n], state.mask[n]).astype(f[n].dtype)
+        f = {n: _cast(w, dtype) for n, w in flat.items()}
+
+        def masked(scores):  # the prunable weights as the model sees them
+            return {n: f[n] * masks.ste(scores[n], state.mask[n]).astype(f[n].dtype) for n in self.names}
+
+        def loss_fn(weights):
             logits, batch_stats = self.apply(
-                sparsity_lib.unflatten(f), state.batch_stats, _cast(x, dtype), train=True, rng=rng
+                sparsity_lib.unflatten({**f, **weights}), state.batch_stats, _cast(x, dtype),
+                train=True, rng=rng,
             )
             logits = logits.astype(jnp.float32)
             loss = self.loss(logits, y).mean()
             return loss, (logits, batch_stats)
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.scores
-        )
-        grads = lax.pmean(grads, AXIS_NAME)
+        weights, ste_vjp = jax.vjp(masked, state.scores)
+        (loss, (logits, batch_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(weights)
+        if dtype == jnp.float32:
+            # averaged over the devices before the STE's product with the (replicated) weights:
+            # XLA then fuses that product into the optimizer's update, a pass over them fewer
+            grads = ste_vjp(lax.pmean(g, AXIS_NAME))[0]
+        else:  # a half-precision gradient is averaged in float32, after the product
+            grads = lax.pmean(ste_vjp(g)[0], AXIS_NAME)
         loss = lax.pmean(loss, AXIS_NAME)
         updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
         scores = optax.apply_updates(state.scores, updates)
@@ -391,8 +398,10 @@ class Search:
             batch_stats=lax.pmean(batch_stats, AXIS_NAME),
         )
         # loss and grads are pmean'd: every replica skips a non-finite step alike
+        # the weights' gradients are checked (finite there, the scores' are, unless their product
+        # overflows, which leaves the updated scores non-finite): read without the weights
         new, finite = loop_lib.keep_if_not_finite(
-            loss, grads, new, state.replace(step=new.step), updated=scores
+            loss, g, new, state.replace(step=new.step), updated=scores
         )
         metrics = {
             'loss': loss,
