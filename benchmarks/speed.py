@@ -73,14 +73,16 @@ _TOPK_MASKS = masks.topk_masks
 
 
 @jax.jit
-def one_pass_masks(scores, kept, hints=None):
+def one_pass_masks(scores, kept, hints=None, old=None):
     """The floor of any mask update, standing in for `masks.topk_masks` in the 'floor' run: one
     elementwise pass (read the scores, write the mask `key >= hint`). Not a top-k: the count kept
     drifts; it times what an exact selection cannot go below (it must read every score and write
-    every mask bit), everything else in the search step unchanged."""
+    every mask bit), everything else in the search step unchanged. With `old`, the flips it
+    reports are 0 (not counted: a floor)."""
     if hints is None:  # the initial mask: exact
         return _TOPK_MASKS(scores, kept)
-    return {n: masks.order_keys(s) >= hints[n] for n, s in scores.items()}, hints
+    new = {n: masks.order_keys(s) >= hints[n] for n, s in scores.items()}
+    return (new, hints) + ((jnp.int32(0),) if old is not None else ())
 
 
 def loop_times(label, model, shape, batch, target, steps_per_epoch, epochs, rounds):
