@@ -8,6 +8,7 @@
 // each; dilation 1 means none). Primitive descriptors are cached per shape, so a step pays
 // oneDNN's set-up once per layer shape and direction.
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -151,10 +152,10 @@ std::vector<int64_t> Dims(const D& d) {
 
 // Runs one direction. a, b: the two operands; out: the result. For 'f' (a, b, out) =
 // (x, w, y); for 'd' (dy, w, dx); for 'w' (x, dy, dw).
-ffi::Error Run(char direction, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-               ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
-               ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
-               ffi::Span<const int64_t> dilation) {
+ffi::Error RunUnguarded(char direction, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                        ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
+                        ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
+                        ffi::Span<const int64_t> dilation) {
   auto da = Dims(a.dimensions()), db = Dims(b.dimensions()), dout = Dims(out->dimensions());
   const std::vector<int64_t>* x = &da;
   const std::vector<int64_t>* w = &db;
@@ -172,59 +173,74 @@ ffi::Error Run(char direction, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                           ffi::Span<const int64_t>(y->data(), y->size()), strides, lo, hi,
                           dilation, &g);
   if (!err.success()) return err;
-  try {
-    auto p = Get(g, direction);
-    dnnl::stream stream(Engine());
-    dnnl::memory scratch(p->scratch_md, Engine());  // this call's own
-    // An activation in the primitive's layout: the user's NHWC buffer itself, or a copy.
-    auto act_in = [&](const dims& d, const dnnl::memory::desc& want, float* ptr) {
-      dnnl::memory user(dnnl::memory::desc(d, dt::f32, tag::nhwc), Engine(), ptr);
-      if (want == user.get_desc()) return user;
-      dnnl::memory m(want, Engine());
-      Reorder(stream, user, m);
-      return m;
-    };
-    auto user_wei_md = dnnl::memory::desc(g.wei, dt::f32, tag::hwio);
-    if (direction == 'f' || direction == 'd') {
-      float* w_ptr = b.typed_data();
-      dnnl::memory user_wei(user_wei_md, Engine(), w_ptr);
-      dnnl::memory wei = user_wei;
-      if (p->wei_md != user_wei_md) {
-        wei = dnnl::memory(p->wei_md, Engine());
-        Reorder(stream, user_wei, wei);
-      }
-      const dims& out_dims = direction == 'f' ? g.dst : g.src;
-      dnnl::memory user_out(dnnl::memory::desc(out_dims, dt::f32, tag::nhwc), Engine(),
-                            out->typed_data());
-      dnnl::memory res = user_out;
-      if (p->out_md != user_out.get_desc()) res = dnnl::memory(p->out_md, Engine());
-      if (direction == 'f') {
-        p->prim.execute(stream, {{DNNL_ARG_SRC, act_in(g.src, p->a_md, a.typed_data())},
-                                 {DNNL_ARG_WEIGHTS, wei},
-                                 {DNNL_ARG_DST, res},
-                                 {DNNL_ARG_SCRATCHPAD, scratch}});
-      } else {
-        p->prim.execute(stream, {{DNNL_ARG_DIFF_DST, act_in(g.dst, p->a_md, a.typed_data())},
-                                 {DNNL_ARG_WEIGHTS, wei},
-                                 {DNNL_ARG_DIFF_SRC, res},
-                                 {DNNL_ARG_SCRATCHPAD, scratch}});
-      }
-      if (res != user_out) Reorder(stream, res, user_out);
-    } else {
-      dnnl::memory user_dw(user_wei_md, Engine(), out->typed_data());
-      dnnl::memory dw = user_dw;
-      if (p->wei_md != user_wei_md) dw = dnnl::memory(p->wei_md, Engine());
-      p->prim.execute(stream, {{DNNL_ARG_SRC, act_in(g.src, p->a_md, a.typed_data())},
-                               {DNNL_ARG_DIFF_DST, act_in(g.dst, p->out_md, b.typed_data())},
-                               {DNNL_ARG_DIFF_WEIGHTS, dw},
-                               {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (p->wei_md != user_wei_md) Reorder(stream, dw, user_dw);
+  auto p = Get(g, direction);
+  dnnl::stream stream(Engine());
+  dnnl::memory scratch(p->scratch_md, Engine());  // this call's own
+  // An activation in the primitive's layout: the user's NHWC buffer itself, or a copy.
+  auto act_in = [&](const dims& d, const dnnl::memory::desc& want, float* ptr) {
+    dnnl::memory user(dnnl::memory::desc(d, dt::f32, tag::nhwc), Engine(), ptr);
+    if (want == user.get_desc()) return user;
+    dnnl::memory m(want, Engine());
+    Reorder(stream, user, m);
+    return m;
+  };
+  auto user_wei_md = dnnl::memory::desc(g.wei, dt::f32, tag::hwio);
+  if (direction == 'f' || direction == 'd') {
+    float* w_ptr = b.typed_data();
+    dnnl::memory user_wei(user_wei_md, Engine(), w_ptr);
+    dnnl::memory wei = user_wei;
+    if (p->wei_md != user_wei_md) {
+      wei = dnnl::memory(p->wei_md, Engine());
+      Reorder(stream, user_wei, wei);
     }
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("ljax onednn conv: ") + e.what());
+    const dims& out_dims = direction == 'f' ? g.dst : g.src;
+    dnnl::memory user_out(dnnl::memory::desc(out_dims, dt::f32, tag::nhwc), Engine(),
+                          out->typed_data());
+    dnnl::memory res = user_out;
+    if (p->out_md != user_out.get_desc()) res = dnnl::memory(p->out_md, Engine());
+    if (direction == 'f') {
+      p->prim.execute(stream, {{DNNL_ARG_SRC, act_in(g.src, p->a_md, a.typed_data())},
+                               {DNNL_ARG_WEIGHTS, wei},
+                               {DNNL_ARG_DST, res},
+                               {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else {
+      p->prim.execute(stream, {{DNNL_ARG_DIFF_DST, act_in(g.dst, p->a_md, a.typed_data())},
+                               {DNNL_ARG_WEIGHTS, wei},
+                               {DNNL_ARG_DIFF_SRC, res},
+                               {DNNL_ARG_SCRATCHPAD, scratch}});
+    }
+    if (res != user_out) Reorder(stream, res, user_out);
+  } else {
+    dnnl::memory user_dw(user_wei_md, Engine(), out->typed_data());
+    dnnl::memory dw = user_dw;
+    if (p->wei_md != user_wei_md) dw = dnnl::memory(p->wei_md, Engine());
+    p->prim.execute(stream, {{DNNL_ARG_SRC, act_in(g.src, p->a_md, a.typed_data())},
+                             {DNNL_ARG_DIFF_DST, act_in(g.dst, p->out_md, b.typed_data())},
+                             {DNNL_ARG_DIFF_WEIGHTS, dw},
+                             {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (p->wei_md != user_wei_md) Reorder(stream, dw, user_dw);
   }
+  stream.wait();
   return ffi::Error::Success();
+}
+
+// The FFI boundary: an exception escaping a handler would unwind into XLA's C code and abort
+// the process, so every one becomes an FFI error (a Python exception in the caller). oneDNN's C++
+// API throws dnnl::error; the standard library throws std::bad_alloc (shapes, the primitive
+// cache), std::system_error (the cache's mutex) and the like; `...` catches anything else.
+ffi::Error Run(char direction, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+               ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
+               ffi::Span<const int64_t> dilation) {
+  try {
+    return RunUnguarded(direction, a, b, out, strides, lo, hi, dilation);
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("ljax onednn conv: oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("ljax onednn conv: ") + e.what());
+  } catch (...) {
+    return ffi::Error::Internal("ljax onednn conv: unknown C++ exception");
+  }
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
