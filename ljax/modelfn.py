@@ -4,6 +4,12 @@
 {'params': ..., 'batch_stats': ...} and a pure `apply(variables, x, train=, rng=)` that can be
 jitted, differentiated with respect to the params and pmapped. Layers are named by their path
 joined with '/' ('Conv_0/kernel'; NNX list indices become strings: 'layers/0/kernel').
+
+Inputs: x is an array, or a pytree of arrays with a common leading batch axis; a tuple x is
+passed as positional arguments (`model(x0, x1)`), a dict as keyword arguments (`model(ids=...,
+mask=...)`), anything else as the one argument. Outputs: the array the model returns, or the
+one `output=` picks from a dict or tuple (a key or index, or a function of the output); a dict
+with a 'logits' entry gives that entry by default.
 """
 
 from __future__ import annotations
@@ -48,16 +54,55 @@ class ModelFn:
         return self._rebuild(variables)
 
 
+def call_args(x) -> tuple[tuple, dict]:
+    """(args, kwargs) the model is called with for input x (module docstring)."""
+    if isinstance(x, tuple) and not hasattr(x, '_fields'):
+        return x, {}
+    if isinstance(x, Mapping):
+        return (), dict(x)
+    return (x,), {}
+
+
+def pick_output(out, output=None):
+    """The logits among a model's outputs: `output` (a key/index, or a callable of the output);
+    None: the output itself if it is an array, a dict's 'logits'; ValueError naming `output=`
+    otherwise."""
+    if callable(output):
+        return output(out)
+    if output is not None:
+        try:
+            return out[output]
+        except (KeyError, IndexError, TypeError):
+            what = f'keys {sorted(out)}' if isinstance(out, Mapping) else type(out).__name__
+            raise ValueError(
+                f'output: {output!r} is not among the model\'s outputs ({what})'
+            ) from None
+    if isinstance(out, Mapping):
+        if 'logits' in out:
+            return out['logits']
+        raise ValueError(
+            f'output: the model returns a dict with keys {sorted(out)}; pass output=KEY (or a '
+            'function of the output) naming the logits'
+        )
+    if isinstance(out, (tuple, list)):
+        raise ValueError(
+            f'output: the model returns a {type(out).__name__} of {len(out)}; pass output=INDEX '
+            '(or a function of the output) naming the logits'
+        )
+    return out
+
+
 def _flat(tree) -> dict[str, Any]:
     return traverse_util.flatten_dict(unfreeze(tree), sep='/') if tree else {}
 
 
-def model_fn(model, variables=None, sample_x=None) -> ModelFn:
+def model_fn(model, variables=None, sample_x=None, output=None) -> ModelFn:
     """The `ModelFn` of a flax.linen Module (with its `variables`) or a flax.nnx Module.
 
     linen: `variables` {'params': ..., 'batch_stats': ...?} is checked against the shapes that
     `model.init` creates for `sample_x` (skipped when sample_x is None). nnx: the module holds its
-    weights and `variables` must be None. ValueError for anything else.
+    weights and `variables` must be None. ValueError for anything else. `output` picks the
+    logits (`pick_output`).
     """
     if isinstance(model, nnx.Module):
         if variables is not None:
@@ -65,12 +110,27 @@ def model_fn(model, variables=None, sample_x=None) -> ModelFn:
                 'variables: an nnx.Module holds its own weights; pass variables=None '
                 f'(got {type(variables).__name__})'
             )
-        return _nnx_fn(model)
-    if isinstance(model, nn.Module):
-        return _linen_fn(model, variables, sample_x)
-    raise ValueError(
-        f'model: expected a flax.linen or flax.nnx Module, got {type(model).__name__}'
-    )
+        fn = _nnx_fn(model)
+    elif isinstance(model, nn.Module):
+        fn = _linen_fn(model, variables, sample_x)
+    else:
+        raise ValueError(
+            f'model: expected a flax.linen or flax.nnx Module, got {type(model).__name__}'
+        )
+    inner = fn._apply
+
+    def apply(v, x, train, rng):
+        out, batch_stats = inner(v, x, train, rng)
+        return pick_output(out, output), batch_stats
+
+    return dataclasses.replace(fn, _apply=apply)
+
+
+def takes_train(module) -> bool:
+    """Whether the module's `__call__` takes a `train` argument (or **kwargs): models written
+    with and without one are both called, the flag passed only where it is taken."""
+    params = inspect.signature(type(module).__call__).parameters
+    return 'train' in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 # ------------------------------------------------------------------------------------- linen
@@ -78,16 +138,24 @@ def check_variables(model: nn.Module, variables, x) -> None:
     """ValueError unless `variables` has exactly the params (and batch_stats) the model creates
     for input `x`; x=None checks only the form."""
     if not isinstance(variables, Mapping) or 'params' not in variables:
+        got = (
+            f'a {type(variables).__name__} with keys {sorted(map(str, variables))[:6]}, which are '
+            "not the model's parameters either"
+            if isinstance(variables, Mapping)
+            else type(variables).__name__
+        )
         raise ValueError(
-            "variables: expected a mapping {'params': ..., 'batch_stats': ...} "
-            f'of pre-trained variables, got {type(variables).__name__}'
+            "variables: expected the pre-trained variables {'params': ..., 'batch_stats': ...} "
+            f'(what model.init returns), got {got}'
         )
     if x is None:
         return
     try:
         # A 'dropout' stream too: an nnx.bridge.to_linen module builds its Dropout at init.
         rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-        expected = jax.eval_shape(lambda: model.init(rngs, x, train=False))
+        flag = {'train': False} if takes_train(model) else {}
+        args, kwargs = call_args(x)
+        expected = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs, **flag))
     except Exception as e:  # the model itself does not run on this input
         raise ValueError(
             f'batches: the model does not accept x of shape {np.shape(x)}: '
@@ -116,11 +184,30 @@ def check_variables(model: nn.Module, variables, x) -> None:
             )
 
 
+def _with_params_key(model: nn.Module, variables, x):
+    """variables as given, or {'params': variables} when the caller passed the params alone
+    (a mapping without 'params' whose entries are the model's top-level parameter modules)."""
+    if not isinstance(variables, Mapping) or 'params' in variables or x is None:
+        return variables
+    try:
+        flag = {'train': False} if takes_train(model) else {}
+        args, kwargs = call_args(x)
+        rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+        expected = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs, **flag))
+    except Exception:  # check_variables says why the model does not run
+        return variables
+    if set(variables) and set(variables) == set(expected.get('params', {})):
+        return {'params': variables}
+    return variables
+
+
 def _linen_fn(model: nn.Module, variables, sample_x) -> ModelFn:
+    variables = _with_params_key(model, variables, sample_x)
     check_variables(model, variables, sample_x)
     # Other collections (user constants) are passed through unchanged; they do not train.
     extra = {k: v for k, v in variables.items() if k not in COLLECTIONS}
     own = {c: unfreeze(variables.get(c) or {}) for c in COLLECTIONS}
+    flagged = takes_train(model)
 
     def apply(v, x, train, rng):
         vs = dict(extra, params=v['params'])
@@ -128,9 +215,15 @@ def _linen_fn(model: nn.Module, variables, sample_x) -> ModelFn:
             vs['batch_stats'] = v['batch_stats']
         # Never empty: a to_linen-wrapped module builds its Dropout (off in eval) on every call.
         rngs = {'dropout': rng if rng is not None else jax.random.key(0)}
-        if not train:
-            return model.apply(vs, x, train=False, rngs=rngs), v.get('batch_stats', {})
-        logits, updates = model.apply(vs, x, train=True, mutable=['batch_stats'], rngs=rngs)
+        flag = {'train': train} if flagged else {}
+        args, kwargs = call_args(x)
+        kwargs = {**kwargs, **flag}
+        if not train and (flagged or not v.get('batch_stats')):
+            return model.apply(vs, *args, rngs=rngs, **kwargs), v.get('batch_stats', {})
+        if not train:  # without a flag BatchNorm may still write its statistics: dropped here
+            out = model.apply(vs, *args, rngs=rngs, mutable=['batch_stats'], **kwargs)[0]
+            return out, v['batch_stats']
+        logits, updates = model.apply(vs, *args, mutable=['batch_stats'], rngs=rngs, **kwargs)
         return logits, unfreeze(updates).get('batch_stats', {})
 
     return ModelFn('linen', own, apply, lambda v: v)
@@ -190,7 +283,7 @@ def _nnx_fn(module: nnx.Module) -> ModelFn:
     params, stats, rest = _Split(params), _Split(stats), _Split(rest)
     # A module written as `__call__(x, train)` gets the flag too: a call-time argument overrides
     # the mode attributes.
-    takes_train = 'train' in inspect.signature(type(module).__call__).parameters
+    flagged = takes_train(module)
 
     def apply(v, x, train, rng):
         merged = nnx.merge(
@@ -202,7 +295,8 @@ def _nnx_fn(module: nnx.Module) -> ModelFn:
         merged = nnx.view(
             merged, deterministic=not train, use_running_average=not train, raise_if_not_found=False
         )
-        logits = merged(x, train=train) if takes_train else merged(x)
+        args, kwargs = call_args(x)
+        logits = merged(*args, **kwargs, train=train) if flagged else merged(*args, **kwargs)
         if not train:
             return logits, v.get('batch_stats', {})
         return logits, stats.read(nnx.state(merged, nnx.BatchStat))

@@ -64,9 +64,10 @@ class Parallel:
 
     # ------------------------------------------------------------------ placement
     def shard(self, *arrays):
-        """(n_local, batch / n_local, ...) views of this process's share of a global batch."""
-        out = []
-        for a in arrays:
+        """(n_local, batch / n_local, ...) views of this process's share of a global batch; each
+        argument an array or a pytree of arrays (a model's several inputs)."""
+
+        def split(a):
             a = np.asarray(a)
             if a.shape[0] % self.n:
                 raise ValueError(
@@ -74,8 +75,9 @@ class Parallel:
                     f'divide across {self.n * jax.process_count()} devices; use a batch size '
                     f'that is a multiple of {self.n * jax.process_count()}'
                 )
-            out.append(a.reshape((self.n, a.shape[0] // self.n) + a.shape[1:]))
-        return out
+            return a.reshape((self.n, a.shape[0] // self.n) + a.shape[1:])
+
+        return [jax.tree.map(split, a) for a in arrays]
 
     def put(self, *arrays):
         """Shard and copy to the local devices ahead of the step (prefetch)."""
@@ -90,7 +92,7 @@ class Parallel:
     # ------------------------------------------------------------------ steps
     def train(self, state, x, y):
         """One step on a global batch (this process's share of it); returns device values only."""
-        if not isinstance(x, jax.Array):
+        if not all(isinstance(a, jax.Array) for a in jax.tree.leaves(x)):
             x, y = self.shard(x, y)
         return self.step(state, self.frozen, x, y)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 from flax import nnx
@@ -48,6 +49,8 @@ __all__ = [
     'search_jackpot',
 ]
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+TEACHERS = (None, 'dense')
+DISTILLS = ('kl', 'cosine')
 SCORE_INITS = ('magnitude', 'random', 'wanda')
 ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 
@@ -73,14 +76,29 @@ class SearchOptions:
     seed: for random score init and dropout.
     dtype: 'float32' or 'bfloat16': the dtype of the forward and backward pass; scores, optimizer
       state and BN statistics stay float32, and evaluation runs in float32.
-    nm: (N, M) for an N:M jackpot: every M consecutive weights along each kernel's input axis
-      (axis -2) keep exactly N at every step (NVIDIA's 2:4 layout); sparsity is then 1 - N/M and
-      allocation does not apply; magnitude and Wanda init give their N:M masks (`ljax.nm`).
+    nm: (N, M) for an N:M jackpot: every M consecutive weights along each kernel's input axes as
+      found from the computation (those its matmul contracts, flattened; a convolution's input
+      channels; `ljax.sparsity.input_axes`) keep exactly N at every step (NVIDIA's 2:4 layout);
+      sparsity is then 1 - N/M and allocation does not apply; magnitude and Wanda init give
+      their N:M masks (`ljax.nm`).
     calibration_batches: batches whose input activations give Wanda's feature norms.
     loss: callable (logits float32 [batch, classes], labels [batch]) -> per-example losses
       [batch], jit-able (e.g. `optax.softmax_cross_entropy` with one-hot or smoothed labels
       made inside it); None = `optax.softmax_cross_entropy_with_integer_labels`. Accuracy still
       compares argmax(logits) with integer labels.
+    teacher: None (learn from the labels) or 'dense': label-free, the mask learns to reproduce
+      the frozen dense model's outputs, computed in the same step (eval mode, pre-trained BN
+      statistics); batches may then hold x alone.
+    distill: with teacher='dense', how outputs are compared ('kl' `distill_loss`: KL divergence
+      to the dense logits at `temperature`, times temperature^2; 'cosine': 1 - cosine of the
+      outputs along their last axis, for an embedding model). The train 'accuracy' is the
+      agreement with the dense argmax ('kl') or the mean cosine ('cosine'); evaluation scores
+      labels with 'kl' and the mean cosine to the dense outputs with 'cosine'. With 'cosine' the
+      default `prunable` is every kernel (an embedding model has no classifier).
+    temperature: the softmax temperature of distill='kl' (> 0).
+    output: which of the model's outputs are the logits, for a model that returns a dict or a
+      tuple: a key or index, or a function of the output (`ljax.modelfn.pick_output`; a dict's
+      'logits' entry by default). The classifier is then found from that output.
     """
 
     lr: float = 0.1
@@ -96,6 +114,10 @@ class SearchOptions:
     nm: tuple[int, int] | None = None
     calibration_batches: int = 8
     loss: Callable | None = None
+    teacher: str | None = None
+    distill: str = 'kl'
+    temperature: float = 1.0
+    output: Any = None
 
 
 class SearchState(struct.PyTreeNode):
@@ -138,7 +160,7 @@ def older_states(state: SearchState) -> list:
 
 def _check_options(o: 'SearchOptions') -> None:
     """ValueError naming the first option that is out of range (before any work is done)."""
-    for name in ('lr', 'momentum', 'weight_decay', 'score_margin'):
+    for name in ('lr', 'momentum', 'weight_decay', 'score_margin', 'temperature'):
         value = getattr(o, name)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
             raise ValueError(f'{name}: expected a number, got {value!r}')
@@ -150,6 +172,9 @@ def _check_options(o: 'SearchOptions') -> None:
         ('score_init', o.score_init in SCORE_INITS, f'one of {SCORE_INITS}'),
         ('allocation', o.allocation in ALLOCATIONS, f'one of {ALLOCATIONS}'),
         ('dtype', o.dtype in DTYPES, f'one of {sorted(DTYPES)}'),
+        ('teacher', o.teacher in TEACHERS, f"None (labels) or 'dense' (label-free)"),
+        ('distill', o.distill in DISTILLS, f'one of {DISTILLS}'),
+        ('temperature', o.temperature > 0 and np.isfinite(o.temperature), 'a finite number > 0'),
         (
             'calibration_batches',
             isinstance(o.calibration_batches, int) and o.calibration_batches >= 1,
@@ -158,6 +183,11 @@ def _check_options(o: 'SearchOptions') -> None:
     ):
         if not ok:
             raise ValueError(f'{name}: expected {want}, got {getattr(o, name)!r}')
+    if o.teacher is not None and o.loss is not None:
+        raise ValueError(
+            "loss: teacher='dense' learns from the dense model's outputs, not from a loss of "
+            'the labels; pass one of loss= and teacher='
+        )
 
 
 def _global_norms(norms: dict) -> dict:
@@ -197,6 +227,9 @@ class Search:
     num_classes: int = 0  # the model's output width
     wanda: dict | None = None  # the one-shot Wanda mask, when calibration batches were given
     wanda_skipped: str = ''  # why there is no Wanda mask although calibration batches were given
+    # N:M: each kernel's input axes, along which its groups run (`sparsity.input_axes`); None:
+    # axis -2 of every kernel
+    input_axes: dict[str, tuple[int, ...]] | None = None
 
     @classmethod
     def create(
@@ -230,9 +263,11 @@ class Search:
         _check_fraction(sparsity)
         if o.score_init == 'wanda' and calibration is None:
             raise ValueError("score_init: 'wanda' needs calibration batches")
-        fn = model_fn(model, variables, sample_x)
+        fn = model_fn(model, variables, sample_x, output=o.output)
         params = fn.variables['params']
-        predicate = o.prunable or sparsity_lib.default_prunable(fn, sample_x)
+        predicate = o.prunable or sparsity_lib.default_prunable(
+            fn, sample_x, classifier=o.teacher is None or o.distill != 'cosine'
+        )
         names = sparsity_lib.prunable_names(params, predicate)
         if not names:
             some = list(sparsity_lib.flatten(params))[:6]
@@ -242,9 +277,10 @@ class Search:
             )
         flat = sparsity_lib.flatten(params)
         weights = {n: flat[n] for n in names}
+        axes = sparsity_lib.input_axes(fn, sample_x, names) if o.nm is not None else None
         if o.nm is not None:
-            nm_lib.check_nm(o.nm, {n: np.shape(w) for n, w in weights.items()})
-            magnitude = nm_lib.nm_magnitude_masks(weights, *o.nm)
+            nm_lib.check_nm(o.nm, {n: np.shape(w) for n, w in weights.items()}, axes)
+            magnitude = nm_lib.nm_magnitude_masks(weights, *o.nm, axes)
         else:
             magnitude = sparsity_lib.magnitude_masks(weights, sparsity, o.allocation)
         kept = {n: int(jnp.sum(magnitude[n])) for n in names}
@@ -255,6 +291,7 @@ class Search:
                 'lower the sparsity, or choose allocation=uniform or erk'
             )
         search = cls(fn, params, fn.variables['batch_stats'] or None, names, kept, magnitude, o, int(total_steps))
+        search.input_axes = axes
         search.rate(0)  # an unknown restriction schedule fails here, before any work
         logits = jax.eval_shape(
             lambda: search.apply(params, search.batch_stats or {}, sample_x, train=False)[0]
@@ -270,7 +307,8 @@ class Search:
                 search.wanda_skipped = str(e).splitlines()[0]
             else:
                 search.wanda = sparsity_lib.wanda_masks(
-                    weights, _global_norms(norms), kept=None if o.nm else kept, nm=o.nm
+                    weights, _global_norms(norms), kept=None if o.nm else kept, nm=o.nm,
+                    axes=axes,
                 )
         return search
 
@@ -300,7 +338,8 @@ class Search:
         initial = self.wanda if o.score_init == 'wanda' else self.magnitude
         scores = sparsity_lib.init_scores(weights, initial, o.score_init, rng_scores, o.score_margin)
         if o.nm is not None:
-            mask = {n: nm_lib.nm_mask(scores[n], *o.nm) for n in self.names}
+            axes = self.input_axes or dict.fromkeys(self.names)  # None: axis -2
+            mask = {n: nm_lib.nm_mask(scores[n], *o.nm, axes[n]) for n in self.names}
             thresholds = {n: jnp.zeros((), jnp.uint32) for n in self.names}  # unused by N:M
         else:
             mask, thresholds = masks.topk_masks(scores, self.kept)
@@ -343,6 +382,30 @@ class Search:
         variables = {'params': params, 'batch_stats': batch_stats if batch_stats is not None else {}}
         return self.fn.apply(variables, x, train=train, rng=rng)
 
+    def teacher_outputs(self, params, x):
+        """teacher='dense': the frozen dense model's outputs (eval mode, the pre-trained BN
+        statistics), float32 and without gradient; None when the search learns from labels."""
+        if self.options.teacher is None:
+            return None
+        out, _ = self.apply(params, self.batch_stats, x, train=False)
+        return lax.stop_gradient(out.astype(jnp.float32))
+
+    def losses(self, out, y, teacher):
+        """(per-example loss, per-example score) of float32 outputs: with labels the `loss`
+        option and top-1 correctness; with a teacher the distillation loss and the agreement
+        with the dense argmax ('kl') or the cosine to the dense outputs ('cosine')."""
+        if teacher is None:
+            return self.loss(out, y), jnp.argmax(out, -1) == y
+        if self.options.distill == 'cosine':
+            cos = _cosine(out, teacher)
+            return 1.0 - cos, cos
+        t = self.options.temperature
+        log_p = jax.nn.log_softmax(teacher / t, axis=-1)
+        log_q = jax.nn.log_softmax(out / t, axis=-1)
+        kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+        kl = kl.reshape(kl.shape[0], -1).mean(-1) * t * t
+        return kl, jnp.argmax(out, -1) == jnp.argmax(teacher, -1)
+
     def train_step(self, state: SearchState, params, x, y):
         """One search step on this device's share of the batch; call under pmap (axis AXIS_NAME)."""
         flat = sparsity_lib.flatten(params)
@@ -351,21 +414,22 @@ class Search:
         rate = self._rate_schedule(state.step)  # on the device: no host value per step
 
         f = {n: _cast(w, dtype) for n, w in flat.items()}
+        x = _cast(x, dtype)
+        teacher = self.teacher_outputs(sparsity_lib.unflatten(f), x)
 
         def masked(scores):  # the prunable weights as the model sees them
             return {n: f[n] * masks.ste(scores[n], state.mask[n]).astype(f[n].dtype) for n in self.names}
 
         def loss_fn(weights):
             logits, batch_stats = self.apply(
-                sparsity_lib.unflatten({**f, **weights}), state.batch_stats, _cast(x, dtype),
+                sparsity_lib.unflatten({**f, **weights}), state.batch_stats, x,
                 train=True, rng=rng,
             )
-            logits = logits.astype(jnp.float32)
-            loss = self.loss(logits, y).mean()
-            return loss, (logits, batch_stats)
+            loss, score = self.losses(logits.astype(jnp.float32), y, teacher)
+            return loss.mean(), (score, batch_stats)
 
         weights, ste_vjp = jax.vjp(masked, state.scores)
-        (loss, (logits, batch_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(weights)
+        (loss, (score, batch_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(weights)
         if dtype == jnp.float32:
             # averaged over the devices before the STE's product with the (replicated) weights:
             # XLA then fuses that product into the optimizer's update, a pass over them fewer
@@ -377,7 +441,9 @@ class Search:
         scores = optax.apply_updates(state.scores, updates)
         hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}
         if self.options.nm is not None:
-            mask = nm_lib.nm_restrict_all(state.mask, scores, *self.options.nm, rate)
+            mask = nm_lib.nm_restrict_all(
+                state.mask, scores, *self.options.nm, rate, self.input_axes
+            )
             thresholds = state.thresholds
             flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
         elif restriction.is_plain_topk(self.options.restriction):
@@ -405,27 +471,33 @@ class Search:
         )
         metrics = {
             'loss': loss,
-            'accuracy': lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS_NAME),
+            'accuracy': lax.pmean(jnp.mean(score), AXIS_NAME),
             'flips': flips * finite,
             'finite': finite,
         }
         return new, metrics
 
     def eval_step(self, params, mask, batch_stats, x, y, weight):
-        """Sums of (correct, top-5 correct, loss, weight) over this device's share; psum'd."""
+        """Sums of (correct, top-5 correct, loss, weight) over this device's share; psum'd.
+        With distill='cosine', 'correct' sums the cosine to the dense outputs and 'loss' 1 - it
+        (labels unused); otherwise labels are scored, whatever the search learned from."""
         logits, _ = self.apply(
             self.masked_params(params, mask) if mask is not None else params,
             batch_stats,
             x,
             train=False,
         )
-        loss = self.loss(logits.astype(jnp.float32), y)
+        logits = logits.astype(jnp.float32)
+        if self.options.teacher is not None and self.options.distill == 'cosine':
+            loss, score = self.losses(logits, y, self.teacher_outputs(params, x))
+        else:
+            loss, score = self.loss(logits, y), jnp.argmax(logits, -1) == y
         sums = {
-            'correct': jnp.sum((jnp.argmax(logits, -1) == y) * weight),
+            'correct': jnp.sum(score * weight),
             'loss': jnp.sum(loss * weight),
             'count': jnp.sum(weight),
         }
-        if logits.shape[-1] > 5:
+        if logits.shape[-1] > 5 and not (self.options.teacher and self.options.distill == 'cosine'):
             top5 = jnp.any(lax.top_k(logits, 5)[1] == y[:, None], axis=-1)
             sums['correct5'] = jnp.sum(top5 * weight)
         return lax.psum(sums, AXIS_NAME)
@@ -471,7 +543,7 @@ class Jackpot:
     model: Any = None
 
 
-def _first_batch(batches):
+def _first_batch(batches, labels: bool = True):
     if batches is None or not hasattr(batches, '__iter__'):
         raise ValueError(
             f'batches: expected a re-iterable of (x, y) NumPy batches, got {type(batches).__name__}'
@@ -485,38 +557,116 @@ def _first_batch(batches):
     batch = next(first_pass, None)
     if batch is None:
         raise ValueError('batches: empty; expected at least one (x, y) batch per epoch')
-    return _as_xy(batch, 0)
+    return _as_xy(batch, 0, labels)
 
 
-def _as_xy(batch, index):
-    """(x, y) of a tuple (x, y, ...) or of a dict with 'image'/'label' (as tfds yields) or 'x'/'y'."""
+def _as_xy(batch, index, labels: bool = True):
+    """(x, y) of a batch: a tuple (x, y, ...), or a dict with labels under 'label' (or 'labels',
+    'y') and the input under 'image' (as tfds yields) or 'x', else its other entries as the
+    model's keyword arguments. x may be a tuple or dict of arrays (`ljax.modelfn.call_args`).
+    labels=False (a search with a teacher): x alone (an array, a tuple whose first entry is x,
+    a dict) is a batch too; y is then zeros, and any labels given are not read."""
     if isinstance(batch, Mapping):
-        for xk, yk in (('image', 'label'), ('x', 'y')):
-            if xk in batch and yk in batch:
-                return np.asarray(batch[xk]), np.asarray(batch[yk])
+        label_key = next((k for k in LABEL_KEYS if k in batch), None)
+        input_key = next((k for k in INPUT_KEYS if k in batch), None)
+        if input_key is not None:
+            x = batch[input_key]
+        else:  # the other entries are the model's keyword arguments
+            x = {k: v for k, v in batch.items() if k != label_key}
+        if label_key is None and labels:
+            raise ValueError(
+                f'batches: batch {index} is a dict with keys {sorted(batch)} and no labels; '
+                f"expected one of {list(LABEL_KEYS)} (the other entries are the model's inputs)"
+            )
+        if isinstance(x, Mapping) and not x:
+            raise ValueError(f'batches: batch {index} is a dict with labels and no inputs')
+        x, y = _inputs(x), batch[label_key] if labels else None
+    elif labels:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(
+                f'batches: batch {index} is a {type(batch).__name__}; expected a tuple (x, y) '
+                "of arrays or a dict {'image': x, 'label': y}"
+            )
+        x, y = _inputs(batch[0]), batch[1]
+    else:
+        x = _inputs(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    n = _batch_size(x, index)
+    if not labels:
+        return x, np.zeros(n, np.int32)
+    if isinstance(y, (tuple, list, Mapping)):
         raise ValueError(
-            f"batches: batch {index} is a dict with keys {sorted(batch)}; expected 'image' and "
-            "'label' (or 'x' and 'y')"
+            f'batches: batch {index}: the labels are a {type(y).__name__}; expected one array of '
+            'integer class indices (are x and y swapped? batches are (x, y))'
         )
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+    y = np.asarray(y)
+    if y.ndim > 1 and all(np.ndim(a) == 1 for a in jax.tree.leaves(x)):
         raise ValueError(
-            f'batches: batch {index} is a {type(batch).__name__}; expected a tuple (x, y) of '
-            "arrays or a dict {'image': x, 'label': y}"
+            f'batches: batch {index}: labels of shape {y.shape} and x of shape ({n},): are x and '
+            'y swapped? batches are (x, y)'
         )
-    return np.asarray(batch[0]), np.asarray(batch[1])
+    return x, y
 
 
-def checked_batches(batches: Iterable, num_classes: int, x_shape: tuple) -> Iterable[tuple]:
+INPUT_KEYS = ('image', 'x')
+LABEL_KEYS = ('label', 'labels', 'y')
+
+
+def _inputs(x):
+    """x as NumPy: an array, or a tuple / dict of them (a model's several inputs)."""
+    if isinstance(x, (tuple, Mapping)):
+        return jax.tree.map(np.asarray, x)
+    return np.asarray(x)
+
+
+def _batch_size(x, index) -> int:
+    """The common leading axis of x's arrays; ValueError naming the batch otherwise."""
+    leaves = jax.tree.leaves(x)
+    if not leaves or any(np.ndim(a) == 0 for a in leaves):
+        raise ValueError(f'batches: batch {index}: x holds a scalar; expected batches of inputs')
+    sizes = {np.shape(a)[0] for a in leaves}
+    if len(sizes) > 1:
+        raise ValueError(
+            f'batches: batch {index}: the inputs have leading axes {sorted(sizes)}; every input '
+            'needs the same batch size'
+        )
+    return sizes.pop()
+
+
+def _shapes(x) -> tuple:
+    """(tree structure, per-example shapes) of x: what must stay the same across batches."""
+    leaves, tree = jax.tree.flatten(x)
+    return tree, tuple(np.shape(a)[1:] for a in leaves)
+
+
+def _describe_shapes(x) -> str:
+    shapes = _shapes(x)[1]
+    return str(shapes[0]) if not isinstance(x, (tuple, Mapping)) else str(shapes)
+
+
+def first_example(x):
+    """x[:1] of every input: the sample the model is traced on."""
+    return jax.tree.map(lambda a: a[:1], x)
+
+
+def checked_batches(
+    batches: Iterable, num_classes: int, first_x, labels: bool = True
+) -> Iterable[tuple]:
     """(x, y) of every batch, after checking what would otherwise poison the search silently:
-    integer labels in [0, num_classes), as many labels as inputs, the same x shape throughout.
-    (Non-finite inputs are the step's business: such steps are skipped and counted.)"""
+    integer labels in [0, num_classes), as many labels as inputs, the inputs shaped as in the
+    first batch `first_x` throughout. (Non-finite inputs are the step's business: such steps
+    are skipped and counted.) labels=False: batches may be x alone (`_as_xy`)."""
+    want = _shapes(first_x)
     for i, batch in enumerate(batches):
-        x, y = _as_xy(batch, i)
+        x, y = _as_xy(batch, i, labels)
+        n = _batch_size(x, i)
         problem = None
-        if x.shape[1:] != tuple(x_shape):
-            problem = f'x of shape {x.shape}, where the first batch had (N,) + {tuple(x_shape)}'
-        elif y.shape != (len(x),):
-            problem = f'{len(x)} inputs but labels of shape {y.shape}; expected ({len(x)},)'
+        if _shapes(x) != want:
+            problem = (
+                f'x of per-example shape {_describe_shapes(x)}, where the first batch had '
+                f'{_describe_shapes(first_x)}'
+            )
+        elif y.shape != (n,):
+            problem = f'{n} inputs but labels of shape {y.shape}; expected ({n},)'
         elif not np.issubdtype(y.dtype, np.integer):
             problem = f'labels of dtype {y.dtype}; expected integer class indices'
         elif y.size and (y.min() < 0 or y.max() >= num_classes):
@@ -548,7 +698,8 @@ def search_jackpot(
       called as `module(x)` (or `module(x, train=...)`), searched in training mode (BatchNorm on
       batch statistics, Dropout on) and evaluated in eval mode; `.model` of the result is a new
       module holding the jackpot. Either way the caller's weights are never modified or donated.
-    batches: re-iterable of (x, y) NumPy batches (integer labels); each pass is one epoch. Every
+    batches: re-iterable of (x, y) NumPy batches (integer labels), or of x alone with
+      teacher='dense'; each pass is one epoch. Every
       batch is split across the local devices, so its size must divide by their number. With
       several processes (`jax.distributed`), each process passes its own share of every batch.
     sparsity: fraction of prunable weights *removed*, 0 <= sparsity < 1 (0.9 keeps 10%); with
@@ -561,10 +712,16 @@ def search_jackpot(
     **options: the fields of `SearchOptions` (lr=0.1, momentum=0.9, weight_decay=5e-4,
       score_init='magnitude', score_margin=0.01, allocation='global_magnitude',
       restriction='none', prunable=None, seed=0, dtype='float32', nm=None,
-      calibration_batches=8, loss=None); see its docstring.
+      calibration_batches=8, loss=None, teacher=None, distill='kl', temperature=1.0,
+      output=None); see its docstring.
     """
     if batches is None and isinstance(model, nnx.Module):
         variables, batches = None, variables  # search_jackpot(module, batches, ...)
+    elif batches is None and not isinstance(variables, Mapping):
+        raise ValueError(
+            'variables: a flax.linen model needs its pre-trained variables: '
+            'search_jackpot(model, variables, batches, ...) (an nnx.Module holds its own)'
+        )
     unknown = set(options) - {f.name for f in dataclasses.fields(SearchOptions)}
     if unknown:
         raise ValueError(
@@ -575,12 +732,14 @@ def search_jackpot(
         raise ValueError(f'epochs: expected an integer >= 1, got {epochs!r}')
     if isinstance(log_every, bool) or not isinstance(log_every, (int, np.integer)) or log_every < 1:
         raise ValueError(f'log_every: expected an integer >= 1, got {log_every!r}')
-    x0, _ = _first_batch(batches)
+    labels = options.get('teacher') is None
+    x0, _ = _first_batch(batches, labels)
+    _warn_if_raw_images(x0)
     steps_per_epoch = len(batches) if hasattr(batches, '__len__') else sum(1 for _ in batches)
     search = Search.create(
         model,
         variables,
-        x0[:1],
+        first_example(x0),
         sparsity=sparsity,
         total_steps=epochs * steps_per_epoch,
         options=SearchOptions(**options),
@@ -598,14 +757,14 @@ def search_jackpot(
         par,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
-        batch_size=len(x0) * jax.process_count(),
+        batch_size=_batch_size(x0, 0) * jax.process_count(),
         log_every=log_every,
         on_epoch=on_epoch,
         progress=progress,
     )
     state, history = loop.run(
         par.replicate(search.init_state()),
-        lambda epoch, start: checked_batches(batches, search.num_classes, x0.shape[1:]),
+        lambda epoch, start: checked_batches(batches, search.num_classes, x0, labels),
     )
     final = par.unreplicate(state)
     total = sum(int(np.size(final.mask[n])) for n in search.names)
@@ -622,6 +781,26 @@ def search_jackpot(
     )
 
 
+def _cosine(a, b):
+    """Per-example cosine of a and b along the last axis, averaged over any axes between."""
+    dot = jnp.sum(a * b, -1)
+    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    cos = dot / jnp.maximum(norms, 1e-12)
+    return cos.reshape(cos.shape[0], -1).mean(-1)
+
+
 def _cast(x, dtype):
-    """Floating arrays to `dtype`; integer and boolean arrays as they are."""
-    return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+    """Floating arrays (of a pytree) to `dtype`; integer and boolean arrays as they are."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, x
+    )
+
+
+def _warn_if_raw_images(x) -> None:
+    """uint8 inputs are passed to the model as they are (0..255): say so once."""
+    if any(np.asarray(a).dtype == np.uint8 for a in jax.tree.leaves(x)):
+        warnings.warn(
+            'batches: x is uint8 (raw 0..255 pixels) and goes into the model unchanged; '
+            'convert it to the floats the model was trained on (e.g. x / 255.0) if it expects them',
+            stacklevel=3,
+        )

@@ -65,20 +65,83 @@ _VIEW_OPS = frozenset(
 )  # fmt: skip
 _PRODUCTS = frozenset({'dot_general', 'conv_general_dilated'})
 _NONE: frozenset = frozenset()
+# View ops whose output has its (data) operand's dimensions, one for one.
+_SAME_DIMS = frozenset(
+    {'convert_element_type', 'copy', 'copy_p', 'reduce_precision', 'sharding_constraint',
+     'device_put', 'optimization_barrier', 'slice', 'dynamic_slice', 'rev', 'pad', 'concatenate'}
+)  # fmt: skip
 
 
 def _union(sets) -> frozenset:
     return frozenset().union(*sets)
 
 
+def _names(views) -> frozenset:
+    """The params of views, sets of (param, layout) (`_Trace`)."""
+    return frozenset(name for view in views for name, _ in view)
+
+
+def _reshaped(layout: tuple, src: tuple, dst: tuple) -> tuple:
+    """A layout carried through the row-major reshape src -> dst. Dims fall into the smallest
+    runs of equal size on both sides (cut at the strides both shapes share); every dst dim of a
+    run gets the kernel axes of all the run's src dims, and a dim of size 1 none."""
+    strides = lambda s: {math.prod(s[k:]) for k in range(len(s) + 1)}
+    cuts = sorted(strides(src) & strides(dst))
+    run = lambda s, k: int(np.searchsorted(cuts, math.prod(s[k + 1 :]), side='right'))
+    axes: dict[int, frozenset] = {}
+    for k, a in enumerate(layout):
+        if src[k] != 1:
+            axes[run(src, k)] = axes.get(run(src, k), _NONE) | a
+    return tuple(axes.get(run(dst, k), _NONE) if dst[k] != 1 else _NONE for k in range(len(dst)))
+
+
+def _carried(eqn, i: int, layout, out: int = 0):
+    """Operand i's layout carried through view op `eqn` to output `out`: per dimension, the
+    kernel axes along which the entries vary; a str (the op) where that is lost."""
+    name, p = eqn.primitive.name, eqn.params
+    src, dst = eqn.invars[i].aval.shape, eqn.outvars[out].aval.shape
+    if isinstance(layout, str):
+        return layout
+    if 0 in src or 0 in dst or not (i == out or name == 'concatenate'):
+        return name  # a kernel as an index or shape operand (or empty): its axes are lost
+    if name == 'transpose':
+        return tuple(layout[d] for d in p['permutation'])
+    if name == 'reshape':
+        order = p.get('dimensions') or range(len(src))  # reshape's own transpose, first
+        src, layout = tuple(src[d] for d in order), tuple(layout[d] for d in order)
+        return _reshaped(layout, src, dst)
+    if name == 'broadcast_in_dim':
+        new = [_NONE] * len(dst)
+        for d, a in zip(p['broadcast_dimensions'], layout):
+            new[d] = a
+        return tuple(new)
+    if name == 'squeeze':
+        return tuple(a for d, a in enumerate(layout) if d not in p['dimensions'])
+    if name in _SAME_DIMS and len(src) == len(dst):
+        return layout
+    return name  # gather: the axes are mixed
+
+
+def _carry(eqn, i: int, view: frozenset, out: int = 0) -> frozenset:
+    """Operand i's view carried through view op `eqn` to output `out`."""
+    return frozenset((q, _carried(eqn, i, layout, out)) for q, layout in view)
+
+
 class _Trace:
     """Follows parameters through a jaxpr. Per variable: `view`, the params it is a shape-only
-    view of; `last`, the params of the weight products it depends on with no other weight product
-    in between. A weight product (dot_general / conv with a param view as an operand) marks those
-    params as kernels."""
+    view of, as (param, layout) pairs; `last`, the params of the weight products it depends on
+    with no other weight product in between. A weight product (dot_general / conv with a param
+    view as an operand) marks those params as kernels.
 
-    def __init__(self):
+    A layout has, per dimension of the view, the frozenset of the param's axes along which its
+    entries vary there (a str naming the op after which that is unknown). At each product,
+    `inputs[param]` collects the param axes the product contracts (`_contracted`)."""
+
+    def __init__(self, shapes: Mapping[str, tuple]):
+        self.shapes = shapes
         self.kernels: set[str] = set()
+        self.inputs: dict[str, set] = {}
+        self.record = True  # False inside the non-default branches of `lax.platform_dependent`
 
     def run(self, jaxpr, inputs):
         jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)  # ClosedJaxpr -> Jaxpr; consts hold no params
@@ -98,16 +161,33 @@ class _Trace:
         views, lasts = [i[0] for i in ins], [i[1] for i in ins]
         name, p = eqn.primitive.name, eqn.params
         if name in _PRODUCTS and any(views):
-            self.kernels |= _union(views)
-            return [(_NONE, _union(views))] * n
+            self.kernels |= _names(views)
+            if self.record:
+                for k, view in enumerate(views):
+                    for param, layout in view:
+                        self.inputs.setdefault(param, set()).add(
+                            self._contracted(eqn, k, param, layout)
+                        )
+            return [(_NONE, _names(views))] * n
         if name in _VIEW_OPS:
-            return [(_union(views), _union(lasts))] * n
+            if name in ('device_put', 'optimization_barrier'):  # output i is operand i
+                return [(_carry(eqn, i, views[i], i), _union(lasts)) for i in range(n)]
+            return [(_union(_carry(eqn, i, v) for i, v in enumerate(views)), _union(lasts))] * n
         if 'branches' in p:  # cond: the index, then the operands of every branch
-            runs = [self.run(b, ins[1:]) for b in p['branches']]
+            default, record, runs = _default_branch(p), self.record, []
+            for i, branch in enumerate(p['branches']):
+                # the branches of `lax.platform_dependent` compute one function: its inputs are
+                # those of the default (XLA's convolution), not of a CPU rewrite that contracts the
+                # filter window too (im2col)
+                self.record = record and default in (None, i)
+                runs.append(self.run(branch, ins[1:]))
+            self.record = record
             return [tuple(_union(r[i][j] for r in runs) for j in (0, 1)) for i in range(n)]
-        if name == 'scan':
+        if name == 'scan':  # xs and ys: the body sees one slice of the leading axis
             consts, k = p['num_consts'], p['num_carry']
-            return self._loop(p['jaxpr'], ins[:consts], ins[consts : consts + k], ins[consts + k :])
+            xs = [(_shifted(v, -1), last) for v, last in ins[consts + k :]]
+            outs = self._loop(p['jaxpr'], ins[:consts], ins[consts : consts + k], xs)
+            return outs[:k] + [(_shifted(v, 1), last) for v, last in outs[k:]]
         if name == 'while':
             c = p['cond_nconsts']
             body = ins[c : c + p['body_nconsts']]
@@ -128,6 +208,66 @@ class _Trace:
                 return outs
             carry = new
 
+    def _contracted(self, eqn, k: int, param: str, layout):
+        """The axes of `param` (sorted) that operand k of product `eqn` contracts, or a str
+        saying why they cannot be told. A convolution's filter contracts its input-feature
+        dimension: the window dimensions are the taps, along which N:M groups do not run."""
+        name, p = eqn.primitive.name, eqn.params
+        if isinstance(layout, str):
+            return f'it reaches a {name} through {layout}, which mixes its axes'
+        if len(layout) != len(eqn.invars[k].aval.shape):
+            return f'its dimensions at a {name} are not its own (a mapped call)'
+        if name == 'dot_general':
+            dims = p['dimension_numbers'][0][k]
+        elif k == 1:
+            dims = (p['dimension_numbers'][1][1],)  # rhs_spec: (out, in, *window)
+        else:
+            return 'it is the input, not the filter, of a convolution'
+        ins = _union(layout[d] for d in dims)
+        rest = _union(a for d, a in enumerate(layout) if d not in dims)
+        split = sorted(a for a in ins & rest if self.shapes[param][a] != 1)
+        if split:
+            return f'a {name} contracts part of its axis {split[0]} and keeps the rest'
+        if not ins:
+            return f'a {name} contracts none of its axes'
+        return tuple(sorted(ins))
+
+
+def _shifted(view: frozenset, by: int) -> frozenset:
+    """A view with the leading dim of its layouts dropped (by=-1: a scan's slice of xs) or a new
+    one, along no param axis, put in front (by=1: a scan's stacked ys)."""
+
+    def move(layout):
+        if isinstance(layout, str):
+            return layout
+        return layout[1:] if by < 0 else (_NONE,) + layout
+
+    return frozenset((q, move(layout)) for q, layout in view)
+
+
+def _default_branch(p) -> int | None:
+    """The branch of a `lax.platform_dependent` cond that names no platform (None otherwise)."""
+    platforms = p.get('branches_platforms') or ()
+    return next((i for i, pl in enumerate(platforms) if pl is None), None)
+
+
+def _traced(fn, sample_x) -> tuple[_Trace, Any, list]:
+    """(trace, params, (view, last) of each output) of the logits of a `ModelFn` on input
+    `sample_x`, traced abstractly."""
+    params, stats = fn.variables['params'], fn.variables.get('batch_stats', {})
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in leaves]
+    shapes = {n: tuple(np.shape(w)) for n, (_, w) in zip(names, leaves)}
+
+    def logits(p):
+        return fn.apply({'params': p, 'batch_stats': stats}, sample_x, train=False, rng=None)[0]
+
+    closed = jax.make_jaxpr(logits)(params)
+    trace = _Trace(shapes)
+    own = {n: tuple(frozenset({a}) for a in range(len(s))) for n, s in shapes.items()}
+    outs = trace.run(closed, [(frozenset({(n, own[n])}), _NONE) for n in names])
+    return trace, params, outs
+
 
 def find_kernels(fn, sample_x) -> tuple[list[str], frozenset[str]]:
     """(kernels, output kernels) of a `ModelFn` on input `sample_x`, traced abstractly.
@@ -137,18 +277,38 @@ def find_kernels(fn, sample_x) -> tuple[list[str], frozenset[str]]:
     output kernels: those whose product the logits depend on with no other weight product in
     between (one name for a model with a single classifier).
     """
-    params, stats = fn.variables['params'], fn.variables.get('batch_stats', {})
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in leaves]
-
-    def logits(p):
-        return fn.apply({'params': p, 'batch_stats': stats}, sample_x, train=False, rng=None)[0]
-
-    closed = jax.make_jaxpr(logits)(params)
-    trace = _Trace()
-    outs = trace.run(closed, [(frozenset({n}), _NONE) for n in names])
+    trace, params, outs = _traced(fn, sample_x)
     order = [n for n in flatten(params) if n in trace.kernels]
     return order, _union(o[1] for o in outs)
+
+
+def input_axes(fn, sample_x, names) -> dict[str, tuple[int, ...]]:
+    """{name: the kernel's input axes, sorted}: the axes of each kernel in `names` that its
+    products contract, found by tracing a `ModelFn` on `sample_x` as `find_kernels` does and
+    mapping the contracted dimensions back through the shape-only ops to the kernel's axes.
+
+    Dense (in, out): (0,); DenseGeneral / LinearGeneral query (in, heads, head_dim): (0,); their
+    out projection (heads, head_dim, out): (0, 1); Conv (kh, kw, in, out): (2,), the input
+    channels only (the window is the convolution's taps), also for ljax's platform-dependent
+    convolutions (their default branch). ValueError naming the kernel and `prunable=` where that
+    cannot be told: products that contract different axes of it, an op that mixes its axes
+    (gather), a product that contracts part of an axis, a kernel no product uses.
+    """
+    inputs = _traced(fn, sample_x)[0].inputs
+    out = {}
+    for n in names:
+        found = inputs.get(n, set())
+        why = next((f for f in found if isinstance(f, str)), None)
+        if why is None and not found:
+            why = 'it is the operand of no matmul or convolution of the model in eval mode'
+        if why is None and len(found) > 1:
+            why = f'its products contract different axes: {sorted(found)}'
+        if why is not None:
+            raise ValueError(
+                f'nm: cannot tell the input axes of kernel {n}: {why}; leave it out with prunable='
+            )
+        out[n] = next(iter(found))
+    return out
 
 
 def classifier_name(fn, sample_x) -> str:
@@ -172,19 +332,20 @@ def _classifier(kernels, out) -> str:
     )
 
 
-def default_prunable(fn, *args) -> PrunablePredicate:
+def default_prunable(fn, *args, classifier: bool = True) -> PrunablePredicate:
     """Every kernel (weight operand of a matmul or convolution) except the classifier.
 
     `default_prunable(fn: ModelFn, sample_x)`; `default_prunable(model, variables, sample_x)` for
     a linen module is the same through `model_fn`. Found from the computation, so pytree order,
     layer types and names do not matter (keys flatten as strings: 'Dense_11' < 'Dense_9').
+    classifier=False: the model has none (an embedding model): every kernel.
     """
     if not isinstance(fn, ModelFn):
         variables, *args = args
         fn = model_fn(fn, variables)
     (sample_x,) = args
     kernels, out = find_kernels(fn, sample_x)
-    chosen = frozenset(kernels) - {_classifier(kernels, out)}
+    chosen = frozenset(kernels) - ({_classifier(kernels, out)} if classifier else set())
     return lambda path, leaf: '/'.join(map(str, path)) in chosen
 
 
@@ -318,17 +479,24 @@ def wanda_masks(
     norms: Mapping[str, jax.Array],
     kept: Mapping[str, int] | None = None,
     nm: tuple[int, int] | None = None,
+    axes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, jax.Array]:
     """The one-shot Wanda mask, compared within each output neuron (column j of a kernel
     (..., in, out): all its (..., i) entries). With `kept` (k_l of any allocation), column j keeps
     `column_kept(k_l, out)[j]` highest-scored entries (ties to the lower index), exactly k_l per
-    layer; with `nm` = (N, M), the N:M form (groups along the input axis of each column)."""
+    layer; with `nm` = (N, M), the N:M form: groups along each kernel's input axes `axes[name]`
+    (`input_axes`; None: axis -2), so each group lies within one output neuron. The scores need
+    input norms along axis -2 (`wanda_scores`), so calibration refuses a kernel whose axis -2 is
+    not its contracted axis (attention's (in, heads, head_dim) projections among them)."""
     if (kept is None) == (nm is None):
         raise ValueError('wanda: pass exactly one of kept= (per-layer counts) and nm= (N, M)')
     scores = wanda_scores(weights, norms)
     if nm is not None:
-        nm_lib.check_nm(nm, {n: np.shape(w) for n, w in weights.items()})
-        return {n: nm_lib.nm_mask(s, nm[0], nm[1]) for n, s in scores.items()}
+        nm_lib.check_nm(nm, {n: np.shape(w) for n, w in weights.items()}, axes)
+        return {
+            n: nm_lib.nm_mask(s, nm[0], nm[1], None if axes is None else axes[n])
+            for n, s in scores.items()
+        }
     out = {}
     for n, s in scores.items():
         if not 0 <= kept[n] <= s.size:

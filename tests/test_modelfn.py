@@ -179,6 +179,30 @@ def test_nnx_call_with_a_train_argument_and_without_batch_norm():
     assert isinstance(fn.rebuild(fn.variables), CallFlags)
 
 
+class NoFlag(nn.Module):
+    """linen as users often write it: no `train` argument; BatchNorm and Dropout fixed at
+    construction."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8)(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=False)(x)
+        x = nn.Dropout(0.5, deterministic=True)(x)
+        return nn.Dense(3)(x)
+
+
+def test_linen_without_a_train_argument_is_called_without_one():
+    x = x_of()
+    model = NoFlag()
+    v = model.init(jax.random.key(0), x)
+    fn = model_fn(model, v, x[:1])
+    want, updates = model.apply(v, x, mutable=['batch_stats'])
+    logits, stats = fn.apply(fn.variables, x, train=True, rng=jax.random.key(1))
+    np.testing.assert_allclose(logits, want, rtol=1e-6)
+    jax.tree.map(np.testing.assert_allclose, stats, updates['batch_stats'])
+    np.testing.assert_allclose(fn.apply(fn.variables, x, train=False)[0], want, rtol=1e-6)
+
+
 class Bridged(nnx.Module):
     """Wrapped by nnx.bridge.to_linen: its Dropout is built (and needs a 'dropout' stream) on
     every linen call, eval included."""
@@ -266,7 +290,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r'^variables: an nnx.Module holds its own weights'):
         model_fn(NnxNet(nnx.Rngs(0)), {'params': {}})
     model, v, x = LinenNet(), linen_variables(), x_of(1)
-    with pytest.raises(ValueError, match=r'^variables: expected a mapping'):
+    with pytest.raises(ValueError, match=r'^variables: expected the pre-trained variables'):
         model_fn(model, None, x)
     bad = {'params': dict(v['params'], Dense_1={'kernel': jnp.zeros((5, 3)), 'bias': jnp.zeros(3)})}
     bad['batch_stats'] = v['batch_stats']
