@@ -638,11 +638,6 @@ def _shapes(x) -> tuple:
     return tree, tuple(np.shape(a)[1:] for a in leaves)
 
 
-def _describe_shapes(x) -> str:
-    shapes = _shapes(x)[1]
-    return str(shapes[0]) if not isinstance(x, (tuple, Mapping)) else str(shapes)
-
-
 def first_example(x):
     """x[:1] of every input: the sample the model is traced on."""
     return jax.tree.map(lambda a: a[:1], x)
@@ -660,10 +655,12 @@ def checked_batches(
         x, y = _as_xy(batch, i, labels)
         n = _batch_size(x, i)
         problem = None
-        if _shapes(x) != want:
+        if _shapes(x) != want and not isinstance(x, (tuple, Mapping)):
+            problem = f'x of shape {x.shape}, where the first batch had (N,) + {want[1][0]}'
+        elif _shapes(x) != want:
             problem = (
-                f'x of per-example shape {_describe_shapes(x)}, where the first batch had '
-                f'{_describe_shapes(first_x)}'
+                f'inputs of per-example shapes {_shapes(x)[1]}, where the first batch had '
+                f'{want[1]}'
             )
         elif y.shape != (n,):
             problem = f'{n} inputs but labels of shape {y.shape}; expected ({n},)'
