@@ -633,9 +633,3 @@ def _ste_bwd(_, g):
 
 
 ste.defvjp(_ste_fwd, _ste_bwd)
-
-
-@jax.jit
-def topk_ste(scores: jax.Array, k) -> jax.Array:
-    """Forward: the binary top-k mask of `scores` (as scores' dtype); backward: identity to `scores`."""
-    return ste(scores, lax.stop_gradient(topk_mask(scores, k)))

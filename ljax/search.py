@@ -266,7 +266,7 @@ class Search:
         fn = model_fn(model, variables, sample_x, output=o.output)
         params = fn.variables['params']
         predicate = o.prunable or sparsity_lib.default_prunable(
-            fn, sample_x, classifier=o.teacher is None or o.distill != 'cosine'
+            fn, sample_x, has_classifier=o.teacher is None or o.distill != 'cosine'
         )
         names = sparsity_lib.prunable_names(params, predicate)
         if not names:

@@ -311,13 +311,9 @@ def input_axes(fn, sample_x, names) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def classifier_name(fn, sample_x) -> str:
-    """The kernel whose product feeds the logits of a `ModelFn`; ValueError naming `prunable=`
-    when that is not exactly one parameter (never a guess)."""
-    return _classifier(*find_kernels(fn, sample_x))
-
-
-def _classifier(kernels, out) -> str:
+def classifier(kernels, out) -> str:
+    """The kernel whose product feeds the logits, from `find_kernels`' (kernels, output kernels);
+    ValueError naming `prunable=` when that is not exactly one parameter (never a guess)."""
     if len(out) == 1:
         return next(iter(out))
     why = (
@@ -332,20 +328,20 @@ def _classifier(kernels, out) -> str:
     )
 
 
-def default_prunable(fn, *args, classifier: bool = True) -> PrunablePredicate:
+def default_prunable(fn, *args, has_classifier: bool = True) -> PrunablePredicate:
     """Every kernel (weight operand of a matmul or convolution) except the classifier.
 
     `default_prunable(fn: ModelFn, sample_x)`; `default_prunable(model, variables, sample_x)` for
     a linen module is the same through `model_fn`. Found from the computation, so pytree order,
     layer types and names do not matter (keys flatten as strings: 'Dense_11' < 'Dense_9').
-    classifier=False: the model has none (an embedding model): every kernel.
+    has_classifier=False: the model has none (an embedding model): every kernel.
     """
     if not isinstance(fn, ModelFn):
         variables, *args = args
         fn = model_fn(fn, variables)
     (sample_x,) = args
     kernels, out = find_kernels(fn, sample_x)
-    chosen = frozenset(kernels) - ({_classifier(kernels, out)} if classifier else set())
+    chosen = frozenset(kernels) - ({classifier(kernels, out)} if has_classifier else set())
     return lambda path, leaf: '/'.join(map(str, path)) in chosen
 
 

@@ -19,7 +19,7 @@ def detect(model, x, variables=None):
         variables = model.init(jax.random.key(0), x, train=False)
     fn = model_fn(model, variables, x)
     names = sparsity.prunable_names(fn.variables['params'], sparsity.default_prunable(fn, x))
-    return names, sparsity.classifier_name(fn, x)
+    return names, sparsity.classifier(*sparsity.find_kernels(fn, x))
 
 
 class TwelveDense(nn.Module):
