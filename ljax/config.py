@@ -23,6 +23,8 @@ SCORE_INITS = ('magnitude', 'random', 'wanda')
 ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 DTYPES = ('float32', 'bfloat16')
 RESTRICTIONS = ('none', 'cosine', 'poly4', 'linear', 'constant:R')
+TEACHERS = ('', 'dense')
+DISTILLS = ('kl', 'cosine')
 
 # (name, default, one-line description). A default that is a type T means "unset" (a None
 # placeholder that only takes a T).
@@ -60,6 +62,9 @@ FIELDS = (
     ('calibration_batches', 8, "train batches whose activations give Wanda's input norms (>= 1)"),
     ('restriction', 'none', f'short restriction: {" | ".join(RESTRICTIONS)} (R in [0, 1])'),
     ('seed', 0, 'seed of data order, augmentation and random score init'),
+    ('teacher', '', "'' (learn from the labels) or 'dense' (label-free: match the dense model)"),
+    ('distill', 'kl', f"teacher='dense': {' | '.join(DISTILLS)} (KL to the dense logits, or 1 - cosine)"),
+    ('temperature', 1.0, "teacher='dense', distill='kl': softmax temperature (> 0)"),
     ('dtype', 'float32', f'forward/backward dtype: {" | ".join(DTYPES)} (scores, BN stats stay f32)'),
     # dense pretraining (mode='pretrain')
     ('pretrain_epochs', 10, "pretrain mode: dense training epochs (>= 1)"),
@@ -74,6 +79,12 @@ FIELDS = (
     ('progress', True, 'show a progress bar'),
 )
 FIELD_HELP = {name: text for name, _, text in FIELDS}
+DEFAULTS = {name: None if isinstance(default, type) else default for name, default, _ in FIELDS}
+
+
+def get(config, name: str):
+    """config[name], or its default from FIELDS where the config leaves the field out."""
+    return config.get(name, DEFAULTS[name])
 
 
 def base() -> ml_collections.ConfigDict:
@@ -140,6 +151,9 @@ def validate(config) -> None:
     one_of('score_init', SCORE_INITS)
     one_of('allocation', ALLOCATIONS)
     one_of('dtype', DTYPES)
+    one_of('teacher', TEACHERS)
+    one_of('distill', DISTILLS)
+    expect('temperature', lambda v: _is_number(v) and v > 0, 'a number > 0')
     expect('nm', _nm_ok, "'' or 'N:M' with integers 0 < N < M, e.g. '2:4'")
     expect('process_id', lambda v: v is None or (_is_int(v) and v >= 0), 'unset or an integer >= 0')
     expect('coordinator_address', lambda v: v is None or (isinstance(v, str) and ':' in v),
@@ -182,12 +196,12 @@ def _nm_ok(v) -> bool:
 
 
 def _restriction_ok(v) -> bool:
-    if v in ('none', 'cosine', 'poly4', 'linear'):
-        return True
-    if isinstance(v, str) and v.startswith('constant:'):
-        try:
-            rate = float(v.split(':', 1)[1])
-        except ValueError:
-            return False
-        return 0.0 <= rate <= 1.0
-    return False
+    if not isinstance(v, str):  # the CLI takes names; the API also takes numbers and callables
+        return False
+    from ljax.restriction import constant_rate
+
+    try:
+        constant_rate(v)
+    except ValueError:
+        return False
+    return True

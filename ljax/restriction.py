@@ -206,20 +206,40 @@ def _swapped(keys, index, old, top, come_in, stay, i):
     return (old & ~(prune & ~keep)) | come
 
 
+SCHEDULES = ('none', 'cosine', 'poly4', 'linear')  # and 'constant:R', a number, a callable
+
+
+def constant_rate(name) -> float | None:
+    """The rate of a constant schedule ('none' = 1.0, a number, 'constant:R'); None for a schedule
+    that varies ('cosine', 'poly4', 'linear', a callable). ValueError for an unknown name or a
+    constant outside [0, 1]: the one parser of schedule names (the config checks through it)."""
+    if callable(name) or name in ('cosine', 'poly4', 'linear'):
+        return None
+    if isinstance(name, (int, float)) and not isinstance(name, bool):
+        rate = float(name)
+    elif name == 'none':
+        rate = 1.0
+    elif isinstance(name, str) and name.startswith('constant:'):
+        try:
+            rate = float(name.split(':', 1)[1])
+        except ValueError:
+            rate = float('nan')
+    else:
+        raise ValueError(
+            f"restriction: unknown schedule {name!r}; expected 'none', 'cosine', 'poly4', "
+            "'linear', 'constant:R', a rate in [0, 1] or a callable step -> rate"
+        )
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f'restriction: a constant rate must lie in [0, 1], got {name!r}')
+    return rate
+
+
 def is_plain_topk(name) -> bool:
     """True when the schedule `name` is rate 1 at every step: the restriction is then plain top-k."""
-    if isinstance(name, bool) or callable(name):
+    try:
+        return constant_rate(name) == 1.0
+    except ValueError:
         return False
-    if isinstance(name, (int, float)):
-        return float(name) == 1.0
-    if name == 'none':
-        return True
-    if isinstance(name, str) and name.startswith('constant:'):
-        try:
-            return float(name.split(':', 1)[1]) == 1.0
-        except ValueError:
-            return False
-    return False
 
 
 def rate_schedule(name: str | float | RateSchedule, total_steps: int) -> RateSchedule:
@@ -235,23 +255,11 @@ def rate_schedule(name: str | float | RateSchedule, total_steps: int) -> RateSch
     if callable(name):
         return name
     total_steps = max(int(total_steps), 1)
-    if isinstance(name, (int, float)) and not isinstance(name, bool):
-        rate = float(name)
-    elif name == 'none':
-        rate = 1.0
-    elif isinstance(name, str) and name.startswith('constant:'):
-        rate = float(name.split(':', 1)[1])
-    elif name == 'cosine':
+    rate = constant_rate(name)
+    if name == 'cosine':
         return optax.cosine_decay_schedule(1.0, total_steps)
-    elif name == 'poly4':
+    if name == 'poly4':
         return optax.polynomial_schedule(1.0, 0.0, power=4, transition_steps=total_steps)
-    elif name == 'linear':
+    if name == 'linear':
         return optax.linear_schedule(1.0, 0.0, total_steps)
-    else:
-        raise ValueError(
-            f"restriction: unknown schedule {name!r}; expected 'none', 'cosine', 'poly4', "
-            "'linear', 'constant:R', a rate in [0, 1] or a callable step -> rate"
-        )
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f'restriction: a constant rate must lie in [0, 1], got {rate}')
     return optax.constant_schedule(rate)
