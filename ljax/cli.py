@@ -183,6 +183,7 @@ def run_or_explain(config, workdir: str) -> int:
         ValueError,
         FileNotFoundError,
         data.DatasetNotFoundError,
+        data.MissingDataDependencyError,  # TensorFlow / TFDS not installed: names the pip command
         checkpoints.ConfigMismatchError,
         workdir_lib.WorkdirError,
     ) as e:

@@ -14,7 +14,11 @@ from TFDS (`tfds.split_for_jax_process`) with seeded file shuffling and a seeded
 order, like any seeded tf op, also depends on TF's global seed (ljax never sets it). From decoded
 examples on, every dataset goes through the same augment / batch / normalise code.
 
-TensorFlow is imported lazily, kept off any GPU, and only produces numpy arrays.
+TensorFlow is imported lazily, kept off any GPU, and only produces numpy arrays. It and TFDS are the
+`data` extra (`pip install 'ljax[data]'`); without them `get_dataset` raises
+MissingDataDependencyError.
+Every dataset, Fashion-MNIST from IDX files included, goes through tf.data (batching, padding,
+normalisation, CIFAR augmentation); only the IDX decoding is numpy.
 """
 
 from __future__ import annotations
@@ -57,6 +61,22 @@ _NETWORK_PROBE_S = 5.0
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is neither on disk nor obtainable; the message is one line saying how to get it."""
+
+
+DATA_EXTRA = "pip install 'ljax[data]' (in a checkout: pip install -e '.[data]')"
+
+
+class MissingDataDependencyError(ModuleNotFoundError):
+    """TensorFlow / TFDS (the `data` extra) are not installed; the message is one line naming the
+    install command. The library (`search_jackpot`) needs neither, only these pipelines do."""
+
+
+def _missing_dependency(e: ModuleNotFoundError) -> MissingDataDependencyError:
+    return MissingDataDependencyError(
+        f"the data pipelines need TensorFlow and TensorFlow Datasets (no module named "
+        f"'{e.name}'): {DATA_EXTRA}",
+        name=e.name,
+    )
 
 
 @dataclasses.dataclass
@@ -305,6 +325,8 @@ def _prepared_builder(name, data_dir):
     try:
         builder.download_and_prepare()
     except Exception as e:  # no network, manual files missing (AssertionError), bad checksums...
+        if isinstance(e, ModuleNotFoundError) and e.name == 'importlib_resources':
+            raise _missing_dependency(e) from e  # TFDS imports it only here and does not declare it
         # The AssertionError about ImageNet's manual files only repeats the hint; others may say more.
         detail = (str(e).splitlines() or [''])[0][:200]
         cause = '' if isinstance(e, AssertionError) else f' [{type(e).__name__}: {detail}]'
@@ -576,7 +598,10 @@ def _tf():
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     # tf.data only shuffles and normalises here; without this TF prints its oneDNN notice on import
     os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ModuleNotFoundError as e:
+        raise _missing_dependency(e) from e
 
     try:
         tf.config.set_visible_devices([], 'GPU')  # the GPU belongs to JAX
@@ -587,6 +612,9 @@ def _tf():
 
 def _tfds():
     _tf()
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ModuleNotFoundError as e:
+        raise _missing_dependency(e) from e
 
     return tfds

@@ -127,6 +127,15 @@ def _carry(eqn, i: int, view: frozenset, out: int = 0) -> frozenset:
     return frozenset((q, _carried(eqn, i, layout, out)) for q, layout in view)
 
 
+def _scan_operands(p, ins) -> tuple[list, list, list]:
+    """(consts, carry, xs) of a scan's operands `ins`: jax 0.10 counts them (num_consts,
+    num_carry), jax 0.12 groups them in a FlatTree (ft_in)."""
+    if 'num_consts' in p:
+        c, k = p['num_consts'], p['num_carry']
+        return list(ins[:c]), list(ins[c : c + k]), list(ins[c + k :])
+    return tuple(list(group) for group in p['ft_in'].update(list(ins)).unpack())
+
+
 class _Trace:
     """Follows parameters through a jaxpr. Per variable: `view`, the params it is a shape-only
     view of, as (param, layout) pairs; `last`, the params of the weight products it depends on
@@ -184,9 +193,10 @@ class _Trace:
             self.record = record
             return [tuple(_union(r[i][j] for r in runs) for j in (0, 1)) for i in range(n)]
         if name == 'scan':  # xs and ys: the body sees one slice of the leading axis
-            consts, k = p['num_consts'], p['num_carry']
-            xs = [(_shifted(v, -1), last) for v, last in ins[consts + k :]]
-            outs = self._loop(p['jaxpr'], ins[:consts], ins[consts : consts + k], xs)
+            consts, carry, xs = _scan_operands(p, ins)
+            xs = [(_shifted(v, -1), last) for v, last in xs]
+            outs = self._loop(p['jaxpr'], consts, carry, xs)
+            k = len(carry)
             return outs[:k] + [(_shifted(v, 1), last) for v, last in outs[k:]]
         if name == 'while':
             c = p['cond_nconsts']
