@@ -18,6 +18,8 @@ sys.path.insert(
 import speed
 import study
 
+pytestmark = pytest.mark.slow  # runs the benchmark scripts
+
 
 def _csv(path):
     with open(path) as f:

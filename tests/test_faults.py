@@ -1,7 +1,6 @@
 """The fault table of benchmarks/faults.py as tests: each fault's promised outcome must hold.
 
-Fast rows (bad input refused before any search) run by default; rows that run the search are
-marked slow. docs/RELIABILITY.md shows the table `python benchmarks/faults.py` prints.
+Every row starts main.py in subprocesses: marked slow. docs/RELIABILITY.md shows the table `python benchmarks/faults.py` prints.
 """
 
 import os
@@ -16,6 +15,8 @@ sys.path.insert(
 
 import faults  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def lab(tmp_path_factory):
@@ -27,8 +28,7 @@ def lab(tmp_path_factory):
 @pytest.mark.parametrize(
     'fn',
     [
-        pytest.param(fn, id=name, marks=() if fast else pytest.mark.slow)
-        for name, fast, fn in faults.FAULTS
+        pytest.param(fn, id=name) for name, _, fn in faults.FAULTS
     ],
 )
 def test_fault(lab, fn):

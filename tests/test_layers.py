@@ -39,6 +39,7 @@ def _assert_same_conv(fast, ref, x, w, dtype):
         )
 
 
+@pytest.mark.slow  # 37 convolution shapes, each compiled
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', EXPLICIT])
 @pytest.mark.parametrize('stride', [1, 2])

@@ -1,14 +1,19 @@
 """main.py as a user runs it: search on a Fashion-MNIST subset, kill/resume, evaluate, bad input."""
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.slow  # main.py in subprocesses: full searches, kill and resume, bad input
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = [
@@ -18,6 +23,16 @@ QUICK = [
     '--config.epochs=2',
     '--config.progress=False',
 ]
+
+
+# every main.py started here shares its compilations through JAX's persistent cache
+JAX_CACHE = tempfile.mkdtemp(prefix='ljax-test-jax-cache-')
+atexit.register(shutil.rmtree, JAX_CACHE, True)
+CACHE_ENV = {
+    'JAX_COMPILATION_CACHE_DIR': JAX_CACHE,
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+    'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+}
 
 
 def main_cmd(workdir, *extra):
@@ -31,7 +46,7 @@ def run(workdir, *extra, env=None, timeout=300):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **CACHE_ENV, **(env or {})},
     )
 
 
@@ -114,6 +129,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(finished, t
         proc = subprocess.Popen(
             main_cmd(workdir, '--config.checkpoint_every_steps=2'),
             cwd=REPO,
+            env={**os.environ, **CACHE_ENV},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -227,6 +227,7 @@ def test_score_gradient_is_dL_dmasked_weight_times_weight():
         )
 
 
+@pytest.mark.slow  # compiles the search for 1 and 4 devices
 def test_four_devices_agree_with_one_device():
     """Same global batches on 1 and on 4 devices, synchronised BN (axis_name=AXIS_NAME).
 
