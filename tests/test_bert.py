@@ -29,6 +29,7 @@ def cosines(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+@pytest.mark.slow  # imports torch and runs sentence-transformers
 def test_matches_sentence_transformers(minilm, glosses, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # the reference must not reach the network
     from sentence_transformers import SentenceTransformer

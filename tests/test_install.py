@@ -129,6 +129,7 @@ def run_python(code: str, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # searches in fresh subprocesses
 def test_library_needs_no_tensorflow():
     """`from ljax import search_jackpot` loads no TensorFlow, and a linen and an NNX search run
     with TensorFlow and TFDS made unimportable."""

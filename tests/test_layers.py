@@ -220,6 +220,7 @@ def _with_flax_conv(monkeypatch):
         monkeypatch.setattr(module, 'Conv', nn.Conv)
 
 
+@pytest.mark.slow  # three shipped models compiled with and without im2col
 @pytest.mark.parametrize(
     'model, shape',
     [
