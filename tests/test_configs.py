@@ -38,7 +38,7 @@ def load(path):
 
 def test_every_config_is_listed():
     names = {os.path.splitext(os.path.basename(p))[0] for p in CONFIGS}
-    assert names == set(PAPER) | {'fashion_mnist'}
+    assert names == set(PAPER) | {'fashion_mnist', 'minilm_wordnet'}
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.basename(p))
@@ -47,6 +47,12 @@ def test_config_builds_its_model_for_its_data(path):
     assert set(c.keys()) == set(config_lib.base().keys())  # no field outside ljax/config.py
     for field, value in PAPER.get(os.path.splitext(os.path.basename(path))[0], {}).items():
         assert c[field] == value, field
+    if c.model in config_lib.TEXT_MODELS:  # a pre-trained sentence encoder: token ids in
+        assert c.dataset == config_lib.TEXT_MODELS[c.model]
+        model = get_model(c.model, c.num_classes, path=c.pretrained or None)
+        out = jax.eval_shape(lambda: model(np.zeros((2, c.max_seq_length), np.int32)))
+        assert out.shape == (2, 384)
+        return
     info = data.dataset_info(c.dataset, image_size=c.image_size)
     assert info['num_classes'] == c.num_classes
     model = get_model(c.model, c.num_classes, **dict(c.model_kwargs))
