@@ -5,7 +5,7 @@ chunking and unrolling buy (issue 10).
 
 For each case (synthetic data, float32, one device): the dense step and the search step, each
 profiled (`gpu_profile.profile`: wall ms, GPU kernel ms and kernels per step, kernel time by source;
-the first case only, later ones are timed); the search step with each variant of the segmented selection (`masks._SEG_LINES` lines of 64 keys
+the first case only, later ones are timed); the search step with each variant of the segmented selection (`masks.Tuning.lines` lines of 64 keys
 summed per chunk before the segment sum, the 32 passes unrolled or in a loop; masks compared with
 the first variant's after the same steps); the search with the short restriction (cosine rate);
 then the mask update alone per variant (`topk_masks`, and `restrict_masks` at rate 0.5) on the
@@ -36,9 +36,31 @@ TOP = int(os.environ.get('TOP', 25))
 VARIANTS = [(1, False), (1, True), (64, False), (64, True)]
 
 
+import ljax.search as search_mod
+
+TUNING = masks.TUNING
+
+
+class Tuned:
+    """The search's masks / restriction module with this variant's tuning (a static argument)."""
+
+    def __init__(self, mod):
+        self.mod = mod
+
+    def __getattr__(self, name):
+        return getattr(self.mod, name)
+
+    def topk_masks(self, *a, **k):
+        return self.mod.topk_masks(*a, tuning=TUNING, **k)
+
+    def restrict_masks(self, *a, **k):
+        return self.mod.restrict_masks(*a, tuning=TUNING, **k)
+
+
 def use(variant):
-    masks._SEG_LINES, masks._SEG_UNROLL = variant
-    jax.clear_caches()  # the jitted selections were traced with the previous variant
+    global TUNING
+    TUNING = masks.Tuning(lines=variant[0], unroll=variant[1])
+    search_mod.masks, search_mod.restriction = Tuned(masks), Tuned(restriction)
 
 
 def case(spec, full=True):
@@ -93,8 +115,12 @@ def case(spec, full=True):
     log(f'{len(names)} prunable layers, {sum(v.size for v in scores.values())} weights')
     for v in VARIANTS:
         use(v)
-        topk = jax.jit(lambda sc: masks.topk_masks(sc, kept, selection='segmented'))
-        restr = jax.jit(lambda m, sc: restriction.restrict_masks(m, sc, kept, 0.5, selection='segmented'))
+        topk = jax.jit(lambda sc: masks.topk_masks(sc, kept, selection='segmented', tuning=TUNING))
+        restr = jax.jit(
+            lambda m, sc: restriction.restrict_masks(
+                m, sc, kept, 0.5, selection='segmented', tuning=TUNING
+            )
+        )
         log(f'lines {v[0]}, unrolled {v[1]}: topk_masks {timeit(topk, scores):.2f} ms, '
             f'restrict_masks rate 0.5 {timeit(restr, old, scores):.2f} ms')
 
@@ -103,7 +129,7 @@ def main():
     log(jax.devices(), jax.__version__)
     for i, spec in enumerate(sys.argv[1:] or ['vgg19:32:256', 'resnet50:224:128']):
         case(spec, full=i == 0)
-    use(VARIANTS[-1])
+    search_mod.masks, search_mod.restriction = masks, restriction
     log('done')
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.getcwd())
-from ljax import masks
+from ljax import masks, selection
 from ljax.models import get_model
 from ljax.parallel import Parallel
 from ljax.pretrain import DenseTraining
@@ -171,10 +171,15 @@ def main():
     log(f'{len(scores)} prunable layers, {sum(v.size for v in scores.values())} weights')
     log(f'topk_masks with hints: {timeit(masks.topk_masks, scores, kept, hints):.2f} ms')
     log(f'topk_masks exact (no hints): {timeit(lambda a, b: masks.topk_masks(a, b), scores, kept):.2f} ms')
-    plans = jax.jit(lambda sc, hs: [masks._plan(sc[n], kept[n], hs[n]) for n in search.names])
+    plans = jax.jit(lambda sc, hs: [masks.plan(sc[n], kept[n], hs[n]) for n in search.names])
     log(f'_plan of every layer: {timeit(plans, scores, hints):.2f} ms')
     ps = plans(scores, hints)
-    sel = jax.jit(lambda ps: masks._selection([p.keys for p in ps], [p.k for p in ps], [p.index for p in ps]))
+    sel = jax.jit(
+        lambda ps: selection.select(
+            selection.Stacked([p.keys for p in ps], [p.index for p in ps], stack=False),
+            [p.k for p in ps],
+        )
+    )
     log(f'_selection on the candidates: {timeit(sel, ps):.2f} ms')
     log(f'invalid plans (second try): {sum(not bool(p.valid) for p in ps)} of {len(ps)}')
     flips = jax.jit(lambda a, b: sum(jnp.sum(a[n] != b[n], dtype=jnp.int32) for n in a))

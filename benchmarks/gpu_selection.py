@@ -86,33 +86,6 @@ def main():
     f = jax.jit(functools.partial(base, selection='hinted'))
     log(f'topk_masks hinted, no hints (per-layer 32 passes): {timeit(lambda sc: f(sc, kept), scores):.2f} ms')
 
-    # variant: segment counts by a cumulative sum instead of a scatter-add
-    orig = masks._kth_largest_segmented
-
-    def by_cumsum(rows, ks):
-        keys, ids = masks._segments(rows)
-        seg = jnp.asarray(ids)
-        ends = jnp.asarray(np.cumsum(np.bincount(ids, minlength=len(rows))) - 1)
-        ks = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks])
-
-        def body(i, found):
-            cand = found | (jnp.uint32(1) << (jnp.uint32(31) - i))
-            per_line = jnp.sum((keys >= cand[seg][:, None]).astype(jnp.int32), axis=1)
-            cs = jnp.cumsum(per_line)[ends]
-            counts = cs - jnp.concatenate([jnp.zeros(1, cs.dtype), cs[:-1]])
-            return jnp.where(counts >= ks, cand, found)
-
-        found = lax.fori_loop(jnp.uint32(0), jnp.uint32(32), body, jnp.zeros(len(rows), jnp.uint32))
-        found = jnp.where(ks > 0, found, jnp.uint32(0xFFFFFFFF))
-        return [found[i] for i in range(len(rows))]
-
-    masks._kth_largest_segmented = by_cumsum
-    f = jax.jit(functools.partial(base, selection='segmented'))
-    g = lambda sc, h: f(sc, kept, h)
-    ms, r = timeit(g, scores, hints), g(scores, hints)
-    masks._kth_largest_segmented = orig
-    same = all(np.array_equal(r[0][n], results['hinted'][0][n]) for n in names)
-    log(f'topk_masks segmented by cumsum: {ms:.2f} ms (same masks: {same})')
     log('done')
 
 

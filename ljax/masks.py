@@ -1,24 +1,20 @@
-"""Exact top-k masks and the straight-through estimator.
+"""Exact top-k masks of layers, all layers at once, and the straight-through estimator.
 
-Ranking used everywhere in ljax: element i ranks above element j when its score is larger, or when
-the scores are equal and i < j (row-major index). `topk_mask(scores, k)` keeps the k highest-ranked
-elements, so it keeps exactly k whatever ties exist; `+0.0` and `-0.0` rank equal.
+The ranking (score, then lower index; `+0.0 == -0.0`; NaN unsupported) and the exact selection of
+a row of keys are `ljax.selection`'s. `topk_mask(scores, k)` keeps the k highest-ranked elements
+of one array, exactly k whatever ties exist; with a `hint` (the previous step's threshold key) its
+bisection runs within a window around it.
 
-The selection avoids sorting: floats are mapped to an order-preserving uint32 image and the k-th
-largest key is found by bisection over its 32 bits (one counting pass per bit, all inside one jit;
-`k` may be traced). With a `hint` (the previous step's threshold key) only a window of 2**16 keys
-around it is bisected, which takes 18 passes instead of 32 when the threshold moved little, and
-falls back to the full 32 passes otherwise. Ties at the threshold are resolved by a cumulative sum,
-which is skipped when the threshold is unique.
-
-`topk_masks` selects every layer of a dict in one call, for a cost that does not grow with depth:
-the bisection passes are shared by all layers, and with hints one pass over the scores narrows each
-layer to a few candidate blocks (see `_plan`), whose candidates are then selected stacked by size,
-warm-started in the hint's window (`_stacked_selection`). A hint is the previous threshold key, or (the search)
-its extrapolation from the last two (`extrapolate`). On GPU and TPU the passes run instead over the
-keys of all layers concatenated, one chunked row sum and one segment sum per pass, which launches a
-few kernels per pass rather than several per layer (`default_selection`).
-NaN scores are not supported.
+`topk_masks` and `restriction.restrict_masks` update every layer of a dict in one call, through
+one driver (`update_masks`) and a rule saying how the new mask follows from the selections
+(`TOPK` here, the restriction's swaps there). `selection` picks the strategy (`default_selection`):
+- 'hinted' (CPU): one pass over each layer narrows it to a few candidate blocks around its hint
+  (`plan`), the selections run on those, stacked by size and warm-started in the hints' windows,
+  and a layer whose candidates miss retries alone (`second_try`). A hint is the previous threshold
+  key, or (the search) its extrapolation from the last two (`extrapolate`). Without hints every
+  layer is bisected over its 32 bits, all layers in one loop.
+- 'segmented' (GPU, TPU): ignores the hints; 32 passes over all layers' keys concatenated.
+Either way the cost does not grow with depth: the passes are shared by all layers.
 """
 
 from __future__ import annotations
@@ -28,97 +24,39 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from ljax.reductions import count as _count, total as _total
+from ljax import selection as sel
+from ljax.reductions import count
+from ljax.selection import MAX, chosen, order_keys
 
-_WINDOW_BITS = 16
-_ROW = 64
-
-
-def order_keys(x: jax.Array) -> jax.Array:
-    """uint32 keys with key(a) < key(b) iff a < b for floats (NaN aside); float32 input."""
-    bits = lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
-    # -0.0 ranks as +0.0 (done on the bits: XLA folds `x + 0.0` into `x` under jit)
-    bits = jnp.where(bits == jnp.uint32(0x80000000), jnp.uint32(0), bits)
-    return jnp.where(bits >> 31, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def _count_ge(keys, t):
-    return _count(keys >= t)
-
-
-def _tied(arrays, i):
-    """`arrays` as read in iteration `i` of a loop. What a pass computes from them then depends on
-    the loop counter, so XLA recomputes it inside each pass (fused into the count) instead of
-    hoisting it out of the loop and writing it out in full: a pass over a layer's keys then needs
-    no buffer of the layer's size."""
-    return lax.optimization_barrier((arrays, i))[0]
-
-
-def _row(keys, i):
-    """(keys, valid or None) of a row at loop iteration i: `keys` is an array, or a function of
-    the iteration returning that pair (recomputed in each pass, see `_tied`). Invalid keys rank
-    as key 0, below every real score."""
-    return keys(i) if callable(keys) else (keys, None)
-
-
-def _bisect(keys, k, base, nbits):
-    """Largest t in [base, base + 2**nbits) with count(keys >= t) >= k, given that base qualifies.
-
-    `nbits` may be traced (a while loop of nbits counting passes); `keys` as in `_row`."""
-    nbits = jnp.asarray(nbits, jnp.uint32)
-
-    def body(i, offset):
-        cand = offset | (jnp.uint32(1) << (nbits - 1 - i).astype(jnp.uint32))
-        t = base + cand  # a candidate past the top of uint32 (base + 2**nbits may wrap) never qualifies
-        r, valid = _row(keys, i)
-        ge = r >= t if valid is None else (r >= t) & valid  # t >= 1: key 0 never counts
-        return jnp.where((t >= base) & (_count(ge) >= k), cand, offset)
-
-    return base + lax.fori_loop(jnp.uint32(0), nbits, body, jnp.uint32(0))
+__all__ = [
+    'order_keys', 'kth_largest_key', 'topk_mask', 'topk_mask_with_threshold', 'extrapolate',
+    'Tuning', 'Plan', 'plan', 'wide_blocks', 'second_try', 'TOPK', 'update_masks', 'topk_masks',
+    'SELECTIONS', 'default_selection', 'resolve_selection', 'ste',
+]
 
 
 def kth_largest_key(keys: jax.Array, k, hint=None) -> jax.Array:
     """The k-th largest key (1 <= k <= keys.size); for k = 0 returns the maximum uint32."""
-    k = jnp.asarray(k, jnp.int32)
-    if hint is None:
-        return jnp.where(k > 0, _bisect(keys, k, jnp.uint32(0), 32), jnp.uint32(0xFFFFFFFF))
-    width = jnp.uint32(1 << _WINDOW_BITS)
-    hint = jnp.asarray(hint, jnp.uint32)
-    lo = jnp.clip(hint, width // 2, jnp.uint32(0xFFFFFFFF) - width) - width // 2
-    inside = (_count_ge(keys, lo) >= k) & (_count_ge(keys, lo + width) < k) & (k > 0)
-    # One loop either way (no lax.cond, which would copy `keys` into its branches).
-    found = _bisect(
-        keys, k, jnp.where(inside, lo, jnp.uint32(0)), jnp.where(inside, _WINDOW_BITS, 32)
-    )
-    return jnp.where(k > 0, found, jnp.uint32(0xFFFFFFFF))
+    return _one(keys, k, hint)[0]
 
 
-def _select(keys, k, threshold):
-    above = keys > threshold
-    n_above = _count(above)
-    at = keys == threshold
-    unique = n_above + _count(at) == k
-    # Ties at the threshold: the lowest indices win, exactly k in all.
-    return lax.cond(
-        unique,
-        lambda: above | at,
-        lambda: above | (at & (jnp.cumsum(at, dtype=jnp.int32) <= k - n_above)),
-    )
+def _one(keys, k, hint):
+    rows = sel.Stacked([keys.reshape(-1)], stack=False)
+    t, last = sel.select(rows, [k], None if hint is None else [hint])
+    return t[0], last[0]
 
 
 @jax.jit
 def topk_mask_with_threshold(scores: jax.Array, k, valid=None, hint=None):
     """Like `topk_mask`, also returning the threshold key (a `hint` for the next call)."""
-    shape = scores.shape
     keys = order_keys(scores).reshape(-1)
     if valid is not None:
         # Key 0 is the image of a NaN only: invalid elements rank below every real score.
         keys = jnp.where(valid.reshape(-1), keys, jnp.uint32(0))
-    threshold = kth_largest_key(keys, k, hint)
-    return _select(keys, jnp.asarray(k, jnp.int32), threshold).reshape(shape), threshold
+    t, last = _one(keys, k, hint)
+    return chosen(keys, None, t, last).reshape(scores.shape), t
 
 
 def topk_mask(scores: jax.Array, k, valid=None, hint=None) -> jax.Array:
@@ -130,43 +68,6 @@ def topk_mask(scores: jax.Array, k, valid=None, hint=None) -> jax.Array:
     return topk_mask_with_threshold(scores, k, valid, hint)[0]
 
 
-# ------------------------------------------------------------------ all layers at once
-# The fast path of `topk_masks` / `restriction.restrict_masks`. One pass over every layer computes,
-# per block of _BLOCK elements and relative to the hint key h: the count of keys >= h, the largest
-# key below h and the smallest key >= h (and, for the restriction, how many elements of the block
-# disagree between `key >= h` and the current mask). With e = count(keys >= h) - k, the threshold
-# is the (-e)-th largest key below h (e < 0) or the (e+1)-th smallest key >= h (e >= 0), so it and
-# every element between it and h lie in the |e|+1 blocks whose closest key to h is closest: those
-# blocks (and the disagreeing ones) are gathered, a few per layer, and the exact selection runs on
-# them. When they do not fit the capacity the call falls back to exact bisection over all keys.
-_BLOCK = 64
-# A layer of at most _WHOLE blocks is gathered whole (its 32 passes are cheap). 1024 made 64 equal
-# layers of 65,536 weights cost 165 ms (32 passes over all 4.2M keys) against 23 ms with 64, and
-# ResNet-50's update 73 -> 51 ms (restriction 147 -> 88 ms), the stand-in step unchanged.
-_WHOLE = 64
-_MIN_BLOCKS = 32  # candidate blocks gathered per larger layer: the larger of this ...
-_BLOCK_SHARE = 64  # ... and 1/_BLOCK_SHARE of the layer's blocks
-_MAX = 0xFFFFFFFF
-
-
-class _Plan(NamedTuple):
-    """One layer's gathered candidates: block ids (ascending), their keys and flat indices."""
-
-    idx: jax.Array  # [cap] int32
-    keys: jax.Array  # [cap * _BLOCK] uint32, 0 past the end of the layer
-    index: jax.Array  # [cap * _BLOCK] int32
-    k: jax.Array  # the layer's k minus the count of keys >= threshold outside the candidates
-    valid: jax.Array  # bool: the candidates hold the threshold, all its ties and (mask) the changes
-    near: jax.Array  # [nb] uint32 per block: closeness to the hint of its key nearest on the
-    #                  threshold's side (0: none there)
-    count: jax.Array  # [nb] int32 per block: keys >= the hint
-    h: jax.Array  # the hint as used (uint32)
-    e: jax.Array  # count of keys >= h minus k: the threshold is >= h when e >= 0, below it if not
-    j: jax.Array  # the threshold is the j-th closest key to h on its side
-    changed: jax.Array | None = None  # [nb] int32 per block: keys >= h where `old` is False or
-    #                                   the reverse (with `old` or `mask` given)
-
-
 def extrapolate(last: jax.Array, previous: jax.Array) -> jax.Array:
     """A hint for the next selection from the last two threshold keys: last + (last - previous),
     clamped to uint32. During a search the threshold drifts steadily (momentum), so this lands
@@ -175,47 +76,88 @@ def extrapolate(last: jax.Array, previous: jax.Array) -> jax.Array:
     previous = jnp.asarray(previous, jnp.uint32)
     up = last >= previous
     d = jnp.where(up, last - previous, previous - last)
-    return jnp.where(up, last + jnp.minimum(d, jnp.uint32(_MAX) - last), last - jnp.minimum(d, last))
+    return jnp.where(up, last + jnp.minimum(d, jnp.uint32(MAX) - last), last - jnp.minimum(d, last))
 
 
-def _blocked_keys(scores):
-    keys = order_keys(scores).reshape(-1)
-    pad = -keys.size % _BLOCK
-    # key 0 (a NaN's image) ranks below every real score
-    return jnp.pad(keys, (0, pad)).reshape(-1, _BLOCK)
+# ------------------------------------------------------------------ candidate blocks ('hinted')
+# One pass over a layer computes, per block of `block` elements and relative to the hint key h:
+# the count of keys >= h, the largest key below h and the smallest key >= h (and, given the old
+# mask, how many elements of the block disagree between `key >= h` and it). With e = count(keys
+# >= h) - k, the threshold is the (-e)-th largest key below h (e < 0) or the (e+1)-th smallest key
+# >= h (e >= 0), so it and every element between it and h lie in the |e|+1 blocks whose closest
+# key to h is closest: those blocks (and, for the restriction, the disagreeing ones) are gathered,
+# a few per layer, and the selections run on them. When they do not fit, the layer retries alone.
+class Tuning(NamedTuple):
+    """Sizes the benchmarks vary (static under jit: pass `tuning=Tuning(...)`)."""
+
+    block: int = 64  # elements per candidate block
+    # A layer of at most `whole` blocks is gathered whole (its 32 passes are cheap). 1024 made 64
+    # equal layers of 65,536 weights cost 165 ms (32 passes over all 4.2M keys) against 23 ms
+    # with 64, and ResNet-50's update 73 -> 51 ms (restriction 147 -> 88 ms).
+    whole: int = 64
+    min_blocks: int = 32  # blocks gathered per larger layer: the larger of this ...
+    block_share: int = 64  # ... and 1/block_share of the layer's blocks
+    wide_share: int = 8  # the second try gathers up to 1/wide_share of a layer's blocks
+    lines: int = 64  # 'segmented': lines of 64 keys per chunk (`selection.Segmented`)
+    unroll: bool = False  # 'segmented': unroll the 32 passes
 
 
-def _plan(scores, k, hint, mask=None, old=None) -> _Plan:
+TUNING = Tuning()
+
+
+class Plan(NamedTuple):
+    """One layer's gathered candidates: block ids (ascending), their keys and flat indices."""
+
+    idx: jax.Array  # [cap] int32
+    keys: jax.Array  # [cap * block] uint32, 0 past the end of the layer
+    index: jax.Array  # [cap * block] int32
+    k: jax.Array  # the layer's k minus the count of keys >= threshold outside the candidates
+    valid: jax.Array  # bool: the candidates hold the threshold, all its ties and (force) the changes
+    near: jax.Array  # [nb] uint32 per block: closeness to the hint of its key nearest on the
+    #                  threshold's side (0: none there)
+    count: jax.Array  # [nb] int32 per block: keys >= the hint
+    h: jax.Array  # the hint as used (uint32)
+    e: jax.Array  # count of keys >= h minus k: the threshold is >= h when e >= 0, below it if not
+    j: jax.Array  # the threshold is the j-th closest key to h on its side
+    changed: jax.Array | None = None  # [nb] int32 per block: keys >= h where `old` is False or
+    #                                   the reverse (with `old` given)
+
+
+def _blocks(x, nb, block):
+    """A layer's flat array as [nb, block] (zero-padded: key 0 ranks below every real score)."""
+    return jnp.pad(x.reshape(-1), (0, nb * block - x.size)).reshape(nb, block)
+
+
+def plan(scores, k, hint, old=None, force=False, tuning: Tuning = TUNING) -> Plan:
     """One layer's candidate blocks around `hint`, from one variadic reduce over its keys.
 
-    mask (the restriction's old mask): every block where keys >= hint and the mask differ is
-    gathered too (invalid if they do not fit). old: those blocks are only counted (`changed`),
-    for the count of flips (`_flips`)."""
-    n = scores.size
+    old: the mask being replaced; the blocks where keys >= hint and it differ are counted
+    (`changed`, for the count of flips) and, with `force` (the restriction, whose new mask equals
+    `old` outside the candidates), all gathered (the plan is invalid if they do not fit)."""
+    n, block = scores.size, tuning.block
+    nb = -(-n // block)
     # The barrier keeps XLA from merging these keys with the mask write's (the same expression
     # of the same scores): merged, XLA:CPU wrote every layer's keys out and read them back, which
     # doubled `topk_masks` on ResNet-50's shapes (about 100 -> 50 ms, docs/RESULTS.md, Speed).
-    kb = _blocked_keys(lax.optimization_barrier(scores))
-    nb = kb.shape[0]
-    cap = nb if nb <= _WHOLE else max(_MIN_BLOCKS, nb // _BLOCK_SHARE)
+    kb = _blocks(order_keys(lax.optimization_barrier(scores)), nb, block)
+    cap = nb if nb <= tuning.whole else max(tuning.min_blocks, nb // tuning.block_share)
     k = jnp.asarray(k, jnp.int32)
     h = jnp.maximum(jnp.asarray(hint, jnp.uint32), 1)  # padding (key 0) stays below h
-    h = jnp.where(k == 0, jnp.uint32(_MAX), jnp.where(k == n, jnp.uint32(1), h))
+    h = jnp.where(k == 0, jnp.uint32(MAX), jnp.where(k == n, jnp.uint32(1), h))
     ge = kb >= h
     ops = [ge.astype(jnp.int32), jnp.where(ge, jnp.uint32(0), kb), jnp.where(ge, ~kb, 0)]
-    compared = mask if mask is not None else old
-    if compared is not None:
-        mb = jnp.pad(compared.reshape(-1), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)
-        ops.append((ge != mb).astype(jnp.int32))
+    if old is not None:
+        ops.append((ge != _blocks(old, nb, block)).astype(jnp.int32))
 
     def combine(a, b):  # one variadic reduce: a single pass over the keys
         out = (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.maximum(a[2], b[2]))
-        return out + ((a[3] + b[3],) if compared is not None else ())
+        return out + ((a[3] + b[3],) if old is not None else ())
 
     zero = (jnp.int32(0), jnp.uint32(0), jnp.uint32(0), jnp.int32(0))[: len(ops)]
     stats = lax.reduce(tuple(ops), zero, combine, (1,))
-    count, below, above = stats[:3]
-    e = jnp.sum(count) - k
+    counts, below, above = stats[:3]
+    changed = stats[3] if old is not None else None
+    e = jnp.sum(counts) - k
     j = jnp.where(e < 0, -e, e + 1)
     # closeness to h of each block's nearest key on the threshold's side (0: none there)
     near = jnp.where(e < 0, below, above)
@@ -224,8 +166,8 @@ def _plan(scores, k, hint, mask=None, old=None) -> _Plan:
     # early in a search, scores near 1.0 and 1 - margin, those ties left the threshold's block out)
     dist = jnp.where(e < 0, h - near, ~near - h)
     priority = jnp.where(near == 0, -jnp.inf, -dist.astype(jnp.float32))
-    if mask is not None:
-        priority = jnp.where(stats[3] > 0, jnp.inf, priority)
+    if force:
+        priority = jnp.where(changed > 0, jnp.inf, priority)
     if cap == nb:  # a small layer: every block (cheaper than choosing)
         idx = jnp.arange(nb, dtype=jnp.int32)
     else:
@@ -233,290 +175,180 @@ def _plan(scores, k, hint, mask=None, old=None) -> _Plan:
         idx = (-lax.top_k(-idx.astype(jnp.float32), cap)[0]).astype(jnp.int32)  # ascending
     inside = jnp.zeros(nb, bool).at[idx].set(True)
     outside_max = jnp.max(jnp.where(inside, jnp.uint32(0), near))
-    valid = (k == 0) | (outside_max == 0) | (_count(near[idx] > outside_max) >= j)
-    if mask is not None:
-        valid &= ~jnp.any(~inside & (stats[3] > 0))
+    valid = (k == 0) | (outside_max == 0) | (count(near[idx] > outside_max) >= j)
+    if force:
+        valid &= ~jnp.any(~inside & (changed > 0))
     # gathered from the scores, not from `kb`, which would then be written out in full
-    keys, index, kprime = _gather(scores, k, count, idx)
-    changed = stats[3] if compared is not None else None
-    return _Plan(idx, keys, index, kprime, valid, near, count, h, e, j, changed)
+    keys, index, kprime = _gather(scores, k, counts, idx, block)
+    return Plan(idx, keys, index, kprime, valid, near, counts, h, e, j, changed)
 
 
-def _gathered_rows(x, idx):
-    """Blocks `idx` of a layer's flat array (ids past its last block give padding), flat."""
-    pad = -x.size % _BLOCK + _BLOCK
-    return jnp.pad(x.reshape(-1), (0, pad)).reshape(-1, _BLOCK)[idx].reshape(-1)
-
-
-def _flips(plan, new_rows, old_rows):
-    """Positions whose bit differs between the new mask and `old`, for a layer whose new mask is
-    keys >= h outside the gathered blocks (a valid plan): the plan's count of `changed` outside
-    those blocks plus the count inside them, from the gathered rows alone."""
-    outside = jnp.sum(plan.changed) - jnp.sum(jnp.pad(plan.changed, (0, 1))[plan.idx])
-    return outside + _count(new_rows != old_rows)
-
-
-_WIDE_SHARE = 8  # the second try gathers up to 1/_WIDE_SHARE of a layer's blocks
-
-
-def _gather(scores, k, count, idx):
+def _gather(scores, k, counts, idx, block):
     """Keys and flat indices of the blocks `idx` (ids >= nb give padding, key 0), and the k that
-    the selection among them needs: k minus the count of keys >= the hint outside them (`count`:
-    per block)."""
-    n = scores.size
-    nb = count.shape[0]
-    rows = jnp.pad(scores.reshape(-1), (0, (nb + 1) * _BLOCK - n)).reshape(nb + 1, _BLOCK)[idx]
-    index = (idx[:, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(-1)
+    the selection among them needs: k minus the count of keys >= the hint outside them."""
+    n, nb = scores.size, counts.shape[0]
+    index = (idx[:, None] * block + jnp.arange(block, dtype=jnp.int32)).reshape(-1)
+    rows = _blocks(scores, nb + 1, block)[idx]
     keys = jnp.where(index < n, order_keys(rows).reshape(-1), jnp.uint32(0))
-    return keys, index, k - jnp.sum(count) + jnp.sum(jnp.pad(count, (0, 1))[idx])
+    return keys, index, k - jnp.sum(counts) + jnp.sum(jnp.pad(counts, (0, 1))[idx])
 
 
-def _bracket(plan):
-    """(v, base, nbits): v is the j-th largest block closeness (0: fewer blocks than j), and the
-    threshold lies in [base, base + 2**nbits) with count(keys >= base) >= k. On the threshold's
-    side the j blocks closest to h hold j keys between h and the key of v, so the threshold lies
-    between them."""
-    v = _kth_largest_many([plan.near], [plan.j])[0]  # 0 when fewer than j blocks have a key there
-    up = plan.e >= 0
+def wide_blocks(p: Plan, tuning: Tuning = TUNING):
+    """(inside, cap, base, nbits) for a far-moved threshold: the blocks it needs, how many the
+    second try gathers, and the bracket [base, base + 2**nbits) holding it. On the threshold's
+    side the j blocks closest to h hold j keys between h and the key of v (the j-th largest block
+    closeness; 0: fewer blocks than j), so the threshold lies between them."""
+    nb = p.near.shape[0]
+    rows = sel.Stacked([p.near], stack=False)
+    v = sel.threshold(rows, rows.values([p.j], jnp.int32))[0]
+    up = p.e >= 0
     # above h: the threshold is in [h, ~v]; below: in [v, h - 1] (v = 0: no bound but 0)
-    top = jnp.where(v == 0, jnp.uint32(_MAX), ~v)
-    base = jnp.where(up, plan.h, v)
-    span = jnp.where(up, top - plan.h, plan.h - jnp.uint32(1) - v)
-    nbits = jnp.uint32(32) - lax.clz(span)
-    return v, base, nbits
+    top = jnp.where(v == 0, jnp.uint32(MAX), ~v)
+    base = jnp.where(up, p.h, v)
+    nbits = jnp.uint32(32) - lax.clz(jnp.where(up, top - p.h, p.h - jnp.uint32(1) - v))
+    inside = (p.near >= v) & (p.near > 0)
+    return inside, min(nb, max(tuning.min_blocks, nb // tuning.wide_share)), base, nbits
 
 
-def _wide_blocks(plan):
-    """(inside, cap, base, nbits): the blocks a far-moved threshold needs, how many fit, and the
-    bracket; the gather is taken when count(inside) <= cap."""
-    nb = plan.near.shape[0]
-    v, base, nbits = _bracket(plan)
-    inside = (plan.near >= v) & (plan.near > 0)
-    return inside, min(nb, max(_MIN_BLOCKS, nb // _WIDE_SHARE)), base, nbits
-
-
-def _last_kept_one(r, k, t, index, size):
-    """`_last_kept` for one row without a cumulative sum over it: when not every tie at `t` is
-    kept, the index of the last kept one is found by bisection over the indices (all < `size`).
-    `r` as in `_row` (t >= 1 when it has a valid mask); `index` None: the row's positions."""
-
-    def ties(i):
-        keys, valid = _row(r, i)
-        above, at = keys > t, keys == t
-        if valid is not None:
-            above, at = above & valid, at & valid
-        return above, at, _positions(keys) if index is None else index
-
-    above, at, idx = ties(jnp.int32(0))
-    need = k - _count(above)  # ties kept, lowest indices first
-    n_at = _count(at)
-    last_all = _total(jnp.where(at, idx, -1), jnp.max)
-    nbits = jnp.where((n_at > need) & (need > 0), max(int(size), 1).bit_length(), 0)
-
-    def body(i, offset):  # largest c with count(ties at indices < c) < need: the need-th tie's
-        cand = offset | (jnp.int32(1) << (nbits - 1 - i))
-        _, at, idx = ties(i)
-        return jnp.where(_count(at & (idx < cand)) < need, cand, offset)
-
-    nth = lax.fori_loop(0, nbits, body, jnp.int32(0))
-    return jnp.where(n_at <= need, last_all, jnp.where(need > 0, nth, -1))
-
-
-def _second_try(scores, k, plan):
-    """One layer's (threshold, last kept tie index) when its gathered candidates overflowed, i.e.
-    the threshold moved far from the hint. Every key between the hint and the threshold, and every
-    tie of the threshold, lies in a block at least as close as the j-th closest (`_bracket`): when
-    those blocks number at most 1/_WIDE_SHARE of the layer they are gathered in index order and
-    bisected within the bracket, otherwise the whole layer is (about 20 passes instead of 32)."""
-    nb = plan.near.shape[0]
+def second_try(scores, k, p: Plan, tuning: Tuning = TUNING):
+    """One layer's (threshold, last kept tie) when its gathered candidates missed, i.e. the
+    threshold moved far from the hint. Every key between the hint and the threshold, and every tie
+    of the threshold, lies in a block at least as close as the j-th closest (`wide_blocks`): when
+    those blocks number at most 1/wide_share of the layer they are gathered in index order and
+    bisected within the bracket, otherwise the whole layer is (about 20 passes instead of 32),
+    its keys recomputed in each pass (`selection.tied`: no buffer of the layer's size)."""
+    nb, block = p.near.shape[0], tuning.block
     k = jnp.asarray(k, jnp.int32)
-    inside, cap, base, nbits = _wide_blocks(plan)
+    inside, cap, base, nbits = wide_blocks(p, tuning)
 
     def gathered():
         idx = jnp.nonzero(inside, size=cap, fill_value=nb)[0].astype(jnp.int32)
-        keys, index, kprime = _gather(scores, k, plan.count, idx)
-        t = _bisect(keys, kprime, base, nbits)
-        return t, _last_kept_one(keys, kprime, t, index, (nb + 1) * _BLOCK)
+        keys, index, kprime = _gather(scores, k, p.count, idx, block)
+        rows = sel.Stacked([keys], [index], stack=False, bound=(nb + 1) * block)
+        t, last = sel.select(rows, [kprime], bracket=([base], [nbits]))
+        return t[0], last[0]
 
-    def whole():  # keys recomputed in each pass: no buffer of the layer's size
-        def r(i):
-            return order_keys(_tied(scores, i)).reshape(-1), None
+    def whole():
+        rows = sel.Stacked(lambda i: [order_keys(sel.tied(scores, i)).reshape(-1)], stack=False)
+        t, last = sel.select(rows, [k], bracket=([base], [nbits]))
+        return t[0], last[0]
 
-        t = _bisect(r, k, base, nbits)
-        return t, _last_kept_one(r, k, t, None, scores.size)
-
-    t, last = lax.cond(_count(inside) <= cap, gathered, whole)
-    return jnp.where(k > 0, t, jnp.uint32(_MAX)), last
-
-
-def _kth_largest_many(rows, ks):
-    """The k-th largest key of each row (maximum uint32 where k = 0): 32 passes for all rows."""
-    ks = [jnp.asarray(k, jnp.int32) for k in ks]
-
-    def body(i, found):
-        bit = jnp.uint32(1) << (jnp.uint32(31) - i)
-        return [
-            jnp.where(_count(r >= (f | bit)) >= k, f | bit, f) for r, f, k in zip(rows, found, ks)
-        ]
-
-    found = lax.fori_loop(jnp.uint32(0), jnp.uint32(32), body, [jnp.uint32(0)] * len(rows))
-    return [jnp.where(k > 0, f, jnp.uint32(_MAX)) for f, k in zip(found, ks)]
+    t, last = lax.cond(count(inside) <= cap, gathered, whole)
+    return jnp.where(k > 0, t, jnp.uint32(MAX)), last
 
 
-# The segmented passes sum each row's keys in chunks of _SEG_LINES lines of _ROW keys (a row is
-# padded to whole chunks), so the segment sum adds a few thousand chunk counts rather than one
-# count per line (on an NVIDIA H200 this took the VGG-19 mask update from 4.6 to 1.3 ms).
-# _SEG_UNROLL unrolls the 32 passes; measured slower there, so off (docs/RESULTS.md, Speed).
-_SEG_LINES = 64
-_SEG_UNROLL = False
+# ------------------------------------------------------------------ the driver
+class TopK:
+    """The rule of `topk_masks`: the new mask is the top-k. A rule gives the selections of rows
+    (full layers, or a layer's gathered blocks) as (top, extra): the top-k's (thresholds, lasts)
+    and any further (thresholds, lasts) pairs; `write`s one row's new mask from its share of
+    them; and gives one layer's selections when its candidates missed (`fallback`).
+    `gather_changes`: outside the gathered blocks the new mask is the old one (their plan gathers
+    every block where they differ, and only those blocks are rewritten)."""
+
+    gather_changes = False
+
+    def select(self, layout, rows, index, old, ks, hints):
+        return sel.select(layout(rows, index), ks, hints), ()
+
+    def write(self, keys, index, old, top, extra):
+        return chosen(keys, index, *top)
+
+    def fallback(self, scores, old, k, p, tuning):
+        return second_try(scores, k, p, tuning), ()
 
 
-def _segments(rows, lines=1):
-    """All rows as one [Q, lines * _ROW] array (each row zero-padded to whole chunks: key 0 ranks
-    below every real key) and the row id of each of its Q chunks (static)."""
-    width = lines * _ROW
-    parts, ids = [], []
-    for i, r in enumerate(rows):
-        pad = -r.size % width
-        parts.append(jnp.pad(r, (0, pad)))
-        ids.append(np.full((r.size + pad) // width, i, np.int32))
-    return jnp.concatenate(parts).reshape(-1, width), np.concatenate(ids)
+TOPK = TopK()
 
 
-def _kth_largest_segmented(rows, ks):
-    """`_kth_largest_many` as one counting pass over every row's keys per bit (a chunked row sum
-    and a segment sum), instead of one reduction per row per bit: on an accelerator a pass is then
-    a couple of kernels whatever the number of rows (layers), not several per row."""
-    keys, ids = _segments(rows, _SEG_LINES)
-    seg = jnp.asarray(ids)
-    ks = jnp.stack([jnp.asarray(k, jnp.int32) for k in ks])
-
-    def body(i, found):
-        cand = found | (jnp.uint32(1) << (jnp.uint32(31) - jnp.asarray(i, jnp.uint32)))
-        per_chunk = jnp.sum((keys >= cand[seg][:, None]).astype(jnp.int32), axis=1)
-        counts = jax.ops.segment_sum(per_chunk, seg, len(rows), indices_are_sorted=True)
-        return jnp.where(counts >= ks, cand, found)
-
-    found = lax.fori_loop(0, 32, body, jnp.zeros(len(rows), jnp.uint32), unroll=_SEG_UNROLL)
-    found = jnp.where(ks > 0, found, jnp.uint32(_MAX))
-    return [found[i] for i in range(len(rows))]
+def _row(pairs, i):
+    return tuple((t[i], c[i]) for t, c in pairs)
 
 
-def _last_kept(rows, ks, thresholds, indices):
-    """Per row: the largest index among the ties at the threshold that the top-k keeps (-1: none).
+def update_masks(scores, kept, hints=None, *, rule=TOPK, old=None, count_flips=False,
+                 selection=None, tuning: Tuning = TUNING):
+    """The new masks of every layer of a dict under `rule` (`TOPK` or the restriction's): (masks,
+    thresholds), plus with `count_flips` the count of positions whose bit differs from `old`
+    (int32; for a layer whose blocks were gathered, counted from the plan and those blocks).
+    Call it inside jit (`topk_masks`, `restriction.restrict_masks`)."""
+    selection = resolve_selection(selection)
+    names = list(scores)
+    ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
+    olds = [None if old is None else old[n].reshape(-1) for n in names]
+    if count_flips and old is None:
+        raise ValueError('counting flips needs the old masks (old=)')
 
-    Rows are in ascending index order; the cumulative sum is skipped when every tie is kept."""
-    above = [_count(r > t) for r, t in zip(rows, thresholds)]
-    at = [r == t for r, t in zip(rows, thresholds)]
-    unique = jnp.all(jnp.stack([_count(a) + n == k for a, n, k in zip(at, above, ks)]))
+    def keys():  # recomputed where used: fused into each pass instead of written out
+        return [order_keys(scores[n]).reshape(-1) for n in names]
 
-    def last(keep):
-        return [_total(jnp.where(a & kp, i, -1), jnp.max) for a, kp, i in zip(at, keep, indices)]
+    def out(new, thresholds, flips):
+        new = {n: new[i].reshape(scores[n].shape) for i, n in enumerate(names)}
+        out = (new, dict(zip(names, thresholds)))
+        return out + (sum(flips, jnp.int32(0)),) if count_flips else out
 
-    return lax.cond(
-        unique,
-        lambda: last([True] * len(rows)),
-        lambda: last([jnp.cumsum(a, dtype=jnp.int32) <= k - n for a, n, k in zip(at, above, ks)]),
+    def flips_of(new, o):
+        return count(new != o) if count_flips else jnp.int32(0)
+
+    if hints is None or selection == 'segmented':
+        if selection == 'segmented':
+            layout = functools.partial(sel.Segmented, lines=tuning.lines, unroll=tuning.unroll)
+        else:
+            layout = functools.partial(sel.Stacked, stack=False)
+        top, extra = rule.select(layout, keys(), [None] * len(names), olds, ks, None)
+        new = [rule.write(r, None, o, (top[0][i], top[1][i]), _row(extra, i))
+               for i, (r, o) in enumerate(zip(keys(), olds))]
+        return out(new, top[0], [flips_of(m, o) for m, o in zip(new, olds)])
+
+    block = tuning.block
+    plans = [plan(scores[n], k, hints[n], o if rule.gather_changes or count_flips else None,
+                  rule.gather_changes, tuning) for n, k, o in zip(names, ks, olds)]
+    old_rows = [None if o is None else _blocks(o, p.near.shape[0] + 1, block)[p.idx].reshape(-1)
+                for o, p in zip(olds, plans)]
+    bound = max((p.near.shape[0] + 1) * block for p in plans)
+    top, extra = rule.select(
+        functools.partial(sel.Stacked, bound=bound), [p.keys for p in plans],
+        [p.index for p in plans], old_rows, [p.k for p in plans], [p.h for p in plans],
     )
+    new, thresholds, flips = [None] * len(names), [], []
+    for i, (n, o, p, g) in enumerate(zip(names, olds, plans, old_rows)):
 
+        def gathered(i=i, o=o, p=p, g=g):
+            sel_i = ((top[0][i], top[1][i]), _row(extra, i))
+            rows = rule.write(p.keys, p.index, g, *sel_i) if count_flips or rule.gather_changes else None
+            f = jnp.int32(0)
+            if count_flips:  # the changes outside the gathered blocks, and inside them
+                outside = jnp.sum(p.changed) - jnp.sum(jnp.pad(p.changed, (0, 1))[p.idx])
+                f = outside + count(rows != g)
+            if rule.gather_changes:  # only the gathered blocks of the old mask are rewritten
+                nb = p.near.shape[0]
+                blocks = _blocks(o, nb, block).at[p.idx].set(
+                    rows.reshape(-1, block), unique_indices=True, indices_are_sorted=True)
+                return blocks.reshape(-1)[: o.size], sel_i[0][0], f
+            return sel_i, f
 
-def _row_total(x, fn=jnp.sum):
-    """`fn` over each row of a [R, S] array, through rows of _ROW where S allows (XLA:CPU
-    vectorises those; a longer row goes through its tree-reduction rewrite)."""
-    r, s = x.shape
-    if s % _ROW == 0 and s > _ROW:
-        x = fn(x.reshape(r, s // _ROW, _ROW), axis=2)
-    return fn(x, axis=1)
+        def fallback(i=i, n=n, o=o, p=p):
+            sel_i = rule.fallback(scores[n], o, ks[i], p, tuning)
+            if not (rule.gather_changes or count_flips):
+                return sel_i, jnp.int32(0)
+            flat = rule.write(order_keys(scores[n]).reshape(-1), None, o, *sel_i)
+            if rule.gather_changes:
+                return flat, sel_i[0][0], flips_of(flat, o)
+            return sel_i, flips_of(flat, o)
 
-
-def _row_count(pred):
-    return _row_total(pred.astype(jnp.int32))
-
-
-def _stacked_selection(rows, ks, indices, hints=None):
-    """`_selection` with the rows of each size stacked into one [R, S] array, so that a counting
-    pass is one operation per size rather than one per row (the gathered candidates of
-    ResNet-50's 54 layers come in 9 sizes), and with fewer passes: a row with a hint (its top-k
-    threshold key, roughly) whose window of 2**16 keys around it holds the threshold bisects that
-    window alone, and a row without one bisects between its smallest nonzero key and its largest
-    (the restriction's revive and prune rows hold only a few keys near the threshold). All rows
-    share one loop of as many passes as the widest row needs. Same thresholds and last ties,
-    row for row."""
-    sizes = {}
-    for i, r in enumerate(rows):
-        sizes.setdefault(r.size, []).append(i)
-    groups = list(sizes.values())
-    keys = [jnp.stack([rows[i] for i in g]) for g in groups]
-    kk = [jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in g]) for g in groups]
-    index = [jnp.stack([indices[i] for i in g]) for g in groups]
-    if hints is None:  # [smallest nonzero key, largest key]: key 0 is padding or not a candidate
-        base = [_row_total(jnp.where(x > 0, x, jnp.uint32(_MAX)), jnp.min) for x in keys]
-        top = [_row_total(x, jnp.max) for x in keys]
-        base = [jnp.where(t > 0, b, 0) for b, t in zip(base, top)]
-        nbits = [jnp.uint32(32) - lax.clz(t - b) for b, t in zip(base, top)]
-    else:
-        width = jnp.uint32(1 << _WINDOW_BITS)
-        hh = [jnp.stack([jnp.asarray(hints[i], jnp.uint32) for i in g]) for g in groups]
-        lo = [jnp.clip(h, width // 2, jnp.uint32(_MAX) - width) - width // 2 for h in hh]
-        inside = [
-            (_row_count(x >= w[:, None]) >= k) & (_row_count(x >= (w + width)[:, None]) < k)
-            for x, w, k in zip(keys, lo, kk)
-        ]
-        base = [jnp.where(i, w, jnp.uint32(0)) for i, w in zip(inside, lo)]
-        nbits = [jnp.where(i, jnp.uint32(_WINDOW_BITS), jnp.uint32(32)) for i in inside]
-    passes = jnp.max(jnp.concatenate(nbits))
-
-    def body(i, offset):
-        bit = passes - 1 - i
-        out = []
-        for x, o, k, b, n in zip(keys, offset, kk, base, nbits):
-            cand = o | (jnp.uint32(1) << bit)
-            t = b + cand  # past the top of uint32 (b + 2**n may wrap): never qualifies
-            ok = (bit < n) & (t >= b) & (_row_count(x >= t[:, None]) >= k)
-            out.append(jnp.where(ok, cand, o))
-        return out
-
-    zero = [jnp.zeros(len(g), jnp.uint32) for g in groups]
-    offset = lax.fori_loop(jnp.uint32(0), passes, body, zero)
-    found = [jnp.where(k > 0, b + o, jnp.uint32(_MAX)) for b, o, k in zip(base, offset, kk)]
-    above = [_row_count(x > t[:, None]) for x, t in zip(keys, found)]
-    at = [x == t[:, None] for x, t in zip(keys, found)]
-    unique = jnp.all(jnp.concatenate([_row_count(a) + n == k for a, n, k in zip(at, above, kk)]))
-
-    def last(keep):
-        return [_row_total(jnp.where(a & kp, i, -1), jnp.max) for a, kp, i in zip(at, keep, index)]
-
-    last = lax.cond(
-        unique,
-        lambda: last([True] * len(groups)),
-        lambda: last(
-            [
-                jnp.cumsum(a, axis=1, dtype=jnp.int32) <= (k - n)[:, None]
-                for a, n, k in zip(at, above, kk)
-            ]
-        ),
-    )
-    thresholds, lasts = [None] * len(rows), [None] * len(rows)
-    for g, t, c in zip(groups, found, last):
-        for j, i in enumerate(g):
-            thresholds[i], lasts[i] = t[j], c[j]
-    return thresholds, lasts
-
-
-def _selection(rows, ks, indices, segmented=False, stacked=False, hints=None):
-    """Per row the threshold key and the last tie index of its top-k: see `_chosen`."""
-    if stacked:
-        return _stacked_selection(rows, ks, indices, hints)
-    thresholds = (_kth_largest_segmented if segmented else _kth_largest_many)(rows, ks)
-    return thresholds, _last_kept(rows, ks, thresholds, indices)
-
-
-def _chosen(keys, index, threshold, last):
-    return (keys > threshold) | ((keys == threshold) & (index <= last))
-
-
-def _positions(x):
-    return jnp.arange(x.size, dtype=jnp.int32)
+        # per layer: a layer whose candidates miss pays for its own second try, not every
+        # layer's. (A 0/1-trip loop instead of lax.cond, which copies the scores into its
+        # branches, measured slower.)
+        got = lax.cond(p.valid, gathered, fallback)
+        if rule.gather_changes:
+            new[i], t, f = got
+        else:  # the selections: the mask is written below
+            new[i], f = got
+            t = new[i][0][0]
+        thresholds.append(t)
+        flips.append(f)
+    if not rule.gather_changes:  # every layer's new mask in one elementwise pass
+        new = [rule.write(r, None, o, *s) for r, o, s in zip(keys(), olds, new)]
+    return out(new, thresholds, flips)
 
 
 SELECTIONS = ('hinted', 'segmented')
@@ -539,83 +371,27 @@ def resolve_selection(selection: str | None) -> str:
     return selection
 
 
-@functools.partial(jax.jit, static_argnames='selection')
+@functools.partial(jax.jit, static_argnames=('selection', 'count_flips', 'tuning'))
 def topk_masks(
     scores: dict[str, jax.Array],
     kept: dict[str, int | jax.Array],
     hints: dict[str, jax.Array] | None = None,
     selection: str | None = None,
     old: dict[str, jax.Array] | None = None,
+    count_flips: bool | None = None,
+    tuning: Tuning = TUNING,
 ):
     """`topk_mask_with_threshold` for every layer of a dict in one call: (masks, thresholds), and
-    with `old` (the masks these replace) a third output, the count of positions whose bit flips
-    (all layers; int32).
+    with `count_flips` a third output, the count of positions whose bit differs from `old` (the
+    masks these replace; all layers, int32). count_flips None: counted when `old` is given.
 
     Same masks and threshold keys as the per-layer function, whichever `selection` (None: the
-    backend's `default_selection()`). 'hinted' with `hints` (last step's thresholds): one pass
-    over the scores finds a few candidate blocks per layer and the selection runs on those (a
-    layer whose candidates miss falls back alone to the warm-started per-layer bisection);
-    without hints all layers share 32 bisection passes. 'segmented' ignores the hints: 32
-    counting passes over the concatenated keys of all layers, one segmented reduction each.
-    Either way the masks are then written in one elementwise pass. The flips of a layer whose
-    candidates were gathered are counted from the hint pass and the gathered blocks alone.
+    backend's `default_selection()`); `hints` (last step's thresholds, or their `extrapolate`)
+    only change the cost. See the module docstring.
     """
-    selection = resolve_selection(selection)
-    names = list(scores)
-    ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
-
-    def keys():  # recomputed where used: fused into each pass instead of written out
-        return [order_keys(scores[n]).reshape(-1) for n in names]
-
-    def exact():
-        rows = keys()
-        return _selection(rows, ks, [_positions(r) for r in rows], selection == 'segmented')
-
-    counting = old is not None
-
-    def all_flips(n, t, c):  # a pass over the layer's scores and old mask
-        r = order_keys(scores[n]).reshape(-1)
-        return _count(_chosen(r, _positions(r), t, c) != old[n].reshape(-1))
-
-    if hints is None or selection == 'segmented':
-        thresholds, last = exact()
-        flips = [all_flips(n, t, c) for n, t, c in zip(names, thresholds, last)] if counting else []
-    else:
-        plans = [
-            _plan(scores[n], k, hints[n], old=old[n] if counting else None) for n, k in zip(names, ks)
-        ]
-        fast = _selection(
-            [p.keys for p in plans], [p.k for p in plans], [p.index for p in plans],
-            stacked=True, hints=[p.h for p in plans],
-        )
-        thresholds, last, flips = [], [], []
-        for i, (n, p) in enumerate(zip(names, plans)):
-
-            def gathered(i=i, p=p, n=n):
-                t, c = fast[0][i], fast[1][i]
-                if not counting:
-                    return t, c
-                new_rows = _chosen(p.keys, p.index, t, c)
-                return t, c, _flips(p, new_rows, _gathered_rows(old[n], p.idx))
-
-            def second_try(n=n, i=i, p=p):
-                t, c = _second_try(scores[n], ks[i], p)
-                return (t, c, all_flips(n, t, c)) if counting else (t, c)
-
-            # per layer, scalars out: a layer whose candidates overflow (many flips, ties at the
-            # threshold) pays for its own second try, not every layer's. (A 0/1-trip loop instead
-            # of lax.cond, which copies the scores into its branches, measured slower.)
-            out = lax.cond(p.valid, gathered, second_try)
-            thresholds.append(out[0])
-            last.append(out[1])
-            flips += out[2:]
-    masks = {
-        n: _chosen(r, _positions(r), t, c).reshape(scores[n].shape)
-        for n, r, t, c in zip(names, keys(), thresholds, last)
-    }
-    if counting:
-        return masks, dict(zip(names, thresholds)), sum(flips, jnp.int32(0))
-    return masks, dict(zip(names, thresholds))
+    count_flips = old is not None if count_flips is None else count_flips
+    return update_masks(scores, kept, hints, old=old, count_flips=count_flips,
+                        selection=selection, tuning=tuning)
 
 
 @jax.custom_vjp

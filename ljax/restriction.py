@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from ljax import masks
+from ljax import masks, selection
 from ljax.reductions import count
 
 RateSchedule = Callable[[jax.Array], jax.Array]
@@ -51,30 +51,73 @@ def restrict_mask(mask: jax.Array, scores: jax.Array, k, rate) -> jax.Array:
     return restrict_mask_with_threshold(mask, scores, k, rate)[0]
 
 
-def _swap_selections(rows, old, index, ks, rate, segmented=False, hints=None):
-    """The top-k, revive and keep selections of each row, as (threshold, last tie index) pairs.
-    With `hints` (the hinted path's gathered candidates) the rows go through
-    `masks._stacked_selection`, the top-k's warm-started at the hints."""
-    stacked = hints is not None
-    top = masks._selection(rows, ks, index, segmented, stacked, hints)
-    chosen = [masks._chosen(r, i, t, c) for r, i, t, c in zip(rows, index, *top)]
-    revive = [t & ~o for t, o in zip(chosen, old)]
-    prune = [o & ~t for t, o in zip(chosen, old)]
-    c = [count(r) for r in revive]
-    r = [num_swaps(rate, ci) for ci in c]
-    # invalid entries get key 0, below every real score (as `topk_mask(..., valid=)` does)
-    t, last = masks._selection(
-        [jnp.where(v, kk, jnp.uint32(0)) for v, kk in zip(revive + prune, rows + rows)],
-        r + [ci - ri for ci, ri in zip(c, r)],
-        index + index,
-        segmented,
-        stacked,
-    )
-    n = len(rows)
-    return top, (t[:n], last[:n]), (t[n:], last[n:])
+class Swaps:
+    """The rule of `restrict_masks` for `masks.update_masks` (see `masks.TopK`): the top-k, then
+    the revive and keep selections among its disagreements with the old mask."""
+
+    gather_changes = True  # outside the candidates the top-k equals the old mask: nothing moves
+
+    def __init__(self, rate):
+        self.rate = rate
+
+    def select(self, layout, rows, index, old, ks, hints):
+        """With `hints` (the hinted path's gathered candidates) the top-k's are warm-started at
+        the hints and the revive and keep rows bisected within their span."""
+        top = selection.select(layout(rows, index), ks, hints)
+        chosen = [selection.chosen(r, i, t, c) for r, i, t, c in zip(rows, index, *top)]
+        revive = [t & ~o for t, o in zip(chosen, old)]
+        prune = [o & ~t for t, o in zip(chosen, old)]
+        c = [count(r) for r in revive]
+        r = [num_swaps(self.rate, ci) for ci in c]
+        # invalid entries get key 0, below every real score (as `topk_mask(..., valid=)` does)
+        t, last = selection.select(
+            layout([jnp.where(v, kk, jnp.uint32(0)) for v, kk in zip(revive + prune, rows + rows)],
+                   index + index),
+            r + [ci - ri for ci, ri in zip(c, r)],
+            span_rows=hints is not None,
+        )
+        n = len(rows)
+        return top, ((t[:n], last[:n]), (t[n:], last[n:]))
+
+    def write(self, keys, index, old, top, extra):
+        """A row's new mask from its old one and its three selections ((threshold, last) each)."""
+        top = selection.chosen(keys, index, *top)
+        revive, prune = top & ~old, old & ~top
+        come_in, stay = (selection.chosen(keys, index, *s) for s in extra)
+        return (old & ~(prune & ~stay)) | (revive & come_in)
+
+    def fallback(self, score, old, k, plan, tuning):
+        """One layer's three selections by bisection passes over all its keys, for a layer whose
+        gathered candidates missed. Each pass recomputes the keys, the top-k and the revive/prune
+        masks from the scores and the old mask (`selection.tied`): this fallback needs no buffer
+        of the layer's size, which matters because its buffers are allocated on every call,
+        taken or not."""
+        t, last = masks.second_try(score, k, plan, tuning)
+
+        def candidates(i):  # keys, revive and prune at pass i
+            s, o = selection.tied((score, old), i)
+            keys = selection.order_keys(s).reshape(-1)
+            top = selection.chosen(keys, None, t, last)
+            return keys, top & ~o, o & ~top
+
+        def rows(i):  # the revive and prune rows: key 0 elsewhere
+            keys, revive, prune = candidates(i)
+            return [jnp.where(v, keys, jnp.uint32(0)) for v in (revive, prune)]
+
+        c = count(candidates(jnp.int32(0))[1])
+        r = num_swaps(self.rate, c)
+
+        def every_swap():  # rate * c rounds up to c: the new mask is the top-k
+            return (jnp.uint32(0), jnp.int32(selection.LAST)), (jnp.uint32(selection.MAX), jnp.int32(-1))
+
+        def some_swaps():
+            th, lasts = selection.select(selection.Stacked(rows, stack=False), [r, c - r])
+            return tuple(zip(th, lasts))
+
+        return (t, last), lax.cond(r == c, every_swap, some_swaps)
 
 
-@functools.partial(jax.jit, static_argnames=('selection', 'count_flips'))
+@functools.partial(jax.jit, static_argnames=('selection', 'count_flips', 'tuning'))
 def restrict_masks(
     mask: dict[str, jax.Array],
     scores: dict[str, jax.Array],
@@ -83,6 +126,7 @@ def restrict_masks(
     hints: dict[str, jax.Array] | None = None,
     selection: str | None = None,
     count_flips: bool = False,
+    tuning: masks.Tuning = masks.TUNING,
 ):
     """`restrict_mask_with_threshold` for every layer of a dict in one call: (mask, thresholds),
     and with `count_flips` a third output, the count of positions whose bit flips (int32; for a
@@ -92,118 +136,12 @@ def restrict_masks(
     With `hints`, one pass over scores and masks finds the few blocks per layer where the top-k
     and the mask can differ and the three selections (top-k, revive, prune) run on those alone,
     and only those blocks of the old mask are rewritten (elsewhere the top-k equals the mask); a
-    layer whose candidates overflow runs its own exact selections and writes its whole mask.
+    layer whose candidates miss runs its own exact selections and writes its whole mask.
     Without hints each selection is an exact bisection shared by all layers, and the new masks are
-    written in one elementwise pass.
-    `selection` as in `masks.topk_masks`: 'segmented' (the GPU/TPU default) ignores the hints and
-    runs each selection as passes over all layers' keys at once.
+    written in one elementwise pass. `selection` and `tuning` as in `masks.topk_masks`.
     """
-    selection = masks.resolve_selection(selection)
-    names = list(scores)
-    ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
-    old = [mask[n].reshape(-1) for n in names]
-
-    def keys():  # recomputed where used: fused into each pass instead of written out
-        return [masks.order_keys(scores[n]).reshape(-1) for n in names]
-
-    def exact():
-        rows = keys()
-        positions = [masks._positions(r) for r in rows]
-        return _swap_selections(rows, old, positions, ks, rate, selection == 'segmented')
-
-    def write(top, come_in, stay):  # every layer's new mask in one elementwise pass
-        new, flips = {}, []
-        for i, (n, r, o) in enumerate(zip(names, keys(), old)):
-            pos = masks._positions(r)
-            flat = _swapped(r, pos, o, top, come_in, stay, i)
-            flips.append(count(flat != o))
-            new[n] = flat.reshape(mask[n].shape)
-        return (new, dict(zip(names, top[0]))) + ((sum(flips, jnp.int32(0)),) if count_flips else ())
-
-    if hints is None or selection == 'segmented':
-        return write(*exact())
-    plans = [masks._plan(scores[n], k, hints[n], mask[n]) for n, k in zip(names, ks)]
-    gathered = [masks._gathered_rows(o, p.idx) for o, p in zip(old, plans)]
-    # outside the gathered blocks the top-k equals the mask: no candidate lies there
-    fast = _swap_selections(
-        [p.keys for p in plans], gathered, [p.index for p in plans], [p.k for p in plans], rate,
-        hints=[p.h for p in plans],
-    )
-
-    new, thresholds, flips = {}, {}, []
-    for i, (n, o, p, g) in enumerate(zip(names, old, plans, gathered)):
-
-        def scattered(o=o, p=p, g=g, i=i):
-            # the layer's candidates were all gathered, so outside them the new mask is the old
-            # one: only the gathered blocks are rewritten (no pass over all scores and masks)
-            flat = _swapped(p.keys, p.index, g, *fast, i)
-            rows = flat.reshape(-1, masks._BLOCK)
-            nb = p.near.shape[0]
-            blocks = jnp.pad(o, (0, nb * masks._BLOCK - o.size)).reshape(nb, masks._BLOCK)
-            blocks = blocks.at[p.idx].set(rows, unique_indices=True, indices_are_sorted=True)
-            out = blocks.reshape(-1)[: o.size], fast[0][0][i]
-            return out + ((count(flat != g),) if count_flips else ())
-
-        def exact_one(score=scores[n], o=o, k=ks[i], p=p):
-            sel = tuple(([a], [b]) for a, b in _exact_swaps(score, o, k, rate, p))
-            r = masks.order_keys(score).reshape(-1)
-            flat = _swapped(r, masks._positions(r), o, *sel, 0)
-            return (flat, sel[0][0][0]) + ((count(flat != o),) if count_flips else ())
-
-        # per layer: a layer whose candidates overflow costs its own passes
-        out = lax.cond(p.valid, scattered, exact_one)
-        new[n], thresholds[n] = out[0].reshape(mask[n].shape), out[1]
-        flips += out[2:]
-    return (new, thresholds) + ((sum(flips, jnp.int32(0)),) if count_flips else ())
-
-
-def _exact_swaps(score, old, k, rate, plan):
-    """One layer's three selections, (threshold, last tie index) each, by bisection passes over
-    all its keys, for a layer whose gathered candidates overflowed. Each pass recomputes the keys,
-    the top-k and the revive/prune masks from the scores and the old mask (`masks._tied`), and no
-    cumulative sum runs: this fallback needs no buffer of the layer's size, which matters because
-    its buffers are allocated on every call, taken or not."""
-    t, last = masks._second_try(score, k, plan)
-    size = score.size
-
-    def candidates(i):  # (keys, revive, prune) at pass i
-        s, o = masks._tied((score, old), i)
-        keys = masks.order_keys(s).reshape(-1)
-        top = masks._chosen(keys, masks._positions(keys), t, last)
-        return keys, top & ~o, o & ~top
-
-    _, revive, _ = candidates(jnp.int32(0))
-    c = count(revive)
-    r = num_swaps(rate, c)
-
-    def every_swap():  # rate * c rounds up to c: the new mask is the top-k
-        everything = (jnp.uint32(0), jnp.int32(size))
-        nothing = (jnp.uint32(masks._MAX), jnp.int32(-1))
-        return everything, nothing
-
-    def some_swaps():
-        out = []
-        for which, kk in ((1, r), (2, c - r)):
-
-            def row(i, which=which):
-                got = candidates(i)
-                return got[0], got[which]
-
-            th = masks._bisect(row, kk, jnp.uint32(0), 32)
-            th = jnp.where(kk > 0, th, jnp.uint32(masks._MAX))
-            out.append((th, masks._last_kept_one(row, kk, th, None, size)))
-        return tuple(out)
-
-    return ((t, last),) + lax.cond(r == c, every_swap, some_swaps)
-
-
-def _swapped(keys, index, old, top, come_in, stay, i):
-    """Row i's new mask from its old one and its three selections (threshold, last tie) lists."""
-    top_i = masks._chosen(keys, index, top[0][i], top[1][i])
-    revive, prune = top_i & ~old, old & ~top_i
-    come = revive & masks._chosen(keys, index, come_in[0][i], come_in[1][i])
-    keep = prune & masks._chosen(keys, index, stay[0][i], stay[1][i])
-    return (old & ~(prune & ~keep)) | come
+    return masks.update_masks(scores, kept, hints, rule=Swaps(rate), old=mask,
+                              count_flips=count_flips, selection=selection, tuning=tuning)
 
 
 SCHEDULES = ('none', 'cosine', 'poly4', 'linear')  # and 'constant:R', a number, a callable

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ljax import masks
+from ljax import masks, selection
 from tests import reference
 
 SHAPES = [(7,), (3, 5), (4, 4, 3), (2, 3, 3, 8), (257,)]
@@ -211,9 +211,9 @@ def test_near_hint_takes_the_gathered_path_and_a_far_one_falls_back():
     k = 600
     _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
     moved = jnp.asarray(s + 1e-4 * rng.normal(size=s.shape).astype(np.float32))
-    near = masks._plan(moved, k, t)
+    near = masks.plan(moved, k, t)
     assert bool(near.valid) and near.idx.size < 1088  # a subset of the blocks holds the threshold
-    assert not bool(masks._plan(moved, k, jnp.uint32(0x90000000)).valid)
+    assert not bool(masks.plan(moved, k, jnp.uint32(0x90000000)).valid)
     old = reference.topk(s + 0.1 * rng.normal(size=s.shape).astype(np.float32), k)  # steps ago
     for hint in (t, jnp.uint32(0x90000000)):
         got, t2, flips = masks.topk_masks({'w': moved}, {'w': k}, {'w': hint}, old={'w': old})
@@ -241,8 +241,8 @@ def test_extrapolated_hint_lands_where_a_stale_one_overflows():
     steps = [jnp.asarray(base + 0.01 * t) for t in range(3)]
     t0, t1 = (masks.topk_mask_with_threshold(s, k)[1] for s in steps[:2])
     hint = masks.extrapolate(t1, t0)
-    assert not bool(masks._plan(steps[2], k, t1).valid)
-    assert bool(masks._plan(steps[2], k, hint).valid)
+    assert not bool(masks.plan(steps[2], k, t1).valid)
+    assert bool(masks.plan(steps[2], k, hint).valid)
     for h in (t1, hint):
         got, _ = masks.topk_masks({'w': steps[2]}, {'w': k}, {'w': h})
         np.testing.assert_array_equal(got['w'], reference.topk(np.asarray(steps[2]), k))
@@ -258,7 +258,7 @@ def test_first_gather_holds_the_threshold_when_scores_differ_in_their_last_bits(
     s = (np.float32(1.0).view(np.int32) + ulps).astype(np.int32).view(np.float32)
     k = int(s.size * 0.1)
     _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
-    assert bool(masks._plan(jnp.asarray(s), k, t).valid)
+    assert bool(masks.plan(jnp.asarray(s), k, t).valid)
     got, t2 = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': t})
     np.testing.assert_array_equal(got['w'], reference.topk(s, k))
     assert int(t2['w']) == int(t)
@@ -271,7 +271,7 @@ def test_gathered_path_resolves_ties_and_signed_zeros_by_index():
     s.reshape(-1)[spots] = np.array([0.0, -0.0] * 4 + [0.0], np.float32)  # ties at zero
     k = int((s > 0).sum()) + 4  # the threshold is zero, 4 of the 9 zeros (plus natural ones) kept
     hint = masks.topk_mask_with_threshold(jnp.asarray(s + 1e-3), k)[1]
-    assert bool(masks._plan(jnp.asarray(s), k, hint).valid)
+    assert bool(masks.plan(jnp.asarray(s), k, hint).valid)
     got, t = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
     np.testing.assert_array_equal(got['w'], reference.topk(s, k))
     assert int(t['w']) == int(masks.order_keys(jnp.float32(0.0)))
@@ -283,15 +283,15 @@ def _hint_at_rank(s, rank):
 
 
 def test_far_moved_threshold_takes_the_wide_gather_and_stays_exact():
-    # 1088 blocks: the first try gathers 32 of them, the second 1088 // _WIDE_SHARE = 136
+    # 1088 blocks: the first try gathers 32 of them, the second 1088 // wide_share = 136
     rng = np.random.default_rng(6)
     s = rng.normal(size=(1088, 64)).astype(np.float32)
     k = 3000
     for e in (45, -45, 5000):  # above the threshold, below it, and too far for either try
         hint = _hint_at_rank(s, k + e)
-        plan = masks._plan(jnp.asarray(s), k, hint)
+        plan = masks.plan(jnp.asarray(s), k, hint)
         assert not bool(plan.valid)
-        inside, cap, _, _ = masks._wide_blocks(plan)
+        inside, cap, _, _ = masks.wide_blocks(plan)
         assert bool(inside.sum() <= cap) == (abs(e) < 100)
         got, t = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
         np.testing.assert_array_equal(got['w'], reference.topk(s, k))
@@ -306,10 +306,10 @@ def test_wide_gather_matches_reference_with_ties(seed, kind, e):
     s = layer_scores(rng, (1088, 64), kind)
     k = int(rng.integers(1, s.size))
     hint = _hint_at_rank(s, int(np.clip(k + e, 1, s.size)))
-    plan = masks._plan(jnp.asarray(s), k, hint)
+    plan = masks.plan(jnp.asarray(s), k, hint)
     # the second try alone (gathered blocks or the whole layer, bisected within the bracket),
     # whether or not the first would have sufficed
-    t, last = masks._second_try(jnp.asarray(s), k, plan)
+    t, last = masks.second_try(jnp.asarray(s), k, plan)
     assert int(t) == int(masks.topk_mask_with_threshold(jnp.asarray(s), k)[1])
     r = np.asarray(masks.order_keys(jnp.asarray(s))).reshape(-1)
     chosen = (r > int(t)) | ((r == int(t)) & (np.arange(r.size) <= int(last)))
@@ -327,8 +327,8 @@ def test_wide_gather_splits_ties_at_indices_beyond_the_gathered_size():
     flat[spots] = np.float32(1.5)  # six ties, far beyond the 136 * 64 gathered positions
     k = int((flat > 1.5).sum()) + 3  # three of the six are kept: the lowest indices
     hint = _hint_at_rank(s, k + 45)
-    plan = masks._plan(jnp.asarray(s), k, hint)
-    inside, cap, _, _ = masks._wide_blocks(plan)
+    plan = masks.plan(jnp.asarray(s), k, hint)
+    inside, cap, _, _ = masks.wide_blocks(plan)
     assert not bool(plan.valid) and int(inside.sum()) <= cap  # the gathered second try
     got, _ = masks.topk_masks({'w': jnp.asarray(s)}, {'w': k}, {'w': hint})
     np.testing.assert_array_equal(got['w'], reference.topk(s, k))
@@ -387,7 +387,7 @@ def test_stacked_selection_matches_the_per_row_selection(seed):
         rows.append(jnp.asarray(keys))
         ks.append(jnp.int32([0, real, int(rng.integers(1, real))][i % 3]))
         indices.append(jnp.asarray(np.sort(rng.choice(10 * size, size, replace=False)), jnp.int32))
-    want = masks._selection(rows, ks, indices)
+    want = selection.select(selection.Stacked(rows, indices, stack=False), ks)  # row by row, 32 bits
     exact = [np.asarray(t) for t in want[0]]
     for hints in (
         exact,
@@ -395,8 +395,8 @@ def test_stacked_selection_matches_the_per_row_selection(seed):
         [np.uint32(rng.integers(0, 2**32)) for _ in rows],
         None,
     ):
-        got = jax.jit(lambda r, k, i, h: masks._selection(r, k, i, stacked=True, hints=h))(
-            rows, ks, indices, hints
-        )
+        got = jax.jit(
+            lambda r, k, i, h: selection.select(selection.Stacked(r, i), k, h, span_rows=h is None)
+        )(rows, ks, indices, hints)
         assert [int(t) for t in got[0]] == [int(t) for t in want[0]]
         assert [int(c) for c in got[1]] == [int(c) for c in want[1]]

@@ -101,6 +101,7 @@ def layer_dicts(draw):
     st.sampled_from(masks.SELECTIONS),
     st.booleans(),
 )
+@pytest.mark.slow  # many compilations; the brute-force reference over every hint kind
 def test_restrict_masks_match_reference_and_per_layer(args, rate, hint_kind, selection, count_flips):
     mask, scores, kept, before, rng = args
     threshold = lambda s, n: masks.topk_mask_with_threshold(jnp.asarray(s), kept[n])[1]
@@ -139,7 +140,7 @@ def test_restrict_masks_gathered_path_under_jit_with_traced_rate():
     k = 600
     mask = reference.topk(prev, k)
     hint = masks.topk_mask_with_threshold(jnp.asarray(prev), k)[1]
-    assert bool(masks._plan(jnp.asarray(new), k, hint, jnp.asarray(mask)).valid)
+    assert bool(masks.plan(jnp.asarray(new), k, hint, jnp.asarray(mask), force=True).valid)
     f = jax.jit(
         lambda m, s, r: restriction.restrict_masks(m, s, {'w': k}, r, {'w': hint}, count_flips=True)
     )
@@ -161,8 +162,8 @@ def test_restrict_masks_far_moved_threshold_takes_the_wide_gather():
     k = 3000
     mask = reference.topk(prev, k)
     hint = masks.order_keys(jnp.asarray(np.sort(new.reshape(-1))[::-1][k + 45 - 1]))
-    plan = masks._plan(jnp.asarray(new), k, hint, jnp.asarray(mask))
-    inside, cap, _, _ = masks._wide_blocks(plan)
+    plan = masks.plan(jnp.asarray(new), k, hint, jnp.asarray(mask), force=True)
+    inside, cap, _, _ = masks.wide_blocks(plan)
     assert not bool(plan.valid) and int(inside.sum()) <= cap
     for rate in (0.0, 0.5, 1.0):
         got, t, flips = restriction.restrict_masks(
