@@ -47,20 +47,23 @@ def _first_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- flags
 
 
-def print_help() -> None:
+def print_help(path: str | None = None) -> None:
+    """The usage and every field; with --config PATH, that file's values rather than the
+    defaults."""
     from ljax import config as config_lib
 
-    print(USAGE + config_lib.help_text())
+    config = check_config_file(path) if path else None
+    print(USAGE + config_lib.help_text(config, path or ''))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl `flags_parser` for app.run: --help, a checked config file, one line per flag error."""
     from absl import flags
 
-    if any(a in ('-h', '--help', '-help', '--helpshort', '-?') for a in argv[1:]):
-        print_help()
-        sys.exit(0)
     path = _config_argument(argv[1:])
+    if any(a in ('-h', '--help', '-help', '--helpshort', '-?') for a in argv[1:]):
+        print_help(path)
+        sys.exit(0)
     if path:
         check_config_file(path)
     try:

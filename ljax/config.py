@@ -114,15 +114,20 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
-def help_text() -> str:
-    """The field list `python main.py --help` prints: name, default, description."""
-    defaults = base()
+def help_text(config=None, source: str = '') -> str:
+    """The field list `python main.py --help` prints: name, value, description. The values are
+    those of `config` (a config file's, named `source`) where given, else the defaults."""
+    values = config if config is not None else base()
+    label = f'in {source}' if config is not None else 'default'
     width = max(len(name) for name in FIELD_HELP)
     lines = []
     for name, _, text in FIELDS:
-        value = defaults[name]
-        shown = 'unset' if value is None else ('{}' if name == 'model_kwargs' else repr(value))
-        lines.append(f'  --config.{name.ljust(width)}  {text} [default {shown}]')
+        value = values.get(name, DEFAULTS[name])
+        if name == 'model_kwargs':
+            shown = str(dict(value or {})) if value else '{}'
+        else:
+            shown = 'unset' if value is None else repr(value)
+        lines.append(f'  --config.{name.ljust(width)}  {text} [{label} {shown}]')
     return '\n'.join(lines)
 
 

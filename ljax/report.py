@@ -96,7 +96,13 @@ def plot_results(results: dict, directory: str) -> list[str]:
         paths.append(path)
 
     fig, ax = subplots((6, 4))
-    ax.plot(epochs, [100 * r['jackpot_accuracy'] for r in history], 'o-', label='lottery jackpot')
+    curve = [100 * r['jackpot_accuracy'] for r in history]
+    final = f': {curve[-1]:.2f}%' if curve else ''
+    ax.plot(epochs, curve, 'o-', label=f'lottery jackpot{final}')
+    # the axis spans the jackpot and dense, so the gap between them shows; baselines far below
+    # keep their number in the legend
+    near = curve + ([100 * results['dense_accuracy']] if results.get('dense_accuracy') else [])
+    low, high = (min(near) - 1.0, max(near) + 0.5) if near else (None, None)
     styles = {
         'dense': ('k', '--'),
         'magnitude': ('tab:red', ':'),
@@ -114,8 +120,13 @@ def plot_results(results: dict, directory: str) -> list[str]:
     for key, (color, style) in styles.items():
         if results.get(f'{key}_accuracy') is not None:
             value = 100 * results[f'{key}_accuracy']
-            ax.axhline(value, color=color, linestyle=style, label=f'{labels[key]}: {value:.2f}%')
+            below = ' (below the axis)' if low is not None and value < low else ''
+            ax.axhline(
+                value, color=color, linestyle=style, label=f'{labels[key]}: {value:.2f}%{below}'
+            )
     ax.set(xlabel='search epoch', ylabel='test top-1 (%)', title='accuracy per epoch')
+    if low is not None:
+        ax.set_ylim(low, high)
     ax.legend(fontsize=8)
     save(fig, 'accuracy.png')
 

@@ -555,8 +555,13 @@ def evaluate(config, workdir: str) -> dict:
         'sparsity': report.achieved_sparsity(mask) if mask else 0.0,
         'jackpot': path,
     }
+    top5 = ''
+    if 'top5_accuracy' in metrics:
+        out['top5_accuracy'] = metrics['top5_accuracy']
+        top5 = f', top-5 {100 * out["top5_accuracy"]:.2f}%'
     _log(
-        f'{path}: test accuracy {100 * out["accuracy"]:.2f}%, sparsity {100 * out["sparsity"]:.2f}%'
+        f'{path}: test accuracy {100 * out["accuracy"]:.2f}%{top5}, '
+        f'sparsity {100 * out["sparsity"]:.2f}%'
     )
     return out
 

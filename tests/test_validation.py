@@ -110,3 +110,15 @@ def test_main_help_lists_the_modes_and_every_field():
         assert f'\n  {mode} ' in proc.stdout
     for name, text in config_lib.FIELD_HELP.items():
         assert f'--config.{name} ' in proc.stdout and text in proc.stdout
+
+
+def test_main_help_with_a_config_file_shows_that_files_values():
+    proc = subprocess.run(
+        [sys.executable, 'main.py', '--config', 'configs/fashion_mnist.py', '--help'],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    epochs = next(line for line in proc.stdout.splitlines() if '--config.epochs ' in line)
+    # configs/fashion_mnist.py searches 10 epochs where the base default is 30
+    assert epochs.endswith('[in configs/fashion_mnist.py 10]'), epochs
+    assert config_lib.base().epochs == 30
