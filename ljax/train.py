@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import time
@@ -291,6 +292,17 @@ def search(config, workdir: str) -> dict:
         step, state, meta = restored
         _check_layout(meta.get('layout'), layout, config.sync_bn, workdir)
         meta['layout'] = layout
+        done = os.path.join(workdir, RESULTS_FILE)
+        if step >= total_steps and os.path.isfile(done):
+            ckpt.close()
+            with open(done) as f:
+                results = json.load(f)
+            table = report.text_table if job is not None else report.results_table
+            _log(
+                f'the run in {workdir} is complete ({step} of {total_steps} steps); its results '
+                f'({done}):\n\n{table(results)}\n\n(another --workdir searches again)'
+            )
+            return results
         _log(f'resumed from step {step} ({workdir})')
     else:
         _log(

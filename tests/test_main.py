@@ -111,6 +111,17 @@ def test_evaluate_mode_reproduces_the_jackpot_accuracy(finished):
     assert f'test accuracy {100 * acc:.2f}%' in proc.stdout
 
 
+def test_rerunning_a_finished_run_prints_its_results_and_scores_nothing(finished):
+    workdir, _ = finished
+    path = os.path.join(workdir, 'results.json')
+    before, mtime = open(path).read(), os.path.getmtime(path)
+    proc = run(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'is complete' in proc.stdout and 'lottery jackpot' in proc.stdout
+    assert 'one-shot magnitude' in proc.stdout  # the table, read from results.json
+    assert open(path).read() == before and os.path.getmtime(path) == mtime
+
+
 def test_rerun_with_another_config_is_refused(finished):
     workdir, _ = finished
     before = open(os.path.join(workdir, 'results.json')).read()
