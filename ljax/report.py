@@ -70,6 +70,15 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, directory: str, name: str) -> str:
+    """Writes `fig` as PNG `directory/name` atomically (a temporary file, then a rename)."""
+    path = os.path.join(directory, name)
+    fig.tight_layout()
+    fig.savefig(path + '.tmp.png', dpi=100, format='png')
+    os.replace(path + '.tmp.png', path)
+    return path
+
+
 def plot_results(results: dict, directory: str) -> list[str]:
     """PNG plots of a finished search in `directory`; returns their paths.
 
@@ -89,11 +98,7 @@ def plot_results(results: dict, directory: str) -> list[str]:
     paths = []
 
     def save(fig, name):
-        path = os.path.join(directory, name)
-        fig.tight_layout()
-        fig.savefig(path + '.tmp.png', dpi=100, format='png')
-        os.replace(path + '.tmp.png', path)
-        paths.append(path)
+        paths.append(save_figure(fig, directory, name))
 
     fig, ax = subplots((6, 4))
     curve = [100 * r['jackpot_accuracy'] for r in history]
@@ -187,11 +192,7 @@ def plot_text_results(results: dict, directory: str) -> list[str]:
     paths = []
 
     def save(fig, name):
-        path = os.path.join(directory, name)
-        fig.tight_layout()
-        fig.savefig(path + '.tmp.png', dpi=100, format='png')
-        os.replace(path + '.tmp.png', path)
-        paths.append(path)
+        paths.append(save_figure(fig, directory, name))
 
     fig = Figure(figsize=(13, 4))
     for i, (key, label) in enumerate(
