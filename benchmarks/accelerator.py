@@ -4,10 +4,12 @@
     python benchmarks/accelerator.py --quick    # tiny shapes, seconds on a CPU (the tests run it)
     python benchmarks/accelerator.py --cases resnet50:256:bfloat16 vgg19:256:float32   # some rows
 
-Synthetic data, every local device (pmap; the global batch is split across them). Each row times
-`--steps` steps dispatched back to back with one wait at the end (the steady state of the loop,
-which reads metrics only once per log interval), after `--warmup` steps that include compilation:
-the dense training step (`ljax.pretrain.DenseTraining`: every weight trained, SGD momentum) and the
+Synthetic data, every local device (pmap over several, one jitted program on one; the global batch
+is split across them). Each row times `--steps` steps dispatched back to back with one wait at the
+end (the steady state of the loop, which reads metrics only once per log interval), after
+`--warmup` steps that include compilation: the yardstick, the plain flax train step users write
+themselves (`benchlib.PlainStep`: TrainState, `jax.jit(train_step)`, `optax.sgd(0.1, 0.9)`,
+train-mode BN, the batch split across the devices by sharding), the dense training step (`ljax.pretrain.DenseTraining`: every weight trained, SGD momentum) and the
 jackpot search step (`ljax.search.Search.train_step`: STE forward, SGD on the scores, exact top-k
 mask update of every prunable layer), both at 90% sparsity. Prints a markdown table and writes
 CSV to --out (default benchmarks/out/accelerator.csv) after every row, with the seconds of the
@@ -64,12 +66,33 @@ def throughput(par, state, x, y, steps: int, warmup: int) -> tuple[float, float]
     return (time.perf_counter() - t1) / steps, t1 - t0
 
 
+def plain_throughput(model, variables, x, y, dtype, steps: int, warmup: int) -> tuple[float, float]:
+    """`throughput` of the plain flax train step (`benchlib.PlainStep`: TrainState, `jax.jit`,
+    `optax.sgd(0.1, 0.9)`, train-mode BN, forward and backward in `dtype`), the state replicated
+    and the batch split across the local devices by sharding (one device: the plain jitted step)."""
+    plain = benchlib.PlainStep(model, variables, dtype=dtype)
+    x, y = plain.put(x, y)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        metrics = plain(x, y)
+    jax.block_until_ready(metrics)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        metrics = plain(x, y)
+    jax.block_until_ready((plain.state, metrics))
+    return (time.perf_counter() - t1) / steps, t1 - t0
+
+
 def row(label, model, shape, batch, dtype, steps, warmup) -> dict:
     rng = np.random.default_rng(0)
     local = batch // jax.process_count()
     x = rng.normal(size=(local,) + shape).astype(np.float32)
     y = rng.integers(0, 10, local).astype(np.int32)
     variables = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
+    if jax.process_count() == 1:
+        plain_s, plain_warmup = plain_throughput(model, variables, x, y, dtype, steps, warmup)
+    else:  # the plain step's global batch would need assembling across processes: not timed
+        plain_s = plain_warmup = float('nan')
     dense = DenseTraining(model, lr=0.1, weight_decay=1e-4, total_steps=10**6, dtype=dtype)
     par = Parallel(dense)
     dense_s, dense_warmup = throughput(par, par.replicate(dense.init_state(variables)), x, y, steps, warmup)
@@ -83,11 +106,16 @@ def row(label, model, shape, batch, dtype, steps, warmup) -> dict:
         'batch': batch,
         'dtype': dtype,
         'devices': jax.device_count(),
+        'plain_ms': 1e3 * plain_s,
         'dense_ms': 1e3 * dense_s,
         'search_ms': 1e3 * search_s,
+        'plain_img_s': batch / plain_s,
         'dense_img_s': batch / dense_s,
         'search_img_s': batch / search_s,
         'search_over_dense': search_s / dense_s,
+        'dense_over_plain': dense_s / plain_s,
+        'search_over_plain': search_s / plain_s,
+        'plain_warmup_s': plain_warmup,
         'dense_warmup_s': dense_warmup,
         'search_warmup_s': search_warmup,
         'matmul_precision': str(jax.config.jax_default_matmul_precision or 'default'),
@@ -116,17 +144,21 @@ def main(argv=None):
             continue
         rows.append(row(*case, steps, args.warmup))
         r = rows[-1]
-        print(f"{r['model']} batch {r['batch']} {r['dtype']}: dense {r['dense_ms']:.1f} ms, "
-              f"search {r['search_ms']:.1f} ms (warm-up with compilation {r['dense_warmup_s']:.0f} s, "
+        print(f"{r['model']} batch {r['batch']} {r['dtype']}: plain {r['plain_ms']:.1f} ms, "
+              f"dense {r['dense_ms']:.1f} ms, search {r['search_ms']:.1f} ms (warm-up with "
+              f"compilation {r['plain_warmup_s']:.0f} s, {r['dense_warmup_s']:.0f} s, "
               f"{r['search_warmup_s']:.0f} s)", flush=True)
         # after every row, so a run stopped at a time limit keeps what it measured
         os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
         benchlib.write_csv(args.out, rows)
     print()
     print(benchlib.markdown_table(
-        ['model', 'batch', 'dtype', 'devices', 'dense ms', 'search ms', 'dense img/s', 'search img/s', 'search / dense'],
-        [[r['model'], r['batch'], r['dtype'], r['devices'], f"{r['dense_ms']:.1f}", f"{r['search_ms']:.1f}",
-          f"{r['dense_img_s']:.0f}", f"{r['search_img_s']:.0f}", f"{r['search_over_dense']:.3f}"] for r in rows],
+        ['model', 'batch', 'dtype', 'devices', 'plain ms', 'dense ms', 'search ms', 'plain img/s',
+         'dense img/s', 'search img/s', 'dense / plain', 'search / plain', 'search / dense'],
+        [[r['model'], r['batch'], r['dtype'], r['devices'], f"{r['plain_ms']:.1f}", f"{r['dense_ms']:.1f}",
+          f"{r['search_ms']:.1f}", f"{r['plain_img_s']:.0f}", f"{r['dense_img_s']:.0f}",
+          f"{r['search_img_s']:.0f}", f"{r['dense_over_plain']:.3f}", f"{r['search_over_plain']:.3f}",
+          f"{r['search_over_dense']:.3f}"] for r in rows],
     ))
     return rows
 

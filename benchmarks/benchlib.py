@@ -10,6 +10,7 @@ on a 2-core CPU. `synthetic=True` gives a small learnable stand-in (no files), f
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import platform
@@ -282,3 +283,97 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# ------------------------------------------------------------------- the plain flax train step
+def plain_train_step(state, x, y, dtype=None):
+    """The step users write themselves, as flax's examples write it: a `TrainState` with
+    `batch_stats`, BatchNorm in training mode (`mutable=['batch_stats']`), cross-entropy, one
+    `apply_gradients`. The yardstick of the speed benchmarks (jit it). dtype (e.g. 'bfloat16'):
+    the forward and backward in it (params and x cast inside, logits back to float32), as ljax's
+    `dtype` option does; None: as they are."""
+
+    def loss_fn(params):
+        inputs = x
+        if dtype is not None:
+            params = jax.tree.map(lambda p: p.astype(dtype), params)
+            inputs = x.astype(dtype)
+        logits, updates = state.apply_fn(
+            {'params': params, 'batch_stats': state.batch_stats},
+            inputs,
+            train=True,
+            mutable=['batch_stats'],
+        )
+        logits = logits.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads)
+    state = state.replace(batch_stats=updates['batch_stats'])
+    metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == y)}
+    return state, metrics
+
+
+def plain_train_state(model, variables, lr: float = 0.1, momentum: float = 0.9):
+    """`TrainState` (with batch_stats) of `model` for `plain_train_step`: `optax.sgd(lr, momentum)`."""
+    from flax.training import train_state
+
+    class TrainState(train_state.TrainState):
+        batch_stats: dict
+
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables['params'],
+        tx=optax.sgd(lr, momentum),
+        batch_stats=variables.get('batch_stats', {}),
+    )
+
+
+class PlainStep:
+    """`jax.jit(plain_train_step)` on `devices` (default: every local device): the state
+    replicated and the batch split across them by sharding (jit's data parallelism), which on one
+    device is the plain jitted step. donate: the state donated to the step (updated in place, as
+    ljax's steps are) or not (flax's examples' bare `jax.jit(train_step)`)."""
+
+    def __init__(
+        self, model, variables, devices=None, lr: float = 0.1, momentum: float = 0.9, donate=True,
+        dtype=None,
+    ):
+        devices = list(devices) if devices is not None else jax.local_devices()
+        mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
+        self.replicated = jax.NamedSharding(mesh, jax.P())
+        self.split = jax.NamedSharding(mesh, jax.P('batch'))
+        self.state = jax.device_put(
+            plain_train_state(model, variables, lr, momentum), self.replicated
+        )
+        self.step = jax.jit(
+            plain_train_step if dtype in (None, 'float32') else
+            functools.partial(plain_train_step, dtype=jnp.dtype(dtype)),
+            donate_argnums=(0,) if donate else (),
+            out_shardings=(self.replicated, self.replicated),
+        )
+
+    def put(self, x, y):
+        return jax.device_put(x, self.split), jax.device_put(y, self.split)
+
+    def __call__(self, x, y):
+        """One step on (x, y) (placed by `put`); returns the metrics."""
+        self.state, metrics = self.step(self.state, x, y)
+        return metrics
+
+
+def interleaved(fns: dict, steps: int, warmup: int = 2) -> dict:
+    """{name: median seconds of one call} of argument-less callables (each returning what to wait
+    on), after `warmup` calls each (compilation), called in turn `steps` times, so that machine
+    noise hits each alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(t) for k, t in times.items()}

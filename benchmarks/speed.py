@@ -2,6 +2,20 @@
 
     python benchmarks/speed.py           # full (a few minutes on a 2-core CPU)
     python benchmarks/speed.py --quick   # tiny sizes (seconds), used by the tests
+    python benchmarks/speed.py --parts plain --with-pmap   # the headline alone, + the pmap path
+
+Headline (`--parts plain`): step time against the plain flax train step users write themselves
+(`benchlib.PlainStep`: `TrainState`, `jax.jit(train_step)`, `optax.sgd(0.1, 0.9)`, BatchNorm
+`mutable=['batch_stats']`), same model, data, batch, float32 and device, in the same process,
+interleaved step by step with ljax's dense step (`DenseTraining`) and search step (90% sparsity),
+both through `Parallel` on that device; ratios to the faster of the plain step with and without
+donating its state. Models: the ResNet-50 stand-in (32x32, batch 16), ResNet-32 32/64/128 (32x32,
+batch 64), the shipped BN-MLP (batch 256). `--parts api`: the public API with compilation, 160
+steps of a small MLP as a plain Python loop of the plain step against `search_jackpot`, wall time
+of the whole call, JAX's caches cleared before each. `--parts breakdown`: one search step of the
+ResNet-50 stand-in in parts (dense and masked forward/backward, score update, mask update, the
+guard's check) beside its floor, the bytes a search step must move beyond a dense step at this
+machine's measured memory bandwidth. CSV: speed_plain.csv, speed_api.csv, speed_breakdown.csv.
 
 0. Steady state through the one loop (`--parts loop`): `search_jackpot` timed by its per-epoch
    callback against dense training on the same loop; the same search with the last threshold as
@@ -12,8 +26,8 @@
    14x14, batch 256): a dense training step (SGD momentum 0.9 + coupled weight decay on the
    weights, train-mode BN) against the jackpot search step (`ljax.search.Parallel.train`: STE
    forward, SGD on the scores, mask update) with plain top-k (rate 1) and with the short
-   restriction (rate 0.5), all pmapped on one device, interleaved step by step so machine noise
-   hits each alike; median of --steps steps after compilation. The ratio is search / dense.
+   restriction (rate 0.5), all on one device (the dense step pmapped, the search steps through
+   `Parallel`: one jitted program), interleaved step by step so machine noise hits each alike; median of --steps steps after compilation. The ratio is search / dense.
 2. The mask update alone, all layers in one jit: `masks.topk_masks` and
    `restriction.restrict_masks` (plain top-k and the short restriction at rate 0.5) against the
    per-layer loop of `restrict_mask_with_threshold` they replace, against the number of prunable
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -48,6 +63,7 @@ from flax import jax_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
 
+from ljax import loop as loop_lib
 from ljax import masks, reductions, restriction
 from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
@@ -72,17 +88,18 @@ def loop_models(quick: bool):
 _TOPK_MASKS = masks.topk_masks
 
 
-@jax.jit
-def one_pass_masks(scores, kept, hints=None, old=None):
+@functools.partial(jax.jit, static_argnames=('count_flips',))
+def one_pass_masks(scores, kept, hints=None, old=None, count_flips=None):
     """The floor of any mask update, standing in for `masks.topk_masks` in the 'floor' run: one
     elementwise pass (read the scores, write the mask `key >= hint`). Not a top-k: the count kept
     drifts; it times what an exact selection cannot go below (it must read every score and write
     every mask bit), everything else in the search step unchanged. With `old`, the flips it
     reports are 0 (not counted: a floor)."""
     if hints is None:  # the initial mask: exact
-        return _TOPK_MASKS(scores, kept)
+        return _TOPK_MASKS(scores, kept, old=old, count_flips=count_flips)
     new = {n: masks.order_keys(s) >= hints[n] for n, s in scores.items()}
-    return (new, hints) + ((jnp.int32(0),) if old is not None else ())
+    flips = old is not None if count_flips is None else count_flips
+    return (new, hints) + ((jnp.int32(0),) if flips else ())
 
 
 def loop_times(label, model, shape, batch, target, steps_per_epoch, epochs, rounds):
@@ -139,6 +156,240 @@ def loop_times(label, model, shape, batch, target, steps_per_epoch, epochs, roun
         'floor_ratio': floor / dense,
         'target': target,
         'epochs_timed': len(seconds['search']),
+    }
+
+
+# ------------------------------------------------ 4. against the plain flax train step (headline)
+def plain_models(quick: bool):
+    """(label, model, input shape, batch, target search / plain, target dense / plain)."""
+    if quick:
+        return [('BN-MLP 784-32-32-10', get_model('mlp', 10, hidden=(32, 32)), (28, 28, 1), 16, None, None)]
+    return [
+        ('ResNet-50 stand-in, 32x32', get_model('resnet50', 10), (32, 32, 3), 16, 1.20, 1.05),
+        (
+            'ResNet-32 (32/64/128), 32x32',
+            get_model('resnet32_cifar', 10, widths=(32, 64, 128)),
+            (32, 32, 3),
+            64,
+            1.05,
+            1.05,
+        ),
+        ('shipped BN-MLP 784-768-768-10', get_model('mlp', 10, hidden=(768, 768)), (28, 28, 1), 256, 1.10, 1.05),
+    ]
+
+
+def _ljax_step(par, state, x, y):
+    """An argument-less callable running `par.train` on (x, y) (placed once), state carried."""
+    box = [state]
+    xs, ys = par.put(x, y)
+
+    def run():
+        box[0], metrics = par.train(box[0], xs, ys)
+        return metrics
+
+    return run
+
+
+def plain_times(label, model, shape, batch, target, dense_target, steps, with_pmap=False):
+    """Median step times, interleaved step by step on one device in one process: the plain flax
+    train step (`benchlib.PlainStep`: TrainState, `jax.jit(train_step)`, `optax.sgd(0.1, 0.9)`,
+    train-mode BN; state donated, and not donated), ljax's dense step (`DenseTraining`) and ljax's
+    search step (90% sparsity, plain top-k), each through `Parallel` on that device; with_pmap
+    adds the search step pmapped over the one device (the path before issue 34). Ratios are to
+    the faster of the two plain steps."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    v = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
+    device = jax.local_devices()[0]
+    runs = {}
+    for key, donate in (('plain', True), ('plain_not_donated', False)):
+        plain = benchlib.PlainStep(model, v, [device], donate=donate)
+        runs[key] = functools.partial(plain, *plain.put(x, y))
+    dense = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=10**6)
+    par = Parallel(dense, [device])
+    runs['dense'] = _ljax_step(par, par.replicate(dense.init_state(v)), x, y)
+    search = Search.create(model, v, x[:1], sparsity=0.9, total_steps=10**6)
+    par = Parallel(search, [device])
+    runs['search'] = _ljax_step(par, par.replicate(search.init_state()), x, y)
+    if with_pmap:
+        par = Parallel(search, [device], pmap=True)
+        runs['search_pmap'] = _ljax_step(par, par.replicate(search.init_state()), x, y)
+    med = benchlib.interleaved(runs, steps)
+    plain = min(med['plain'], med['plain_not_donated'])
+    row = {
+        'model': label,
+        'batch': batch,
+        'input': 'x'.join(map(str, shape)),
+        **{f'{k}_ms': 1e3 * t for k, t in med.items()},
+        'dense_over_plain': med['dense'] / plain,
+        'search_over_plain': med['search'] / plain,
+        'search_over_dense': med['search'] / med['dense'],
+        'target_search': target,
+        'target_dense': dense_target,
+        'steps': steps,
+    }
+    if with_pmap:
+        row['search_pmap_over_plain'] = med['search_pmap'] / plain
+    return row
+
+
+def api_times(quick: bool, rounds: int) -> dict:
+    """Wall time of a whole run with compilation, through the public API: a plain Python loop of
+    the plain flax step (TrainState, `jax.jit(train_step)`, a host read of the loss per epoch)
+    against `search_jackpot` (90% sparsity, no progress bar), on the same small MLP and batches,
+    JAX's caches cleared before each run, runs alternated; the median of `rounds`."""
+    hidden, batch, n_batches, epochs = ((32, 32), 16, 8, 2) if quick else ((64, 64), 32, 80, 2)
+    model = get_model('mlp', 10, hidden=hidden)
+    rng = np.random.default_rng(0)
+    batches = [
+        (rng.normal(size=(batch, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, batch).astype(np.int32))
+        for _ in range(n_batches)
+    ]
+    v = jax.device_get(model.init(jax.random.key(0), batches[0][0][:1], train=False))
+
+    def plain_loop():
+        state = benchlib.plain_train_state(model, v)
+        step = jax.jit(benchlib.plain_train_step)
+        for _ in range(epochs):
+            for x, y in batches:
+                state, metrics = step(state, x, y)
+            float(metrics['loss'])
+        return state
+
+    def ljax_run():
+        return search_jackpot(model, v, batches, sparsity=0.9, epochs=epochs, progress=False)
+
+    seconds = {'plain': [], 'search_jackpot': []}
+    for _ in range(rounds):
+        for key, fn in (('plain', plain_loop), ('search_jackpot', ljax_run)):
+            jax.clear_caches()
+            t = time.perf_counter()
+            jax.block_until_ready(jax.tree.leaves(fn()))
+            seconds[key].append(time.perf_counter() - t)
+    plain, ours = (float(np.median(seconds[k])) for k in ('plain', 'search_jackpot'))
+    return {
+        'model': f'BN-MLP 784-{"-".join(map(str, hidden))}-10',
+        'batch': batch,
+        'steps': n_batches * epochs,
+        'plain_loop_s': plain,
+        'search_jackpot_s': ours,
+        'ratio': ours / plain,
+        'target': None if quick else 1.3,
+        'rounds': rounds,
+    }
+
+
+def memory_bandwidth(n: int = 1 << 25, repeats: int = 7) -> float:
+    """Bytes per second of a jitted, donated `a * c + b` over `n` float32 (reads 2, writes 1)."""
+    triad = jax.jit(lambda a, b: a * 1.0001 + b, donate_argnums=(0,))
+    box = [jnp.ones(n, jnp.float32)]
+    b = jnp.ones(n, jnp.float32)
+
+    def run():
+        box[0] = triad(box[0], b)
+        return box[0]
+
+    jax.block_until_ready(run())  # compile
+    return 12 * n / benchlib.median_time(run, repeats)
+
+
+def breakdown_times(quick: bool, steps: int) -> dict:
+    """One search step of the ResNet-50 stand-in (32x32, batch 16, 90% sparsity) in parts, each
+    jitted alone on the state after a few search steps, interleaved: the plain flax step, the
+    dense forward/backward (the plain step without its update), the masked forward/backward (the
+    search's: w * ste(scores, mask), gradients with respect to the masked weights), the score
+    update (STE product and SGD on scores and momentum), the mask update (`topk_masks` with hints
+    and flips) and the guard's check of the gradients; beside the floor: the bytes a search step
+    must move beyond a dense step, at this machine's measured memory bandwidth."""
+    if quick:
+        model, shape, batch = get_model('mlp', 10, hidden=(32, 32)), (28, 28, 1), 16
+    else:
+        model, shape, batch = get_model('resnet50', 10), (32, 32, 3), 16
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    v = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
+    device = jax.local_devices()[0]
+    search = Search.create(model, v, x[:1], sparsity=0.9, total_steps=10**6)
+    par = Parallel(search, [device])
+    replicated = par.replicate(search.init_state())
+    for _ in range(3):  # a state as during a search: hints from two thresholds
+        replicated, _ = par.train(replicated, x, y)
+    state = jax.device_put(par.unreplicate(replicated), device)  # a copy: the step donates
+    run_search = _ljax_step(par, replicated, x, y)
+    plain = benchlib.PlainStep(model, v, [device])
+    run_plain = functools.partial(plain, *plain.put(x, y))
+    names, kept, tx = search.names, search.kept, search.optimizer()
+    params = jax.device_put(search.params, device)
+    xd, yd = jax.device_put((x, y), device)
+    key = jax.random.key(0)
+
+    def loss_of(p, batch_stats):
+        logits, bs = search.apply(p, batch_stats, xd, train=True, rng=key)
+        return search.loss(logits.astype(jnp.float32), yd).mean(), bs
+
+    @jax.jit
+    def dense_fwd_bwd(params, batch_stats):
+        return jax.value_and_grad(loss_of, has_aux=True)(params, batch_stats)
+
+    @jax.jit
+    def masked_fwd_bwd(params, scores, mask, batch_stats):
+        f = sparsity_lib.flatten(params)
+        weights = {n: f[n] * masks.ste(scores[n], mask[n]) for n in names}
+        return jax.value_and_grad(
+            lambda w: loss_of(sparsity_lib.unflatten({**f, **w}), batch_stats), has_aux=True
+        )(weights)
+
+    (_, _), g = masked_fwd_bwd(params, state.scores, state.mask, state.batch_stats)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def score_update(scores, opt_state, g, params):
+        f = sparsity_lib.flatten(params)
+        updates, opt_state = tx.update({n: g[n] * f[n] for n in names}, opt_state, scores)
+        return optax.apply_updates(scores, updates), opt_state
+
+    @jax.jit
+    def mask_update(scores, thresholds, previous, old):
+        hints = {n: masks.extrapolate(thresholds[n], previous[n]) for n in names}
+        return masks.topk_masks(scores, kept, hints, old=old)
+
+    check = jax.jit(lambda g: loop_lib.finite(jnp.float32(0), g))
+    box = jax.tree.map(jnp.copy, [state.scores, state.opt_state])  # donated by the update
+
+    def run_update():
+        box[0], box[1] = score_update(box[0], box[1], g, params)
+        return box[0]
+
+    runs = {
+        'plain step': run_plain,
+        'search step': run_search,
+        'dense forward/backward': lambda: dense_fwd_bwd(params, state.batch_stats),
+        'masked forward/backward': lambda: masked_fwd_bwd(params, state.scores, state.mask, state.batch_stats),
+        'score update': run_update,
+        'mask update': lambda: mask_update(state.scores, state.thresholds, state.previous, state.mask),
+        'finite check of the gradients': lambda: check(g),
+    }
+    med = benchlib.interleaved(runs, steps)
+    prunable = sum(int(np.size(search.magnitude[n])) for n in names)
+    # beyond a dense step: masked weights made for the forward (read w and mask, write w * m,
+    # read back by the forward: 4 + 1 + 4 + 4 - 4 (the dense forward reads w) = 9 bytes), the
+    # weights read again by the score update (STE product: 4), the new scores read by the
+    # selection (4), the old mask read and the new one written (1 + 1): 19 bytes a weight
+    extra = 19 * prunable
+    bandwidth = memory_bandwidth(1 << 22 if quick else 1 << 25)
+    floor = extra / bandwidth
+    return {
+        'model': 'BN-MLP 784-32-32-10' if quick else 'ResNet-50 stand-in, 32x32',
+        'batch': batch,
+        'prunable': prunable,
+        **{f'{k} (ms)': 1e3 * t for k, t in med.items()},
+        'bytes_beyond_dense': extra,
+        'bandwidth_GB_s': bandwidth / 1e9,
+        'floor (ms)': 1e3 * floor,
+        'floor_search_over_plain': (med['plain step'] + floor) / med['plain step'],
+        'search_over_plain': med['search step'] / med['plain step'],
+        'steps': steps,
     }
 
 
@@ -438,7 +689,16 @@ def main(argv=None):
     )
     ap.add_argument('--results-dir', default=None)
     ap.add_argument('--figures-dir', default=None)
-    ap.add_argument('--parts', default='loop,step,mask,memory')
+    ap.add_argument('--parts', default='plain,api,breakdown,loop,step,mask,memory')
+    ap.add_argument(
+        '--with-pmap', action='store_true',
+        help='plain part: also the search step pmapped over the one device (the old path)',
+    )
+    ap.add_argument('--rounds', type=int, default=None, help='api part: runs each (default 3; quick 1)')
+    ap.add_argument(
+        '--plain-models', default=None,
+        help='plain part: only the models whose label starts so (e.g. resnet-50,shipped)',
+    )
     args = ap.parse_args(argv)
     out = os.path.join(benchlib.HERE, 'out', 'speed_quick')
     results_dir = args.results_dir or (
@@ -458,6 +718,75 @@ def main(argv=None):
         f'ljax {benchlib.git_revision()}\n',
         flush=True,
     )
+
+    if 'plain' in parts:
+        chosen = args.plain_models.split(',') if args.plain_models else None
+        rows = [
+            plain_times(*m, steps, args.with_pmap)
+            for m in plain_models(args.quick)
+            if chosen is None or any(m[0].lower().startswith(c.lower()) for c in chosen)
+        ]
+        benchlib.write_csv(os.path.join(results_dir, 'speed_plain.csv'), rows)
+        print(
+            f'## Against the plain flax train step (median of {steps} interleaved steps, one '
+            f'device, float32; load average after: {benchlib.load_average()})\n'
+        )
+        pm = args.with_pmap
+        print(
+            benchlib.markdown_table(
+                ['model', 'batch', 'plain ms (donated)', 'plain ms (not donated)', 'ljax dense ms',
+                 'ljax search ms'] + (['search, pmap ms', 'pmap / plain'] if pm else [])
+                + ['dense / plain', 'search / plain', 'targets (search, dense)'],
+                [
+                    [r['model'], r['batch'], f"{r['plain_ms']:.1f}", f"{r['plain_not_donated_ms']:.1f}",
+                     f"{r['dense_ms']:.1f}", f"{r['search_ms']:.1f}"]
+                    + ([f"{r['search_pmap_ms']:.1f}", f"{r['search_pmap_over_plain']:.3f}"] if pm else [])
+                    + [f"**{r['dense_over_plain']:.3f}**", f"**{r['search_over_plain']:.3f}**",
+                       f"<= {r['target_search']}, <= {r['target_dense']}" if r['target_search'] else '']
+                    for r in rows
+                ],
+            )
+            + '\n',
+            flush=True,
+        )
+
+    if 'api' in parts:
+        r = api_times(args.quick, args.rounds or (1 if args.quick else 3))
+        benchlib.write_csv(os.path.join(results_dir, 'speed_api.csv'), [r])
+        print(
+            f"## Public API with compilation: {r['steps']} steps of {r['model']}, batch {r['batch']} "
+            f"(median of {r['rounds']} alternated runs, caches cleared before each)\n"
+        )
+        print(
+            benchlib.markdown_table(
+                ['plain loop s', 'search_jackpot s', 'search_jackpot / plain', 'target'],
+                [[f"{r['plain_loop_s']:.2f}", f"{r['search_jackpot_s']:.2f}", f"**{r['ratio']:.2f}**",
+                  f"<= {r['target']}" if r['target'] else '']],
+            )
+            + '\n',
+            flush=True,
+        )
+
+    if 'breakdown' in parts:
+        r = breakdown_times(args.quick, steps)
+        benchlib.write_csv(os.path.join(results_dir, 'speed_breakdown.csv'), [r])
+        print(
+            f"## One search step in parts: {r['model']}, batch {r['batch']}, {r['prunable']:,} "
+            f"prunable weights (median of {steps} interleaved calls; load average after: "
+            f"{benchlib.load_average()})\n"
+        )
+        labels = [k[: -len(' (ms)')] for k in r if k.endswith(' (ms)') and k != 'floor (ms)']
+        print(
+            benchlib.markdown_table(
+                labels + ['floor beyond dense', 'plain + floor / plain', 'search / plain'],
+                [[f"{r[k + ' (ms)']:.1f}" for k in labels]
+                 + [f"{r['floor (ms)']:.1f} ({r['bytes_beyond_dense'] / 1e6:.0f} MB at "
+                    f"{r['bandwidth_GB_s']:.1f} GB/s)", f"{r['floor_search_over_plain']:.3f}",
+                    f"{r['search_over_plain']:.3f}"]],
+            )
+            + '\n',
+            flush=True,
+        )
 
     if 'loop' in parts:
         spe, epochs, rounds = (2, 2, 1) if args.quick else (8, 4, 2)

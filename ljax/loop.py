@@ -10,7 +10,9 @@ shape of clu's periodic actions: `every_steps` callbacks (checkpoints), `on_log`
 
 Per-step metrics from the task: 'loss', 'accuracy' (means over the global batch), optionally
 'flips' (mask changes), and 'finite' (1 when the step was applied, 0 when its loss or gradients
-were not finite and it left the state unchanged).
+were not finite and it left the state unchanged: `update_if_finite`). At the end of every epoch
+the state is checked for NaN/inf (an update that overflowed) and the loop stops with
+`NonFiniteError` then.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from tqdm import tqdm
 
 from ljax.parallel import Parallel, first
@@ -31,15 +34,52 @@ from ljax.reductions import all_finite
 EpochBatches = Callable[[int, int], Iterator]  # (epoch, start_step) -> iterator of (x, y, ...)
 
 
+def finite(loss, grads) -> jax.Array:
+    """Whether the loss and every gradient are finite (bool scalar)."""
+    ok = jnp.isfinite(loss)
+    for g in jax.tree.leaves(grads):
+        ok = ok & all_finite(g)
+    return ok
+
+
+def update_if_finite(loss, grads, update: Callable[[], Any], keep: Callable[[], Any]):
+    """(`update()` if the loss and every gradient are finite, else `keep()`; the finite flag as
+    int32): the guard of the train steps, decided before the update is written.
+
+    `update` and `keep` return trees of the same structure (the new state and any metrics of the
+    update; the state as it was, with the step counter moved on). The choice is a `lax.cond`, so
+    a finite step writes its state in place (donated) exactly as an unguarded step does, and the
+    guard costs the check of the gradients alone, not a pass over the state: a `where` between the
+    updated and the old state (`keep_if_not_finite`) must keep both alive, read both and write a
+    third, and decided on the updated values it cannot even start before they are written
+    (measured on a ResNet-50 step, 77-96 -> 123-133 ms; a 23.5M-element SGD update: 1.14x with
+    this guard, 3.0x with the `where`). Call with values that agree across devices (pmean'd), so
+    every replica takes the same branch. An update that overflows (finite gradients, an absurd
+    learning rate) is not caught here: `Loop` checks the state at the end of every epoch."""
+    ok = finite(loss, grads)
+    return lax.cond(ok, update, keep), ok.astype(jnp.int32)
+
+
 def keep_if_not_finite(loss, grads, new, old, updated=()):
     """(`new` if the loss, every gradient and every `updated` value (the trained variables after
     the update, which overflow under an exploding learning rate) are finite, else `old`; the
     finite flag as int32). Call with values that agree across devices, so every replica decides
-    alike."""
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.stack([all_finite(g) for g in jax.tree.leaves((grads, updated))])
-    )
-    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old), finite.astype(jnp.int32)
+    alike. A pass over `new` and `old` of its own, after the update: the train steps use
+    `update_if_finite`."""
+    ok = finite(loss, (grads, updated))
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old), ok.astype(jnp.int32)
+
+
+def state_is_finite(state) -> bool:
+    """Whether every floating value of a replicated state is finite, read on the host from the
+    first local device's copy (every replica holds the same): once per epoch, and nothing to
+    compile (a jitted check cost 0.3 s of compilation per search of a small MLP)."""
+    leaves = [
+        a.addressable_shards[0].data if isinstance(a, jax.Array) else np.asarray(a)
+        for a in jax.tree.leaves(state)
+        if jnp.issubdtype(a.dtype, jnp.inexact)
+    ]
+    return all(np.isfinite(a).all() for a in jax.device_get(leaves))
 
 
 class NonFiniteError(ValueError):
@@ -171,6 +211,12 @@ class Loop:
                         '(NaN/inf in the data, or a learning rate too large); nothing was '
                         'updated in that epoch'
                     )
+                if not state_is_finite(state):
+                    raise NonFiniteError(
+                        f'the state holds NaN/inf after epoch {epoch + 1} although every applied '
+                        'step had a finite loss and gradients: an update overflowed (a learning '
+                        'rate too large)'
+                    )
                 self.sums = EpochSums()
                 if self.on_epoch is not None:
                     self.on_epoch(epoch + 1, state, row)
@@ -206,6 +252,10 @@ def _describe(row: dict, epochs: int) -> str:
     for key, label in (('jackpot_accuracy', 'jackpot test accuracy'), ('eval_accuracy', 'test acc')):
         if key in row:
             parts.append(f'{label} {100 * row[key]:.2f}%')
+    if 'jackpot_cosine' in row:  # a sentence encoder (ljax.textjob): held-out embedding metrics
+        parts.append(f'held-out cosine {row["jackpot_cosine"]:.4f}')
+        parts += [f'{k[len("jackpot_"):]} {100 * v:.1f}%' for k, v in row.items()
+                  if k.startswith('jackpot_nn') or k == 'jackpot_probe_accuracy']
     parts.append(f'loss {row["loss"]:.4f}, train acc {100 * row["accuracy"]:.2f}%')
     if 'flips' in row:
         parts.append(f'{row["flips"]} flips')

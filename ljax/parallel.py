@@ -1,5 +1,14 @@
 """Data parallelism over every device of every process: one `jax.pmap` with the axis `AXIS_NAME`.
 
+One device (one process, one local device, or `devices` naming one): no pmap. The per-device
+function runs under `jax.jit` of a `jax.vmap` with `axis_name=AXIS_NAME` over a mapped axis of
+size 1 whose inputs are all unmapped (`in_axes=None`): the collectives (`lax.pmean`, `lax.psum`)
+reduce over that one member and trace to nothing, and every `lax.cond` stays a conditional (a
+vmap over a *mapped* leading axis would turn each into a select that runs both branches: the
+selection's rare second try then costs every step, measured 2x on the ResNet-50 stand-in). The
+state keeps its leading axis of 1 and its donation, so everything else (replicate, put, `first`,
+checkpoints) is the same on one device and on several; the program is the plain jitted step's.
+
 A task (the jackpot search, dense pretraining) supplies pure per-device functions:
 `train_step(state, frozen, x, y) -> (state, metrics)` and optionally
 `eval_step(frozen, mask, batch_stats, x, y, weight) -> sums`; they reduce across devices with
@@ -38,10 +47,28 @@ def first(tree):
     return jax.tree.map(lambda a: a[0] if isinstance(a, np.ndarray) and a.ndim else a, fetched)
 
 
-class Parallel:
-    """pmapped train and eval steps of a task over all devices (or the given local devices)."""
+def _on_one_device(fn, sharding, donate=()):
+    """`fn` (per-device, collectives over `AXIS_NAME`) as one jitted program on one device, taking
+    and returning arrays with a leading axis of size 1 as pmap does (see the module docstring)."""
 
-    def __init__(self, task, devices=None):
+    def one(*args):
+        args = jax.tree.map(lambda a: a[0], args)
+        # unmapped inputs: collectives over the axis of size 1 are identities, conds stay conds;
+        # out_axes=0 puts back the leading axis (a broadcast to size 1: a reshape)
+        return jax.vmap(fn, in_axes=None, out_axes=0, axis_size=1, axis_name=AXIS_NAME)(*args)
+
+    # outputs placed as `replicate` and `put` place the inputs: the next call's inputs then have
+    # the same sharding, and the program is compiled once
+    return jax.jit(one, donate_argnums=donate, out_shardings=sharding)
+
+
+class Parallel:
+    """Train and eval steps of a task over all devices (or the given local devices): pmapped over
+    several, one jitted program on one (`pmapped` says which)."""
+
+    def __init__(self, task, devices=None, *, pmap: bool | None = None):
+        """pmap: None (pmap over several devices or processes, one jitted program on one device);
+        True forces pmap on one device too (the comparison in tests and benchmarks)."""
         self.task = task
         if devices is not None and jax.process_count() > 1:
             raise ValueError('devices: naming devices is for one process only (tests, benchmarks)')
@@ -54,13 +81,22 @@ class Parallel:
             jax.sharding.Mesh(np.array(self.devices), (AXIS_NAME,)), jax.P(AXIS_NAME)
         )
         self.frozen = self.replicate(getattr(task, 'frozen', {}))
-        self.step = jax.pmap(
-            task.train_step, AXIS_NAME, devices=pmap_devices, donate_argnums=(0,)
-        )
-        eval_step = getattr(task, 'eval_step', None)
-        self.eval = jax.pmap(eval_step, AXIS_NAME, devices=pmap_devices) if eval_step else None
-        bn_step = getattr(task, 'bn_step', None)
-        self.bn = jax.pmap(bn_step, AXIS_NAME, devices=pmap_devices) if bn_step else None
+        # several devices, or several processes (whose collectives span all of them): pmap
+        several = self.n > 1 or jax.process_count() > 1
+        self.pmapped = several if pmap is None else bool(pmap)
+        if several and not self.pmapped:
+            raise ValueError('pmap: False needs one device in one process')
+
+        def mapped(fn, donate=()):
+            if fn is None:
+                return None
+            if self.pmapped:
+                return jax.pmap(fn, AXIS_NAME, devices=pmap_devices, donate_argnums=donate)
+            return _on_one_device(fn, self._sharding, donate)
+
+        self.step = mapped(task.train_step, (0,))
+        self.eval = mapped(getattr(task, 'eval_step', None))
+        self.bn = mapped(getattr(task, 'bn_step', None))
 
     # ------------------------------------------------------------------ placement
     def shard(self, *arrays):

@@ -59,15 +59,20 @@ class DenseTraining:
             state['params']
         )
         grads, loss = lax.pmean(grads, AXIS_NAME), lax.pmean(loss, AXIS_NAME)
-        updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
-        new = {
-            'step': state['step'] + 1,
-            'params': optax.apply_updates(state['params'], updates),
-            'batch_stats': lax.pmean(batch_stats, AXIS_NAME),
-            'opt_state': opt_state,
-        }
-        new, finite = loop_lib.keep_if_not_finite(
-            loss, grads, new, {**state, 'step': new['step']}, updated=new['params']
+        batch_stats = lax.pmean(batch_stats, AXIS_NAME)
+
+        def update():
+            updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+            return {
+                'step': state['step'] + 1,
+                'params': optax.apply_updates(state['params'], updates),
+                'batch_stats': batch_stats,
+                'opt_state': opt_state,
+            }
+
+        # decided before the update (`loop.update_if_finite`): no pass over the state of its own
+        new, finite = loop_lib.update_if_finite(
+            loss, grads, update, lambda: {**state, 'step': state['step'] + 1}
         )
         accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS_NAME)
         return new, {'loss': loss, 'accuracy': accuracy, 'finite': finite}

@@ -11,8 +11,10 @@ named `AXIS_NAME`; gradients, metrics and BatchNorm running statistics are avera
 BatchNorm takes `axis_name=AXIS_NAME` also normalises with the statistics of the whole global
 batch (synchronised BN), which makes the result independent of how many devices share a batch.
 
-A step whose loss or gradients are not finite (a NaN pixel, an exploding learning rate) leaves
-scores, optimizer state, mask and BN statistics unchanged; it is counted in the metrics.
+A step whose loss or gradients are not finite (a NaN pixel) leaves scores, optimizer state, mask
+and BN statistics unchanged, decided before the update is written (`loop.update_if_finite`); it is
+counted in the metrics. An update that overflows although its gradients are finite (an absurd
+learning rate) stops the search at the end of its epoch (`loop.Loop`).
 """
 
 from __future__ import annotations
@@ -433,46 +435,55 @@ class Search:
         if dtype == jnp.float32:
             # averaged over the devices before the STE's product with the (replicated) weights:
             # XLA then fuses that product into the optimizer's update, a pass over them fewer
-            grads = ste_vjp(lax.pmean(g, AXIS_NAME))[0]
+            g = lax.pmean(g, AXIS_NAME)
+            checked = g  # the weights' gradients: finite there, the scores' are (times weights)
         else:  # a half-precision gradient is averaged in float32, after the product
-            grads = lax.pmean(ste_vjp(g)[0], AXIS_NAME)
+            checked = lax.pmean(ste_vjp(g)[0], AXIS_NAME)
         loss = lax.pmean(loss, AXIS_NAME)
-        updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
-        scores = optax.apply_updates(state.scores, updates)
-        hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}
-        if self.options.nm is not None:
-            mask = nm_lib.nm_restrict_all(
-                state.mask, scores, *self.options.nm, rate, self.input_axes
+        batch_stats = lax.pmean(batch_stats, AXIS_NAME)
+
+        def update():
+            grads = ste_vjp(g)[0] if dtype == jnp.float32 else checked
+            updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
+            scores = optax.apply_updates(state.scores, updates)
+            hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}
+            if self.options.nm is not None:
+                mask = nm_lib.nm_restrict_all(
+                    state.mask, scores, *self.options.nm, rate, self.input_axes
+                )
+                thresholds = state.thresholds
+                flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
+            elif restriction.is_plain_topk(self.options.restriction):
+                # rate 1 at every step: the top-k alone, without the restriction's look at the old
+                # mask (whose changed blocks would all have to be gathered); flips counted on the way
+                mask, thresholds, flips = masks.topk_masks(
+                    scores, self.kept, hints, old=state.mask, count_flips=True
+                )
+            else:
+                mask, thresholds, flips = restriction.restrict_masks(
+                    state.mask, scores, self.kept, rate, hints, count_flips=True
+                )
+            new = state.replace(
+                step=state.step + 1,
+                scores=scores,
+                mask=mask,
+                thresholds=thresholds,
+                previous=state.thresholds,
+                opt_state=opt_state,
+                batch_stats=batch_stats,
             )
-            thresholds = state.thresholds
-            flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
-        elif restriction.is_plain_topk(self.options.restriction):
-            # rate 1 at every step: the top-k alone, without the restriction's look at the old mask
-            # (whose changed blocks would all have to be gathered); flips counted on the way
-            mask, thresholds, flips = masks.topk_masks(scores, self.kept, hints, old=state.mask)
-        else:
-            mask, thresholds, flips = restriction.restrict_masks(
-                state.mask, scores, self.kept, rate, hints, count_flips=True
-            )
-        new = state.replace(
-            step=state.step + 1,
-            scores=scores,
-            mask=mask,
-            thresholds=thresholds,
-            previous=state.thresholds,
-            opt_state=opt_state,
-            batch_stats=lax.pmean(batch_stats, AXIS_NAME),
-        )
-        # loss and grads are pmean'd: every replica skips a non-finite step alike
-        # the weights' gradients are checked (finite there, the scores' are, unless their product
-        # overflows, which leaves the updated scores non-finite): read without the weights
-        new, finite = loop_lib.keep_if_not_finite(
-            loss, g, new, state.replace(step=new.step), updated=scores
-        )
+            return new, jnp.asarray(flips, jnp.int32)
+
+        def keep():  # scores, optimizer state, mask, thresholds and statistics as they were
+            return state.replace(step=state.step + 1), jnp.int32(0)
+
+        # loss and gradients are pmean'd: every replica skips a non-finite step alike; decided
+        # before the update, which then runs (in place) or not: no pass over the state of its own
+        (new, flips), finite = loop_lib.update_if_finite(loss, checked, update, keep)
         metrics = {
             'loss': loss,
             'accuracy': lax.pmean(jnp.mean(score), AXIS_NAME),
-            'flips': flips * finite,
+            'flips': flips,
             'finite': finite,
         }
         return new, metrics

@@ -92,6 +92,27 @@ def test_an_update_that_overflows_is_skipped_too():
         search_jackpot(Net(), pretrained(), data(1), sparsity=0.5, epochs=1, lr=-1.0)
 
 
+def test_an_overflowing_search_stops_at_the_end_of_the_epoch():
+    """The steps decide on loss and gradients before the update (`update_if_finite`); an update
+    that overflows anyway (finite gradients, an absurd learning rate) leaves NaN/inf in the
+    state, which the loop finds at the end of the epoch."""
+    with pytest.raises(NonFiniteError, match='an update overflowed'):
+        search_jackpot(Net(), pretrained(), data(4), sparsity=0.5, epochs=1, lr=1e30, progress=False)
+
+
+def test_update_if_finite_runs_the_update_or_keeps():
+    from ljax.loop import update_if_finite
+
+    old = {'a': jnp.zeros(3)}
+    for grads, want in (({'a': jnp.ones(3)}, (1.0, 1)), ({'a': jnp.array([1.0, jnp.nan, 1.0])}, (0.0, 0))):
+        new, finite = jax.jit(
+            lambda g: update_if_finite(jnp.float32(1), g, lambda: {'a': old['a'] + 1}, lambda: old)
+        )(grads)
+        assert float(new['a'][0]) == want[0] and int(finite) == want[1]
+    new, finite = update_if_finite(jnp.float32(jnp.inf), {'a': jnp.ones(3)}, lambda: {'a': old['a'] + 1}, lambda: old)
+    assert int(finite) == 0 and float(new['a'][0]) == 0.0
+
+
 def test_bfloat16_search_keeps_float32_state_and_exact_counts():
     runs = {}
     for dtype in ('float32', 'bfloat16'):

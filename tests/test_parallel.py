@@ -1,0 +1,135 @@
+"""`ljax.parallel.Parallel` on one device: one jitted program (no pmap), the same state as pmap
+over that one device, the non-finite guard there too; several devices keep pmap."""
+
+import jax
+import numpy as np
+import pytest
+
+from ljax.parallel import Parallel
+from ljax.pretrain import DenseTraining
+from ljax.search import Search, SearchOptions
+from tests.test_search import Net, data, pretrained
+
+
+def _search(**options):
+    model, v = Net(), pretrained()
+    return Search.create(
+        model, v, data(1)[0][0][:1], sparsity=0.7, total_steps=8, options=SearchOptions(**options)
+    )
+
+
+def _run(par, search, batches):
+    state = par.replicate(search.init_state())
+    metrics = []
+    for x, y in batches:
+        state, m = par.train(state, x, y)
+        metrics.append(m)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_one_device_is_one_jitted_program_without_collectives():
+    search = _search()
+    one = Parallel(search, jax.devices()[:1])
+    assert not one.pmapped and Parallel(search).pmapped  # conftest: 4 devices
+    assert Parallel(search, jax.devices()[:1], pmap=True).pmapped
+    with pytest.raises(ValueError, match='pmap: False needs one device'):
+        Parallel(search, pmap=False)
+    state = one.replicate(search.init_state())
+    x, y = one.put(*data(1)[0])
+    jaxpr = str(jax.make_jaxpr(one.step)(state, one.frozen, x, y))
+    # the collectives over the axis of size 1 trace to nothing; no pmap, no shard_map
+    for primitive in ('pmap', 'shard_map', 'psum', 'pmean', 'all_reduce'):
+        assert primitive not in jaxpr, primitive
+    # the outputs are placed as the inputs: one compilation for every step
+    for x, y in data(3):
+        state, _ = one.train(state, x, y)
+    assert one.step._cache_size() == 1
+
+
+@pytest.mark.parametrize('options', [{}, {'restriction': 'cosine'}])
+def test_one_device_gives_the_state_of_pmap_over_one_device(options):
+    """The jitted program and pmap over the same one device, 6 steps.
+
+    Masks, thresholds, step and metrics agree exactly; floats to 1 ulp (rtol 1e-6), not bit for
+    bit: pmap keeps each `lax.pmean` as an all-reduce between the batch moments and the BN
+    running-average update, where the jitted program has none, so XLA fuses (and vectorises) the
+    moment reductions differently and the running means may differ in the last bit (measured:
+    scores bit-identical, BN running means 1 ulp apart)."""
+    search = _search(**options)
+    batches = data(6)
+    devices = jax.devices()[:1]
+    one, m_one = _run(Parallel(search, devices), search, batches)
+    pm, m_pm = _run(Parallel(search, devices, pmap=True), search, batches)
+    for field in ('mask', 'thresholds', 'previous', 'step'):
+        jax.tree.map(np.testing.assert_array_equal, getattr(one, field), getattr(pm, field))
+    for field in ('scores', 'opt_state', 'batch_stats'):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+            getattr(one, field),
+            getattr(pm, field),
+        )
+    for a, b in zip(m_one, m_pm):
+        assert a['flips'] == b['flips'] and a['finite'] == b['finite'] == 1
+        np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-6)
+
+
+def test_one_device_skips_a_non_finite_batch():
+    search = _search()
+    par = Parallel(search, jax.devices()[:1])
+    (x0, y0), (x1, y1) = data(2)
+    x1 = x1.copy()
+    x1[3, 5] = np.nan
+    state, m0 = par.train(par.replicate(search.init_state()), x0, y0)
+    before = jax.device_get(state)
+    state, m1 = par.train(state, x1, y1)
+    after = jax.device_get(state)
+    assert int(m0['finite'][0]) == 1 and int(m1['finite'][0]) == 0 and int(m1['flips'][0]) == 0
+    assert int(after.step[0]) == int(before.step[0]) + 1
+    for field in ('scores', 'mask', 'thresholds', 'previous', 'opt_state', 'batch_stats'):
+        jax.tree.map(np.testing.assert_array_equal, getattr(after, field), getattr(before, field))
+    state, m2 = par.train(state, x0, y0)  # and the next finite batch is applied
+    assert int(m2['finite'][0]) == 1
+
+
+def test_one_device_dense_training_evaluation_and_statistics():
+    """DenseTraining's step (NaN batch skipped, state unchanged), evaluation and the BN
+    re-estimation on one device agree with pmap over that device."""
+    model, v = Net(), pretrained()
+    batches = data(3)
+    devices = jax.devices()[:1]
+    states = {}
+    for kind in ('jit', 'pmap'):
+        task = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=4)
+        par = Parallel(task, devices, pmap=kind == 'pmap')
+        state = par.replicate(task.init_state(v))
+        for x, y in batches:
+            state, m = par.train(state, x, y)
+        before = jax.device_get(state)
+        x = batches[0][0].copy()
+        x[0, 0] = np.inf
+        state, m = par.train(state, x, batches[0][1])
+        after = jax.device_get(state)
+        assert int(m['finite'][0]) == 0 and int(after['step'][0]) == int(before['step'][0]) + 1
+        for key in ('params', 'batch_stats', 'opt_state'):
+            jax.tree.map(np.testing.assert_array_equal, after[key], before[key])
+        states[kind] = after
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        states['jit'],
+        states['pmap'],
+    )
+    search = _search()
+    mask = search.init_state().mask
+    results = {}
+    for kind in ('jit', 'pmap'):
+        par = Parallel(search, devices, pmap=kind == 'pmap')
+        results[kind] = (
+            par.evaluate(batches, mask, v['batch_stats']),
+            par.reestimate_batch_stats(batches, mask, v['batch_stats'], 2),
+        )
+    assert results['jit'][0] == pytest.approx(results['pmap'][0], rel=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        results['jit'][1],
+        results['pmap'][1],
+    )
