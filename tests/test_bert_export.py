@@ -62,6 +62,7 @@ def _encoders(directory, monkeypatch):
 TEXTS = ['a dog', 'the cat sat on the mat', 'an abstraction belonging to or characteristic of']
 
 
+@pytest.mark.slow  # imports torch and sentence-transformers
 def test_unpruned_export_encodes_as_ljax(tiny_dir, tmp_path, monkeypatch):
     (module, tokenizer), _ = _encoders(tiny_dir, monkeypatch)
     kernels = {n: np.asarray(v) for n, v in _params(module).items() if n.endswith('kernel')}
@@ -77,6 +78,7 @@ def test_unpruned_export_encodes_as_ljax(tiny_dir, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # imports torch and sentence-transformers
 def test_masked_export_is_2_of_4_along_torch_inputs(tiny_dir, tmp_path, monkeypatch):
     (module, tokenizer), _ = _encoders(tiny_dir, monkeypatch)
     flat = _params(module)

@@ -107,8 +107,9 @@ def test_evaluate_mode_reproduces_the_jackpot_accuracy(finished):
     proc = run(workdir, '--config.mode=evaluate')
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, 'results.json')) as f:
-        acc = json.load(f)['jackpot_accuracy']
-    assert f'test accuracy {100 * acc:.2f}%' in proc.stdout
+        results = json.load(f)
+    acc, top5 = results['jackpot_accuracy'], results['jackpot_top5_accuracy']
+    assert f'test accuracy {100 * acc:.2f}%, top-5 {100 * top5:.2f}%' in proc.stdout
 
 
 def test_rerunning_a_finished_run_prints_its_results_and_scores_nothing(finished):
