@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -246,12 +246,8 @@ class Checkpoints:
                 raise
             return False
 
-    def restore(self, abstract_state: Any, older: Sequence[tuple[Any, Callable]] = ()):
+    def restore(self, abstract_state: Any):
         """The newest step that loads and verifies, as (step, state, meta); None when there is none.
-
-        older: [(abstract, upgrade)] for state layouts that earlier ljax versions saved: a step
-        that does not load as `abstract_state` but loads and verifies as one of these is upgraded
-        with `upgrade(state)` (reported in one line) instead of being set aside.
 
         Each step that fails is reported on stderr in one line and moved to checkpoints/corrupt/.
         Steps saved without checksums (older ljax) are accepted when they load.
@@ -262,9 +258,6 @@ class Checkpoints:
             try:
                 state, meta = self._load_verified(step, abstract)
             except Exception as e:  # anything that stops a step loading means it cannot be used
-                upgraded = self._load_older(step, older)
-                if upgraded is not None:
-                    return (step,) + upgraded
                 reason = _first_line(e)
                 where = self._move_aside(step)
                 moved += 1
@@ -279,17 +272,6 @@ class Checkpoints:
                 f'no intact checkpoint left in {self.directory} ({moved} moved to '
                 f'{CORRUPT_DIR}/); starting over from step 0'
             )
-        return None
-
-    def _load_older(self, step: int, older):
-        """(state, meta) of `step` saved in one of the `older` layouts, upgraded; None if none fits."""
-        for abstract, upgrade in older:
-            try:
-                state, meta = self._load_verified(step, _abstract(abstract))
-            except Exception:
-                continue
-            _say(f'checkpoint step {step} was saved by an older ljax; upgraded its state to resume')
-            return upgrade(state), meta
         return None
 
     def _load_verified(self, step: int, abstract: Any):

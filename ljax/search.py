@@ -135,31 +135,6 @@ class SearchState(struct.PyTreeNode):
     rng: jax.Array
 
 
-class _SearchStateNoPrevious(struct.PyTreeNode):
-    """`SearchState` as ljax saved it before `previous` was added (same paths, one field fewer)."""
-
-    step: jax.Array
-    scores: dict
-    mask: dict
-    thresholds: dict
-    opt_state: Any
-    batch_stats: Any
-    rng: jax.Array
-
-
-def older_states(state: SearchState) -> list:
-    """[(abstract, upgrade)] of the layouts older checkpoints hold, for `Checkpoints.restore`: a
-    state without `previous` resumes with previous = thresholds (the first step's hint is then
-    the last threshold, as it was)."""
-    fields = [f for f in _SearchStateNoPrevious.__dataclass_fields__]
-    old = _SearchStateNoPrevious(**{f: getattr(state, f) for f in fields})
-
-    def upgrade(s):
-        return SearchState(previous=s.thresholds, **{f: getattr(s, f) for f in fields})
-
-    return [(old, upgrade)]
-
-
 def _check_options(o: 'SearchOptions') -> None:
     """ValueError naming the first option that is out of range (before any work is done)."""
     for name in ('lr', 'momentum', 'weight_decay', 'score_margin', 'temperature'):

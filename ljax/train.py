@@ -25,7 +25,7 @@ from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
 from ljax.parallel import AXIS_NAME, Parallel
 from ljax.pretrain import DenseTraining
-from ljax.search import Search, SearchOptions, older_states
+from ljax.search import Search, SearchOptions
 
 JACKPOT_FILE = 'jackpot.npz'
 RESULTS_FILE = 'results.json'
@@ -287,7 +287,7 @@ def search(config, workdir: str) -> dict:
     state = search_.init_state()
     layout = _layout(train)
     meta: dict[str, Any] = {'wall_seconds': 0.0, 'history': [], 'layout': layout}
-    restored = ckpt.restore(state, older=older_states(state))
+    restored = ckpt.restore(state)
     if restored is not None:
         step, state, meta = restored
         _check_layout(meta.get('layout'), layout, config.sync_bn, workdir)

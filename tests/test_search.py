@@ -148,35 +148,6 @@ def test_state_keeps_the_last_two_thresholds_for_the_hint():
     )
 
 
-def test_checkpoint_without_previous_thresholds_resumes_upgraded(tmp_path, capfd):
-    """A step saved by ljax before `SearchState.previous` existed resumes (previous = thresholds,
-    everything else as saved); a current step restores as it is."""
-    from ljax import checkpoints
-    from ljax.search import _SearchStateNoPrevious, older_states
-
-    model, v = Net(), pretrained()
-    search = Search.create(model, v, np.zeros((1, 12), np.float32), sparsity=0.7, total_steps=4)
-    state = search.init_state()
-    fields = list(_SearchStateNoPrevious.__dataclass_fields__)
-    old = _SearchStateNoPrevious(**{f: getattr(state, f) for f in fields}).replace(
-        step=jnp.int32(3), thresholds={n: jnp.uint32(7 + i) for i, n in enumerate(search.names)}
-    )
-    ckpt = checkpoints.Checkpoints(str(tmp_path), 2)
-    ckpt.save(3, old, {'history': []})
-    ckpt.wait()
-    step, got, _ = ckpt.restore(state, older=older_states(state))
-    assert step == 3 and isinstance(got, type(state)) and int(got.step) == 3
-    for n in search.names:
-        assert int(got.previous[n]) == int(got.thresholds[n]) == int(old.thresholds[n])
-        np.testing.assert_array_equal(got.scores[n], old.scores[n])
-    assert 'saved by an older ljax' in capfd.readouterr().err
-    ckpt.save(4, got, {'history': []})
-    ckpt.wait()
-    step, again, _ = ckpt.restore(state, older=older_states(state))
-    assert step == 4 and not glob.glob(str(tmp_path / 'checkpoints' / 'corrupt' / '*'))
-    ckpt.close()
-
-
 def test_magnitude_init_starts_from_the_magnitude_mask():
     model, v = Net(), pretrained()
     search = Search.create(model, v, np.zeros((1, 12), np.float32), sparsity=0.9, total_steps=1)
