@@ -131,10 +131,11 @@ def _masks(path):
 
 
 def error_line(proc) -> tuple[bool, str]:
-    """(stderr is exactly one 'error: ' line and no traceback, that line)."""
+    """(stderr is exactly one 'error: ' line and no traceback, that line; else the first lines
+    of stderr joined by ' | ', so that a failing row shows what else was printed)."""
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     one = len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in proc.stderr
-    return one, (lines[-1] if lines else '')
+    return one, (lines[-1] if one or len(lines) < 2 else ' | '.join(lines)[:600])
 
 
 def _line(text: str, needle: str) -> str:
@@ -521,7 +522,7 @@ def two_runs(lab):
     same = first.returncode == 0 and lab.same_mask_as_reference(workdir)
     ok = second.returncode == 2 and one and f'pid {first.pid}' in line and same
     outcome = (f'second refused; first finished (exit {first.returncode}), final mask '
-               f'{"==" if same else "!="} uninterrupted run')
+               f'{"==" if same else "!="} uninterrupted run' + ('' if one else '; NOT ONE LINE'))
     return Row(name, lab.shown(workdir) + '  (x2, concurrently)', second.returncode, line,
                outcome, ok)
 

@@ -668,6 +668,8 @@ def run(config, workdir: str) -> dict:
     config_lib.validate(config)  # every value, before anything is loaded or written
     workdir_lib.check_usable(workdir, writes=config_lib.get(config, 'mode') != 'evaluate')
     initialize_distributed(config)
+    if config_lib.get(config, 'mode') != 'evaluate':
+        workdir_lib.check_free(workdir)
     modes = {'search': search, 'pretrain': pretrain, 'evaluate': evaluate}
     try:
         return modes[config.mode](config, workdir)

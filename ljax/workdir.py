@@ -5,6 +5,7 @@
 - `lock(workdir)`: `fcntl.flock` on `workdir/.lock`, non-blocking, held until `release(workdir)` or
   the process ends (the kernel drops it when a killed process's descriptor closes, so a stale lock
   file never blocks). A second process gets a `WorkdirLockedError` naming the holder's pid.
+- `check_free(workdir)`: that refusal up front, before the model is built; takes nothing.
 - `fingerprint(tree)`: SHA-256 over a pytree's arrays (paths, dtypes, shapes, bytes): two files that
   hold the same arrays (a .pth and its cached .npz) have the same fingerprint.
 - `run_identity(...)`: what config.json pins beside the config: the pretrained fingerprint and the
@@ -91,8 +92,33 @@ def lock(workdir: str) -> None:
     if key in _held or _secondary_process():
         return
     os.makedirs(workdir, exist_ok=True)
+    fd = _flock(workdir, os.O_CREAT)
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    _held[key] = fd
+
+
+def check_free(workdir: str) -> None:
+    """The WorkdirLockedError `lock` would raise, before anything is built (a second run on a busy
+    workdir stops at once, not after compiling its model); creates and holds nothing."""
+    key = os.path.realpath(workdir)
+    if key in _held or _secondary_process():
+        return
+    if not os.path.exists(os.path.join(workdir, LOCK_FILE)):
+        return
+    try:
+        fd = _flock(workdir, 0)
+    except FileNotFoundError:
+        return  # removed meanwhile: nobody holds it
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _flock(workdir: str, flags: int) -> int:
+    """A descriptor of workdir/.lock holding its exclusive flock; WorkdirLockedError when another
+    process holds it."""
     path = os.path.join(workdir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | flags, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -104,9 +130,7 @@ def lock(workdir: str) -> None:
             f'workdir {workdir} is in use by another run ({holder}); wait for it to finish, '
             'or pass another --workdir'
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f'{os.getpid()}\n'.encode())
-    _held[key] = fd
+    return fd
 
 
 def _secondary_process() -> bool:

@@ -286,14 +286,20 @@ def test_lock_refuses_a_second_process_and_names_the_holder(tmp_path):
     try:
         assert holder.stdout.readline().strip() == 'held'
         with pytest.raises(workdir_lib.WorkdirLockedError, match=f'pid {holder.pid}'):
+            workdir_lib.check_free(workdir)  # the same refusal up front
+        with pytest.raises(workdir_lib.WorkdirLockedError, match=f'pid {holder.pid}'):
             workdir_lib.lock(workdir)
     finally:
         holder.kill()
         holder.wait()
     # the killed holder's flock died with it: the lock file left behind does not block
     assert os.path.exists(os.path.join(workdir, '.lock'))
-    workdir_lib.lock(workdir)
+    workdir_lib.check_free(workdir)
+    workdir_lib.lock(workdir)  # check_free held nothing
     workdir_lib.release(workdir)
+    fresh = tmp_path / 'fresh'
+    workdir_lib.check_free(str(fresh))
+    assert not fresh.exists()
 
 
 def test_check_usable_refuses_a_file_and_creates_nothing(tmp_path):
