@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ljax import convert
+from ljax import convert, masks, reductions, restriction
 from ljax import data as ljax_data
 from ljax.loop import Loop
 from ljax.parallel import Parallel
@@ -31,6 +31,26 @@ from ljax.pretrain import DenseTraining
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+
+# ------------------------------------------------------------------------ per-layer restriction
+@jax.jit
+def restrict_mask_with_threshold(mask, scores, k, rate, hint=None):
+    """One layer's short restriction as the search step computed it before
+    `ljax.restriction.restrict_masks` batched every layer: (new mask, top-k threshold key). The
+    per-layer comparator of `speed.py --parts mask`."""
+    top, threshold = masks.topk_mask_with_threshold(scores, k, hint=hint)
+    revive = top & ~mask
+    prune = mask & ~top
+    c = reductions.count(revive)
+    r = restriction.num_swaps(rate, c)
+
+    def restricted():
+        come_in = masks.topk_mask(scores, r, valid=revive)
+        stay = masks.topk_mask(scores, c - r, valid=prune)
+        return (mask & ~(prune & ~stay)) | come_in
+
+    return jax.lax.cond(r == c, lambda: top, restricted), threshold
 
 
 # ----------------------------------------------------------------------------------------- data

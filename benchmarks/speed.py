@@ -30,7 +30,7 @@ machine's measured memory bandwidth. CSV: speed_plain.csv, speed_api.csv, speed_
    `Parallel`: one jitted program), interleaved step by step so machine noise hits each alike; median of --steps steps after compilation. The ratio is search / dense.
 2. The mask update alone, all layers in one jit: `masks.topk_masks` and
    `restriction.restrict_masks` (plain top-k and the short restriction at rate 0.5) against the
-   per-layer loop of `restrict_mask_with_threshold` they replace, against the number of prunable
+   per-layer loop of `benchlib.restrict_mask_with_threshold` they replace, against the number of prunable
    weights (the first L kernels ResNet-50 calls, conv1 ... fc, for 1M ... 25.5M weights) and
    against depth at a fixed size (L equal layers); 10% kept, scores N(0, 1) moved by N(0, 1e-3)
    from those that chose the previous mask and hints (as during a search); also the update without
@@ -551,7 +551,7 @@ def mask_update_times(shapes, repeats, with_lax=True):
     @jax.jit
     def per_layer(mask, scores, hints, rate):  # the search step before topk_masks/restrict_masks
         return {
-            m: restriction.restrict_mask_with_threshold(
+            m: benchlib.restrict_mask_with_threshold(
                 mask[m], scores[m], kept[m], rate, hint=hints[m]
             )
             for m in names

@@ -1,7 +1,7 @@
 """The short restriction: a pure mask update that swaps only a fraction of the candidates.
 
 With T the top-k of the new scores and M the current mask (|M| = k):
-revive candidates are T \\ M, prune candidates M \\ T, both of size c. `restrict_mask` performs
+revive candidates are T \\ M, prune candidates M \\ T, both of size c. `restrict_masks` performs
 r = ceil(rate * c) swaps: the r highest-ranked revive candidates come in, the r lowest-ranked prune
 candidates go out (ranking as in `ljax.masks`: score, then lower index). The count never changes;
 rate = 1 gives plain top-k, rate = 0 freezes the mask.
@@ -27,28 +27,6 @@ def num_swaps(rate, candidates):
     """r = ceil(rate * c) in float32, clipped to [0, c]."""
     r = jnp.ceil(jnp.asarray(rate, jnp.float32) * candidates.astype(jnp.float32)).astype(jnp.int32)
     return jnp.clip(r, 0, candidates)
-
-
-@jax.jit
-def restrict_mask_with_threshold(mask, scores, k, rate, hint=None):
-    """`restrict_mask`, also returning the top-k threshold key (a hint for the next step)."""
-    top, threshold = masks.topk_mask_with_threshold(scores, k, hint=hint)
-    revive = top & ~mask
-    prune = mask & ~top
-    c = count(revive)
-    r = num_swaps(rate, c)
-
-    def restricted():
-        come_in = masks.topk_mask(scores, r, valid=revive)
-        stay = masks.topk_mask(scores, c - r, valid=prune)
-        return (mask & ~(prune & ~stay)) | come_in
-
-    return lax.cond(r == c, lambda: top, restricted), threshold
-
-
-def restrict_mask(mask: jax.Array, scores: jax.Array, k, rate) -> jax.Array:
-    """New mask after at most ceil(rate * c) swaps; `mask` must hold exactly `k` True entries."""
-    return restrict_mask_with_threshold(mask, scores, k, rate)[0]
 
 
 class Swaps:
@@ -128,11 +106,12 @@ def restrict_masks(
     count_flips: bool = False,
     tuning: masks.Tuning = masks.TUNING,
 ):
-    """`restrict_mask_with_threshold` for every layer of a dict in one call: (mask, thresholds),
+    """The short restriction of every layer of a dict in one call: (mask, thresholds),
     and with `count_flips` a third output, the count of positions whose bit flips (int32; for a
     layer whose blocks were gathered, counted on those blocks alone).
 
-    Same masks and threshold keys as the per-layer function; `rate` (may be traced) is shared.
+    Each layer's threshold key is its top-k's (`masks.topk_masks`'); `rate` (may be traced) is
+    shared.
     With `hints`, one pass over scores and masks finds the few blocks per layer where the top-k
     and the mask can differ and the three selections (top-k, revive, prune) run on those alone,
     and only those blocks of the old mask are rewritten (elsewhere the top-k equals the mask); a
