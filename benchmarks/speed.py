@@ -7,7 +7,8 @@
 Headline (`--parts plain`): step time against the plain flax train step users write themselves
 (`benchlib.PlainStep`: `TrainState`, `jax.jit(train_step)`, `optax.sgd(0.1, 0.9)`, BatchNorm
 `mutable=['batch_stats']`), same model, data, batch, float32 and device, in the same process,
-interleaved step by step with ljax's dense step (`DenseTraining`) and search step (90% sparsity),
+interleaved step by step with ljax's dense step (`DenseTraining` with the plain step's optimizer)
+and search step (90% sparsity),
 both through `Parallel` on that device; ratios to the faster of the plain step with and without
 donating its state. Models: the ResNet-50 stand-in (32x32, batch 16), ResNet-32 32/64/128 (32x32,
 batch 64), the shipped BN-MLP (batch 256). `--parts api`: the public API with compilation, 160
@@ -193,7 +194,8 @@ def _ljax_step(par, state, x, y):
 def plain_times(label, model, shape, batch, target, dense_target, steps, with_pmap=False):
     """Median step times, interleaved step by step on one device in one process: the plain flax
     train step (`benchlib.PlainStep`: TrainState, `jax.jit(train_step)`, `optax.sgd(0.1, 0.9)`,
-    train-mode BN; state donated, and not donated), ljax's dense step (`DenseTraining`) and ljax's
+    train-mode BN; state donated, and not donated), ljax's dense step (`DenseTraining` with the same
+    optimizer: it differs by ljax's step machinery alone) and ljax's
     search step (90% sparsity, plain top-k), each through `Parallel` on that device; with_pmap
     adds the search step pmapped over the one device (the path before issue 34). Ratios are to
     the faster of the two plain steps."""
@@ -206,7 +208,8 @@ def plain_times(label, model, shape, batch, target, dense_target, steps, with_pm
     for key, donate in (('plain', True), ('plain_not_donated', False)):
         plain = benchlib.PlainStep(model, v, [device], donate=donate)
         runs[key] = functools.partial(plain, *plain.put(x, y))
-    dense = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=10**6)
+    # the plain step's optimizer: the two differ by ljax's step machinery alone
+    dense = DenseTraining(model, lr=0.1, weight_decay=0.0, total_steps=1, tx=optax.sgd(0.1, 0.9))
     par = Parallel(dense, [device])
     runs['dense'] = _ljax_step(par, par.replicate(dense.init_state(v)), x, y)
     search = Search.create(model, v, x[:1], sparsity=0.9, total_steps=10**6)

@@ -22,11 +22,15 @@ class DenseTraining:
     frozen: dict = {}
 
     def __init__(
-        self, model, *, lr: float, weight_decay: float, total_steps: int, momentum=0.9, dtype='float32'
+        self, model, *, lr: float, weight_decay: float, total_steps: int, momentum=0.9,
+        dtype='float32', tx: optax.GradientTransformation | None = None,
     ):
+        """tx: another optimizer in place of the recipe of the module docstring (which lr,
+        weight_decay, total_steps and momentum then no longer set); the benchmarks give the plain
+        flax step's, so that the two differ by ljax's step machinery alone."""
         self.model = model
         self.dtype = jnp.dtype(dtype)  # of the forward and backward; params stay float32
-        self.tx = optax.chain(
+        self.tx = tx if tx is not None else optax.chain(
             optax.add_decayed_weights(weight_decay),
             optax.sgd(
                 optax.cosine_decay_schedule(lr, max(int(total_steps), 1)),

@@ -3,9 +3,10 @@ over that one device, the non-finite guard there too; several devices keep pmap.
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from ljax.parallel import Parallel
+from ljax.parallel import Parallel, first
 from ljax.pretrain import DenseTraining
 from ljax.search import Search, SearchOptions
 from tests.test_search import Net, data, pretrained
@@ -133,3 +134,22 @@ def test_one_device_dense_training_evaluation_and_statistics():
         results['jit'][1],
         results['pmap'][1],
     )
+
+
+def test_dense_training_takes_another_optimizer():
+    """tx= replaces the recipe: plain SGD without momentum moves every parameter by -lr * grad."""
+    model, v = Net(), pretrained()
+    (x, y), = data(1)
+    task = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=4, tx=optax.sgd(0.5))
+    par = Parallel(task, jax.devices()[:1])
+    state, _ = par.train(par.replicate(task.init_state(v)), x, y)
+
+    def loss(params):
+        logits, _ = model.apply({'params': params, 'batch_stats': v['batch_stats']}, x,
+                                train=True, mutable=['batch_stats'])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    grads = jax.grad(loss)(v['params'])
+    want = jax.tree.map(lambda p, g: p - 0.5 * g, v['params'], grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 first(state)['params'], want)
