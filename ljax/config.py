@@ -26,7 +26,7 @@ ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 DTYPES = ('float32', 'bfloat16')
 RESTRICTIONS = ('none', 'cosine', 'poly4', 'linear', 'constant:R')
 TEACHERS = ('', 'dense')
-DISTILLS = ('kl', 'cosine')
+DISTILLS = ('kl', 'cosine', 'hidden')
 
 # (name, default, one-line description). A default that is a type T means "unset" (a None
 # placeholder that only takes a T).
@@ -78,7 +78,7 @@ FIELDS = (
     ('restriction', 'none', f'short restriction: {" | ".join(RESTRICTIONS)} (R in [0, 1])'),
     ('seed', 0, 'seed of data order, augmentation and random score init'),
     ('teacher', '', "'' (learn from the labels) or 'dense' (label-free: match the dense model)"),
-    ('distill', 'kl', f"teacher='dense': {' | '.join(DISTILLS)} (KL to the dense logits, or 1 - cosine)"),
+    ('distill', 'kl', f"teacher='dense': {' | '.join(DISTILLS)} (KL to the dense logits, 1 - cosine, or 1 - cosine of every hidden state)"),
     ('temperature', 1.0, "teacher='dense', distill='kl': softmax temperature (> 0)"),
     ('dtype', 'float32', f'forward/backward dtype: {" | ".join(DTYPES)} (scores, BN stats stay f32)'),
     # dense pretraining (mode='pretrain')
@@ -208,7 +208,8 @@ def validate(config) -> None:
 
 
 def _check_text(config, problems: list[str]) -> None:
-    """A text model goes with its dataset, searches label-free (teacher='dense', distill='cosine')
+    """A text model goes with its dataset, searches label-free (teacher='dense', distill 'cosine'
+    or 'hidden')
     and has no pretrain / evaluate mode; an image model does not take a text dataset."""
     model, dataset = get(config, 'model'), get(config, 'dataset')
     text_data = set(TEXT_MODELS.values())
@@ -219,9 +220,9 @@ def _check_text(config, problems: list[str]) -> None:
         if get(config, 'mode') != 'search':
             problems.append(f"mode: model {model!r} runs mode 'search' only, got "
                             f"{get(config, 'mode')!r}")
-        if (get(config, 'teacher'), get(config, 'distill')) != ('dense', 'cosine'):
+        if get(config, 'teacher') != 'dense' or get(config, 'distill') not in ('cosine', 'hidden'):
             problems.append(f"teacher: model {model!r} searches label-free: set teacher='dense' "
-                            "and distill='cosine'")
+                            "and distill='cosine' (or 'hidden')")
     elif dataset in text_data and model in MODELS:
         problems.append(f'model: dataset {dataset!r} needs a text model '
                         f'({", ".join(m for m, d in TEXT_MODELS.items() if d == dataset)}), '

