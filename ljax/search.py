@@ -53,6 +53,7 @@ __all__ = [
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TEACHERS = (None, 'dense')
 DISTILLS = ('kl', 'cosine', 'hidden')
+SMALL_SEARCH = 1 << 18  # prunable weights up to which a CPU search selects 'segmented'
 SCORE_INITS = ('magnitude', 'random', 'wanda')
 ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 
@@ -212,6 +213,18 @@ class Search:
     # N:M: each kernel's input axes, along which its groups run (`sparsity.input_axes`); None:
     # axis -2 of every kernel
     input_axes: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def selection(self) -> str | None:
+        """The exact selection of the step's mask update (`ljax.masks`): the backend's default,
+        but 'segmented' on a CPU for at most `SMALL_SEARCH` prunable weights, where its 32
+        passes cost a fraction of a millisecond a step and its program compiles seconds faster
+        than the hinted one's (`python benchmarks/speed.py --parts api`). Both give the same
+        masks."""
+        total = sum(int(np.size(m)) for m in self.magnitude.values())
+        if jax.default_backend() == 'cpu' and total <= SMALL_SEARCH:
+            return 'segmented'
+        return None
 
     @classmethod
     def create(
@@ -455,11 +468,13 @@ class Search:
                 # rate 1 at every step: the top-k alone, without the restriction's look at the old
                 # mask (whose changed blocks would all have to be gathered); flips counted on the way
                 mask, thresholds, flips = masks.topk_masks(
-                    scores, self.kept, hints, old=state.mask, count_flips=True
+                    scores, self.kept, hints, old=state.mask, count_flips=True,
+                    selection=self.selection,
                 )
             else:
                 mask, thresholds, flips = restriction.restrict_masks(
-                    state.mask, scores, self.kept, rate, hints, count_flips=True
+                    state.mask, scores, self.kept, rate, hints, count_flips=True,
+                    selection=self.selection,
                 )
             new = state.replace(
                 step=state.step + 1,

@@ -110,9 +110,43 @@ def test_every_step_keeps_exactly_k_per_layer(score_init, allocation):
             np.testing.assert_array_equal(state.mask[n][0], state.mask[n][3])
 
 
+@pytest.fixture(params=['hinted', 'segmented'])
+def selection(request, monkeypatch):
+    """Both selections of the step's mask update on a CPU: this small Net searches with
+    'segmented' (`Search.selection`); SMALL_SEARCH = -1 gives it the hinted one of larger models."""
+    from ljax import search as search_lib
+
+    if request.param == 'hinted':
+        monkeypatch.setattr(search_lib, 'SMALL_SEARCH', -1)
+    return request.param
+
+
+def test_small_searches_select_segmented_on_cpu_with_the_same_masks(monkeypatch):
+    from ljax import search as search_lib
+
+    model, v = Net(), pretrained()
+    batches = data(3)
+    final = {}
+    for small in (True, False):
+        monkeypatch.setattr(search_lib, 'SMALL_SEARCH', 1 << 18 if small else -1)
+        search = Search.create(model, v, batches[0][0][:1], sparsity=0.7, total_steps=6,
+                               options=SearchOptions(lr=1.0))
+        assert search.selection == ('segmented' if small and jax.default_backend() == 'cpu'
+                                    else None)
+        par = Parallel(search)
+        state = par.replicate(search.init_state())
+        flips = 0
+        for step in range(6):
+            state, metrics = par.train(state, *batches[step % 3])
+            flips += int(np.asarray(metrics['flips'])[0])
+        assert flips > 0  # the masks moved: the two paths agree on real updates
+        final[small] = jax.device_get((state.mask, state.thresholds))
+    jax.tree.map(np.testing.assert_array_equal, final[True], final[False])
+
+
 @pytest.mark.parametrize('restriction', ['none', 'cosine'])
-def test_flips_metric_counts_the_mask_bits_each_step_changed(restriction):
-    # the step counts flips inside the mask update (from its hint pass and gathered blocks)
+def test_flips_metric_counts_the_mask_bits_each_step_changed(restriction, selection):
+    # the step counts flips inside the mask update (hinted: from its hint pass and gathered blocks)
     model, v = Net(), pretrained()
     batches = data(3)
     search = Search.create(
