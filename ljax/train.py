@@ -480,11 +480,14 @@ def _finish_text(config, workdir, job, par, search_: Search, final, meta, wall) 
     last = meta['history'][-1] if meta['history'] else {}
     nm = config_lib.get(config, 'nm') or None
     form = nm if nm else f'{100 * config.sparsity:g}% unstructured'
+    distill = config_lib.get(config, 'distill')
+    how = f'{config.score_init} init' + (', hidden states' if distill == 'hidden' else '')
     jackpot_row = {
-        'name': f'lottery jackpot {form} ({config.score_init} init)',
+        'name': f'lottery jackpot {form} ({how})',
         'method': 'jackpot',
         'form': form,
         'score_init': config.score_init,
+        'distill': distill,
         'sparsity': report.achieved_sparsity(mask),
         **{k[len('jackpot_'):]: v for k, v in last.items() if k.startswith('jackpot_')},
         'seconds': wall,
