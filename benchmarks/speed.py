@@ -89,15 +89,15 @@ def loop_models(quick: bool):
 _TOPK_MASKS = masks.topk_masks
 
 
-@functools.partial(jax.jit, static_argnames=('count_flips',))
-def one_pass_masks(scores, kept, hints=None, old=None, count_flips=None):
+@functools.partial(jax.jit, static_argnames=('count_flips', 'selection'))
+def one_pass_masks(scores, kept, hints=None, old=None, count_flips=None, selection=None):
     """The floor of any mask update, standing in for `masks.topk_masks` in the 'floor' run: one
     elementwise pass (read the scores, write the mask `key >= hint`). Not a top-k: the count kept
     drifts; it times what an exact selection cannot go below (it must read every score and write
     every mask bit), everything else in the search step unchanged. With `old`, the flips it
     reports are 0 (not counted: a floor)."""
     if hints is None:  # the initial mask: exact
-        return _TOPK_MASKS(scores, kept, old=old, count_flips=count_flips)
+        return _TOPK_MASKS(scores, kept, old=old, count_flips=count_flips, selection=selection)
     new = {n: masks.order_keys(s) >= hints[n] for n, s in scores.items()}
     flips = old is not None if count_flips is None else count_flips
     return (new, hints) + ((jnp.int32(0),) if flips else ())
@@ -519,7 +519,7 @@ def resnet50_kernels():
     v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     flat = sparsity_lib.flatten(v['params'])
     return [
-        tuple(flat[f'{layer}/kernel'].shape) for layer in sparsity_lib.called_layers(model, v, x)
+        tuple(flat[f'{layer}/kernel'].shape) for layer in benchlib.called_layers(model, v, x)
     ]
 
 
