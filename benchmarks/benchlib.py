@@ -33,6 +33,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+# ------------------------------------------------------------------------ layers in call order
+def called_layers(model, variables, x) -> list[str]:
+    """Paths ('block/Dense_0') of the flax.linen Dense/Conv modules in the order the model calls
+    them: ResNet-50's layer shapes in order for the mask-update benchmarks (ljax itself finds
+    kernels from the computation, `ljax.sparsity.find_kernels`)."""
+    import flax.linen as nn
+
+    types = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.ConvLocal)
+    order: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == '__call__' and isinstance(context.module, types):
+            path = '/'.join(context.module.path)
+            if path not in order:
+                order.append(path)
+        return next_fun(*args, **kwargs)
+
+    def run(v, x):
+        with nn.intercept_methods(record):
+            return model.apply(v, x, train=False)
+
+    jax.eval_shape(run, variables, x)
+    return order
+
+
 # ------------------------------------------------------------------------ per-layer restriction
 @jax.jit
 def restrict_mask_with_threshold(mask, scores, k, rate, hint=None):

@@ -30,6 +30,8 @@ from ljax import masks, restriction  # noqa: E402
 from ljax import sparsity as sparsity_lib  # noqa: E402
 from ljax.models import get_model  # noqa: E402
 
+import benchlib  # noqa: E402  (this checkout's benchmarks/, on the tree's ljax)
+
 
 def step():
     from ljax.parallel import Parallel
@@ -87,7 +89,7 @@ def mask():
     cases = {
         '64 equal layers': [(1024, 64)] * 64,
         '8 equal layers': [(8192, 64)] * 8,
-        'resnet50 54 layers': [tuple(flat[f'{n}/kernel'].shape) for n in sparsity_lib.called_layers(model, v, x)],
+        'resnet50 54 layers': [tuple(flat[f'{n}/kernel'].shape) for n in benchlib.called_layers(model, v, x)],
     }
     for label, shapes in cases.items():
         names = [f'l{i}' for i in range(len(shapes))]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
@@ -21,7 +20,6 @@ from ljax import masks, nm as nm_lib
 from ljax.modelfn import ModelFn, model_fn
 
 PrunablePredicate = Callable[[tuple, Any], bool]
-_LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.ConvLocal)
 
 
 def flatten(params) -> dict[str, Any]:
@@ -31,26 +29,6 @@ def flatten(params) -> dict[str, Any]:
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(dict(flat), sep='/')
-
-
-def called_layers(model: nn.Module, variables, x) -> list[str]:
-    """Paths ('block/Dense_0') of the flax.linen Dense/Conv modules in the order the model calls
-    them (a linen-only utility for benchmarks; detection uses `find_kernels`)."""
-    order: list[str] = []
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == '__call__' and isinstance(context.module, _LAYER_TYPES):
-            path = '/'.join(context.module.path)
-            if path not in order:
-                order.append(path)
-        return next_fun(*args, **kwargs)
-
-    def run(v, x):
-        with nn.intercept_methods(record):
-            return model.apply(v, x, train=False)
-
-    jax.eval_shape(run, variables, x)
-    return order
 
 
 # ---------------------------------------------------------------- kernels, from the computation
