@@ -281,7 +281,7 @@ class Search:
             magnitude = nm_lib.nm_magnitude_masks(weights, *o.nm, axes)
         else:
             magnitude = sparsity_lib.magnitude_masks(weights, sparsity, o.allocation)
-        kept = {n: int(jnp.sum(magnitude[n])) for n in names}
+        kept = {n: int(np.count_nonzero(np.asarray(magnitude[n]))) for n in names}
         empty = [n for n, k in kept.items() if k == 0]
         if empty:
             raise ValueError(

@@ -6,6 +6,7 @@ fraction of prunable weights *removed* (0.9 keeps 10%).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -409,15 +410,8 @@ def magnitude_masks(
     `erk_kept`, then the top-|w| within each layer)."""
     names = list(weights)
     if allocation == 'global_magnitude':
-        flat = jnp.concatenate(
-            [jnp.abs(jnp.asarray(weights[n], jnp.float32)).reshape(-1) for n in names]
-        )
-        keep = masks.topk_mask(flat, num_kept(flat.size, sparsity))
-        bounds = np.cumsum([0] + [int(np.size(weights[n])) for n in names])
-        return {
-            n: keep[bounds[i] : bounds[i + 1]].reshape(np.shape(weights[n]))
-            for i, n in enumerate(names)
-        }
+        total = sum(int(np.size(weights[n])) for n in names)
+        return _global_magnitude({n: weights[n] for n in names}, num_kept(total, sparsity))
     if allocation in ('uniform', 'erk'):
         if allocation == 'uniform':
             kept = uniform_kept({n: int(np.size(weights[n])) for n in names}, sparsity)
@@ -430,6 +424,22 @@ def magnitude_masks(
     raise ValueError(
         f"allocation: expected 'global_magnitude', 'uniform' or 'erk', got {allocation!r}"
     )
+
+
+@functools.partial(jax.jit, static_argnames=('k',))
+def _global_magnitude(weights: dict, k: int) -> dict:
+    """The top-k of |w| over every layer together (one program: a search's set-up compiles it
+    once instead of a dozen eager ops)."""
+    names = list(weights)
+    flat = jnp.concatenate(
+        [jnp.abs(jnp.asarray(weights[n], jnp.float32)).reshape(-1) for n in names]
+    )
+    keep = masks.topk_mask(flat, k)
+    bounds = np.cumsum([0] + [int(np.size(weights[n])) for n in names])
+    return {
+        n: keep[bounds[i] : bounds[i + 1]].reshape(np.shape(weights[n]))
+        for i, n in enumerate(names)
+    }
 
 
 # ------------------------------------------------------------------------------------- Wanda
@@ -497,7 +507,12 @@ def wanda_masks(
 def mask_scores(mask: Mapping[str, jax.Array], margin: float = 0.01) -> dict[str, jax.Array]:
     """float32 scores 1.0 on `mask` and 1.0 - margin elsewhere: their layer-wise top-k (k = the
     mask's count) and their N:M top (for an N:M mask) are exactly `mask`."""
-    return {n: jnp.where(m, 1.0, 1.0 - margin).astype(jnp.float32) for n, m in mask.items()}
+    return _mask_scores(dict(mask), jnp.float32(1.0 - margin))
+
+
+@jax.jit
+def _mask_scores(mask: dict, low: jax.Array) -> dict:
+    return {n: jnp.where(m, jnp.float32(1.0), low) for n, m in mask.items()}
 
 
 def fan_in(kernel_shape) -> int:
