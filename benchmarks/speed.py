@@ -462,7 +462,7 @@ def step_times(label, model, shape, batch, steps, sparsity=0.9):
     pars = {kind: Parallel(search, [device]) for kind, search in searches.items()}
     states = {kind: pars[kind].replicate(s.init_state()) for kind, s in searches.items()}
     search = searches['top-k']
-    flips = {k: [] for k in states}
+    metrics = {k: [] for k in states}  # every call's, warm-up included
 
     def run_dense():
         nonlocal d_state
@@ -473,23 +473,14 @@ def step_times(label, model, shape, batch, steps, sparsity=0.9):
     def run_search(kind):
         def fn():
             states[kind], m = pars[kind].train(states[kind], x, y)
+            metrics[kind].append(m)
             return m
 
         return fn
 
     fns = {'dense': run_dense, 'top-k': run_search('top-k'), 'SR 0.5': run_search('SR 0.5')}
-    for _ in range(3):  # compile and warm up
-        for fn in fns.values():
-            jax.block_until_ready(fn())
-    times = {k: [] for k in fns}
-    for _ in range(steps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            out = jax.block_until_ready(fn())
-            times[k].append(time.perf_counter() - t)
-            if k != 'dense':
-                flips[k].append(int(out['flips'][0]))
-    med = {k: float(np.median(t)) for k, t in times.items()}
+    med = benchlib.interleaved(fns, steps, warmup=3)
+    flips = {k: [int(m['flips'][0]) for m in ms[3:]] for k, ms in metrics.items()}
     n_params = sum(int(np.size(a)) for a in jax.tree.leaves(v['params']))
     n_prunable = sum(int(np.size(search.magnitude[n])) for n in search.names)
     return {
