@@ -38,6 +38,7 @@ from ljax import calibration as calibration_lib
 from ljax import masks, restriction, sparsity as sparsity_lib
 from ljax.reductions import count
 from ljax import nm as nm_lib
+from ljax.config import ALLOCATIONS, DISTILLS, SCORE_INITS  # the allowed values, once
 from ljax.modelfn import ModelFn, check_variables, model_fn
 from ljax.parallel import AXIS_NAME, Parallel
 
@@ -52,10 +53,7 @@ __all__ = [
 ]
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TEACHERS = (None, 'dense')
-DISTILLS = ('kl', 'cosine', 'hidden')
 SMALL_SEARCH = 1 << 18  # prunable weights up to which a CPU search selects 'segmented'
-SCORE_INITS = ('magnitude', 'random', 'wanda')
-ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 
 
 @dataclasses.dataclass(frozen=True)
