@@ -120,8 +120,10 @@ class Parallel:
         return tuple(jax.device_put(a, self._sharding) for a in self.shard(*arrays))
 
     def replicate(self, tree):
-        # pmap's own sharding (mesh axis AXIS_NAME): a different one would recompile at step 1
-        return jax_utils.replicate(tree, self.devices, axis_name=AXIS_NAME)
+        # pmap's own sharding (mesh axis AXIS_NAME): a different one would recompile at step 1.
+        # Stacked on the host: flax stacks device arrays with `jnp.stack`, one compilation per
+        # leaf shape (about 6 ms each on a CPU); host arrays it stacks with NumPy (copies)
+        return jax_utils.replicate(jax.device_get(tree), self.devices, axis_name=AXIS_NAME)
 
     unreplicate = staticmethod(first)
 

@@ -332,19 +332,30 @@ class Search:
         )
 
     def init_state(self) -> SearchState:
+        """The state at step 0, built by one compiled program (`_initial_state`)."""
+        o = self.options
+        initial = self.wanda if o.score_init == 'wanda' else self.magnitude
+        bs = jax.tree.map(jnp.array, self.batch_stats) if self.batch_stats is not None else {}
+        return jax.jit(self._initial_state)(initial, bs)
+
+    def _initial_state(self, initial, batch_stats) -> SearchState:
         o = self.options
         rng_scores, rng = jax.random.split(jax.random.key(o.seed))
         flat = sparsity_lib.flatten(self.params)
-        weights = {n: flat[n] for n in self.names}
-        initial = self.wanda if o.score_init == 'wanda' else self.magnitude
+        weights = {n: jax.ShapeDtypeStruct(np.shape(flat[n]), flat[n].dtype) for n in self.names}
         scores = sparsity_lib.init_scores(weights, initial, o.score_init, rng_scores, o.score_margin)
         if o.nm is not None:
             axes = self.input_axes or dict.fromkeys(self.names)  # None: axis -2
             mask = {n: nm_lib.nm_mask(scores[n], *o.nm, axes[n]) for n in self.names}
             thresholds = {n: jnp.zeros((), jnp.uint32) for n in self.names}  # unused by N:M
+        elif o.score_init == 'random':
+            mask, thresholds = masks.topk_masks(scores, self.kept, selection=self.selection)
         else:
-            mask, thresholds = masks.topk_masks(scores, self.kept)
-        bs = jax.tree.map(jnp.array, self.batch_stats) if self.batch_stats is not None else {}
+            # scores 1.0 on `initial` (kept[n] of them, kept[n] >= 1) and 1.0 - margin elsewhere:
+            # the top-k is `initial` itself and the k-th largest key that of 1.0, with no selection
+            mask = {n: jnp.asarray(initial[n], bool) for n in self.names}
+            one = masks.order_keys(jnp.float32(1.0))
+            thresholds = {n: one for n in self.names}
         return SearchState(
             step=jnp.zeros((), jnp.int32),
             scores=scores,
@@ -352,7 +363,7 @@ class Search:
             thresholds=thresholds,
             previous=thresholds,
             opt_state=self.optimizer().init(scores),
-            batch_stats=bs,
+            batch_stats=batch_stats,
             rng=jax.random.key_data(rng),
         )
 
@@ -536,7 +547,7 @@ class Search:
 
     # ---------------------------------------------------------------- results
     def jackpot_variables(self, mask, batch_stats) -> dict:
-        return self._variables(self.masked_params(self.params, mask), batch_stats)
+        return self._variables(jax.jit(self.masked_params)(self.params, mask), batch_stats)
 
     def params_mask(self, mask) -> dict:
         """The mask shaped like params: bool arrays on prunable leaves, None elsewhere."""

@@ -195,6 +195,32 @@ def test_magnitude_init_starts_from_the_magnitude_mask():
     assert flat[kept].min() >= flat[~kept].max()
 
 
+@pytest.mark.parametrize('score_init', ['magnitude', 'wanda', 'random'])
+def test_initial_mask_and_thresholds_are_the_top_k_of_the_initial_scores(score_init):
+    """init_state skips the selection where the scores say what it picks (magnitude and Wanda
+    init: 1.0 on the initial mask, 1 - margin elsewhere); a selection must agree bit for bit."""
+    from ljax import masks
+
+    model, v = Net(), pretrained()
+    search = Search.create(
+        model, v, np.zeros((1, 12), np.float32), sparsity=0.7, total_steps=1,
+        options=SearchOptions(score_init=score_init, seed=3),
+        calibration=data() if score_init == 'wanda' else None,
+    )
+    state = search.init_state()
+    mask, thresholds = masks.topk_masks(dict(state.scores), search.kept)
+    for n in search.names:
+        assert state.mask[n].dtype == bool
+        np.testing.assert_array_equal(state.mask[n], mask[n])
+        np.testing.assert_array_equal(state.thresholds[n], thresholds[n])
+        np.testing.assert_array_equal(state.previous[n], thresholds[n])
+        assert int(np.sum(state.mask[n])) == search.kept[n]
+    if score_init != 'random':
+        initial = search.wanda if score_init == 'wanda' else search.magnitude
+        for n in search.names:
+            np.testing.assert_array_equal(state.mask[n], initial[n])
+
+
 def test_score_gradient_is_dL_dmasked_weight_times_weight():
     """One SGD step with lr 1, no momentum or decay: scores_1 = scores_0 - dL/dscores."""
     model, v = Net(), pretrained()
