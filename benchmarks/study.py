@@ -5,6 +5,8 @@
     python benchmarks/study.py --report-only   # tables, CSV and plots from the rows already done
     python benchmarks/study.py --part beyond   # 2:4, ERK, Wanda rows (issue 14)
     python benchmarks/study.py --part seeds    # the headline searches with 3 seeds (issue 15)
+    python benchmarks/study.py --part distill --models resnet32 --sparsities 0.95
+                                               # labels vs no labels (distilled), side by side
 
 Wall time of each part on this 2-core CPU (rows plus pre-training, measured): paper, both models,
 about an hour; beyond, MLP 856 s (on a CPU shared with a CI run) and ResNet-32 1408 s (idle,
@@ -178,6 +180,7 @@ class Method:
     nm: tuple | None = None  # N:M sparsity (then the row's sparsity is 1 - N/M)
     oneshot: str = 'magnitude'  # the mask of a one-shot row: 'magnitude' or 'wanda'
     seed: int = 0  # search seed and train order
+    teacher: str | None = None  # 'dense': label-free, distilled from the dense model (KL)
 
 
 CORE_SCHEDULES = ('cosine', 'poly4')
@@ -249,6 +252,21 @@ def seed_methods() -> list[Method]:
             Method('random_init' + tail, f'search, random init, seed {seed}', True, 'random', seed=seed),
         ]
     return out
+
+
+def distill_methods() -> list[Method]:
+    """Issue "Jackpots in a real pre-trained transformer", point 8: the search without labels
+    (KL divergence to the dense model's logits) beside the labelled one, same budget and seed."""
+    return [
+        Method('dense', 'dense (pre-trained)', False),
+        Method('magnitude_init', 'search, magnitude init (jackpot), labels', True),
+        Method(
+            'magnitude_init_distill',
+            'search, magnitude init, no labels (KL to the dense logits)',
+            True,
+            teacher='dense',
+        ),
+    ]
 
 
 def sr_key(schedule: str) -> str:
@@ -352,6 +370,7 @@ class Study:
             'nm': list(method.nm) if method.nm else None,
             'oneshot': None if method.search else method.oneshot,
             'seed': method.seed,
+            'teacher': method.teacher,
             'dense_accuracy': dense['accuracy'],
             'batch': spec.batch,
             'train_examples': len(data.y_train),
@@ -444,6 +463,7 @@ class Study:
                 allocation=method.allocation,
                 nm=method.nm,
                 prunable=nm_prunable(model, variables, data, method),
+                teacher=method.teacher,
             ),
             calibration=data.train_batches(0, spec.batch) if method.score_init == 'wanda' else None,
         )
@@ -1100,6 +1120,47 @@ def analyse_beyond(study: Study, rows: dict, models, sparsities, results_dir) ->
     return out
 
 
+def analyse_distill(study: Study, rows: dict, models, sparsities, results_dir) -> list[dict]:
+    """The search with labels beside the search without them (KL to the dense logits): test
+    top-1, its gap to dense, and the search's time and step cost; CSV study_distill.csv."""
+    out = []
+    for model_name in models:
+        spec = study.specs[model_name]
+        for s in sparsities:
+            got = [(m, rows.get(row_key(model_name, s, m.key))) for m in distill_methods()]
+            got = [(m, r) for m, r in got if r is not None]
+            if not got:
+                continue
+            print(f'\n### {spec.label}, {100 * s:g}% sparsity: labels vs no labels\n')
+            print('| row | test top-1 (%) | vs dense (pt) | search (s) | ms / step |')
+            print('|---|---|---|---|---|')
+            for m, r in got:
+                gap = 100 * (r['final_accuracy'] - r['dense_accuracy'])
+                secs, ms = r.get('search_seconds'), r.get('ms_per_step')
+                print(
+                    f'| {m.label} | {100 * r["final_accuracy"]:.2f} | {gap:+.2f} | '
+                    f'{"" if secs is None else f"{secs:.0f}"} | {"" if ms is None else f"{ms:.0f}"} |'
+                )
+                out.append(
+                    {
+                        'model': model_name,
+                        'sparsity': s,
+                        'method': m.key,
+                        'labels': (m.teacher is None) if m.search else '',
+                        'dense_accuracy': r['dense_accuracy'],
+                        'test_accuracy': r['final_accuracy'],
+                        'search_epochs': r.get('epochs', ''),
+                        'search_seconds': '' if secs is None else secs,
+                        'ms_per_step': '' if ms is None else ms,
+                        'train_examples': r['train_examples'],
+                        'test_examples': r['test_examples'],
+                    }
+                )
+    if out:
+        benchlib.write_csv(os.path.join(results_dir, 'study_distill.csv'), out)
+    return out
+
+
 def analyse_seeds(study: Study, rows: dict, models, results_dir) -> list[dict]:
     """Issue "The paper's claims at the paper's budget": mean +- std over seeds, epochs to
     dense - 0.5 and - 1 pt per seed, and the random / magnitude ratio; CSV study_seeds.csv."""
@@ -1207,9 +1268,10 @@ def main(argv=None):
     ap.add_argument(
         '--part',
         default='paper',
-        choices=('paper', 'beyond', 'seeds'),
+        choices=('paper', 'beyond', 'seeds', 'distill'),
         help="paper: the paper's claims (tables.md, study_*.csv); beyond: 2:4, ERK and Wanda "
-        '(study_beyond.csv); seeds: the headline searches with 3 seeds (study_seeds.csv)',
+        '(study_beyond.csv); seeds: the headline searches with 3 seeds (study_seeds.csv); '
+        'distill: the search with labels and without (KL to the dense model; study_distill.csv)',
     )
     args = ap.parse_args(argv)
     name = 'study_quick' if args.quick else 'study'
@@ -1249,6 +1311,8 @@ def main(argv=None):
         ]
     elif args.part == 'seeds':
         plan = [(m, 0.9, meth) for m in models for meth in seed_methods()]
+    elif args.part == 'distill':
+        plan = [(m, s, meth) for m in models for s in sparsities for meth in distill_methods()]
     else:
         plan = [(m, s, meth) for m in models for s in sparsities for meth in methods(schedules)]
         plan += [
@@ -1274,6 +1338,8 @@ def main(argv=None):
         analyse_beyond(study, rows, models, sparsities, results_dir)
     elif args.part == 'seeds':
         analyse_seeds(study, rows, models, results_dir)
+    elif args.part == 'distill':
+        analyse_distill(study, rows, models, sparsities, results_dir)
     else:
         analyse(study, rows, models, sparsities, schedules, extras, results_dir, figures_dir)
     runs_path = os.path.join(args.out, 'runs.json')

@@ -133,6 +133,18 @@ def test_study_quick_beyond_and_seeds(tmp_path):
         assert r['epochs_to_random_final'] == ('' if e is None else str(e))
 
 
+    # labels vs none: the distilled row learns from the dense model, the labelled row is the one
+    # the beyond part ran (cached)
+    distill = study.main(common + ['--part', 'distill'])
+    assert distill['mlp_s90_magnitude_init']['wall_seconds'] == flat['wall_seconds']
+    kd = distill['mlp_s90_magnitude_init_distill']
+    assert kd['teacher'] == 'dense' and kd['kept'] == flat['kept']
+    assert not np.allclose(kd['train_loss'], flat['train_loss'])
+    table = _csv(tmp_path / 'study_distill.csv')
+    assert [(r['method'], r['labels']) for r in table] == [
+        ('dense', ''), ('magnitude_init', 'True'), ('magnitude_init_distill', 'False')]
+    assert float(table[2]['test_accuracy']) == kd['final_accuracy']
+
 def test_speed_quick(tmp_path):
     speed.main(['--quick', '--results-dir', str(tmp_path), '--figures-dir', str(tmp_path)])
     steps = _csv(tmp_path / 'speed_step_time.csv')
