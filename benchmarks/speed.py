@@ -12,8 +12,8 @@ and search step (90% sparsity),
 both through `Parallel` on that device; ratios to the faster of the plain step with and without
 donating its state. Models: the ResNet-50 stand-in (32x32, batch 16), ResNet-32 32/64/128 (32x32,
 batch 64), the shipped BN-MLP (batch 256). `--parts api`: the public API with compilation, 160
-steps of a small MLP as a plain Python loop of the plain step against `search_jackpot`, wall time
-of the whole call, JAX's caches cleared before each. `--parts breakdown`: one search step of the
+steps of a small MLP and 94 of a small BN-CNN as a plain Python loop of the plain step against
+`search_jackpot`, wall time of the whole call, JAX's caches cleared before each. `--parts breakdown`: one search step of the
 ResNet-50 stand-in in parts (dense and masked forward/backward, score update, mask update, the
 guard's check) beside its floor, the bytes a search step must move beyond a dense step at this
 machine's measured memory bandwidth. CSV: speed_plain.csv, speed_api.csv, speed_breakdown.csv.
@@ -237,50 +237,66 @@ def plain_times(label, model, shape, batch, target, dense_target, steps, with_pm
     return row
 
 
-def api_times(quick: bool, rounds: int) -> dict:
+def api_models(quick: bool) -> list[tuple]:
+    """(label, model, input shape, batch, batches per epoch, target) of the api part: the issue's
+    small MLP (160 steps) and small BN-CNN (94 steps)."""
+    if quick:
+        return [('BN-MLP 784-32-32-10', get_model('mlp', 10, hidden=(32, 32)), (28, 28, 1), 16, 8, None)]
+    from ljax.models.resnet_cifar import ResNetCifar
+
+    return [
+        ('BN-MLP 784-64-64-10', get_model('mlp', 10, hidden=(64, 64)), (28, 28, 1), 32, 80, 1.3),
+        ('BN-CNN ResNet-8 (8/16/32), 28x28', ResNetCifar(depth=8, widths=(8, 16, 32), num_classes=10),
+         (28, 28, 1), 32, 47, 1.25),
+    ]
+
+
+def api_times(quick: bool, rounds: int) -> list[dict]:
     """Wall time of a whole run with compilation, through the public API: a plain Python loop of
     the plain flax step (TrainState, `jax.jit(train_step)`, a host read of the loss per epoch)
-    against `search_jackpot` (90% sparsity, no progress bar), on the same small MLP and batches,
-    JAX's caches cleared before each run, runs alternated; the median of `rounds`."""
-    hidden, batch, n_batches, epochs = ((32, 32), 16, 8, 2) if quick else ((64, 64), 32, 80, 2)
-    model = get_model('mlp', 10, hidden=hidden)
-    rng = np.random.default_rng(0)
-    batches = [
-        (rng.normal(size=(batch, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, batch).astype(np.int32))
-        for _ in range(n_batches)
-    ]
-    v = jax.device_get(model.init(jax.random.key(0), batches[0][0][:1], train=False))
+    against `search_jackpot` (90% sparsity, no progress bar), on the same model and batches, 2
+    epochs, JAX's caches cleared before each run, runs alternated; the median of `rounds`."""
+    out = []
+    epochs = 2
+    for label, model, shape, batch, n_batches, target in api_models(quick):
+        rng = np.random.default_rng(0)
+        batches = [
+            (rng.normal(size=(batch,) + shape).astype(np.float32), rng.integers(0, 10, batch).astype(np.int32))
+            for _ in range(n_batches)
+        ]
+        v = jax.device_get(model.init(jax.random.key(0), batches[0][0][:1], train=False))
 
-    def plain_loop():
-        state = benchlib.plain_train_state(model, v)
-        step = jax.jit(benchlib.plain_train_step)
-        for _ in range(epochs):
-            for x, y in batches:
-                state, metrics = step(state, x, y)
-            float(metrics['loss'])
-        return state
+        def plain_loop():
+            state = benchlib.plain_train_state(model, v)
+            step = jax.jit(benchlib.plain_train_step)
+            for _ in range(epochs):
+                for x, y in batches:
+                    state, metrics = step(state, x, y)
+                float(metrics['loss'])
+            return state
 
-    def ljax_run():
-        return search_jackpot(model, v, batches, sparsity=0.9, epochs=epochs, progress=False)
+        def ljax_run():
+            return search_jackpot(model, v, batches, sparsity=0.9, epochs=epochs, progress=False)
 
-    seconds = {'plain': [], 'search_jackpot': []}
-    for _ in range(rounds):
-        for key, fn in (('plain', plain_loop), ('search_jackpot', ljax_run)):
-            jax.clear_caches()
-            t = time.perf_counter()
-            jax.block_until_ready(jax.tree.leaves(fn()))
-            seconds[key].append(time.perf_counter() - t)
-    plain, ours = (float(np.median(seconds[k])) for k in ('plain', 'search_jackpot'))
-    return {
-        'model': f'BN-MLP 784-{"-".join(map(str, hidden))}-10',
-        'batch': batch,
-        'steps': n_batches * epochs,
-        'plain_loop_s': plain,
-        'search_jackpot_s': ours,
-        'ratio': ours / plain,
-        'target': None if quick else 1.3,
-        'rounds': rounds,
-    }
+        seconds = {'plain': [], 'search_jackpot': []}
+        for _ in range(rounds):
+            for key, fn in (('plain', plain_loop), ('search_jackpot', ljax_run)):
+                jax.clear_caches()
+                t = time.perf_counter()
+                jax.block_until_ready(jax.tree.leaves(fn()))
+                seconds[key].append(time.perf_counter() - t)
+        plain, ours = (float(np.median(seconds[k])) for k in ('plain', 'search_jackpot'))
+        out.append({
+            'model': label,
+            'batch': batch,
+            'steps': n_batches * epochs,
+            'plain_loop_s': plain,
+            'search_jackpot_s': ours,
+            'ratio': ours / plain,
+            'target': target,
+            'rounds': rounds,
+        })
+    return out
 
 
 def memory_bandwidth(n: int = 1 << 25, repeats: int = 7) -> float:
@@ -745,17 +761,17 @@ def main(argv=None):
         )
 
     if 'api' in parts:
-        r = api_times(args.quick, args.rounds or (1 if args.quick else 3))
-        benchlib.write_csv(os.path.join(results_dir, 'speed_api.csv'), [r])
+        rows = api_times(args.quick, args.rounds or (1 if args.quick else 3))
+        benchlib.write_csv(os.path.join(results_dir, 'speed_api.csv'), rows)
         print(
-            f"## Public API with compilation: {r['steps']} steps of {r['model']}, batch {r['batch']} "
-            f"(median of {r['rounds']} alternated runs, caches cleared before each)\n"
+            f"## Public API with compilation (median of {rows[0]['rounds']} alternated runs, "
+            'caches cleared before each)\n'
         )
         print(
             benchlib.markdown_table(
-                ['plain loop s', 'search_jackpot s', 'search_jackpot / plain', 'target'],
-                [[f"{r['plain_loop_s']:.2f}", f"{r['search_jackpot_s']:.2f}", f"**{r['ratio']:.2f}**",
-                  f"<= {r['target']}" if r['target'] else '']],
+                ['model', 'batch', 'steps', 'plain loop s', 'search_jackpot s', 'search_jackpot / plain', 'target'],
+                [[r['model'], r['batch'], r['steps'], f"{r['plain_loop_s']:.2f}", f"{r['search_jackpot_s']:.2f}",
+                  f"**{r['ratio']:.2f}**", f"<= {r['target']}" if r['target'] else ''] for r in rows],
             )
             + '\n',
             flush=True,

@@ -155,6 +155,10 @@ def test_speed_quick(tmp_path):
     assert len(loop) == 1 and all(
         float(loop[0][f'{k}_ms_per_step']) > 0 for k in ('dense', 'search', 'last_hint', 'floor')
     )
+    api = _csv(tmp_path / 'speed_api.csv')
+    assert len(api) == 1 and int(api[0]['steps']) == 16
+    plain, ours = float(api[0]['plain_loop_s']), float(api[0]['search_jackpot_s'])
+    assert plain > 0 and ours > 0 and abs(float(api[0]['ratio']) - ours / plain) < 1e-9
     updates = _csv(tmp_path / 'speed_mask_update.csv')
     assert all(r['identical_to_lax_top_k'] == 'True' for r in updates)
     memory = _csv(tmp_path / 'speed_memory.csv')
