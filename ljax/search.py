@@ -53,7 +53,9 @@ __all__ = [
 ]
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TEACHERS = (None, 'dense')
-SMALL_SEARCH = 1 << 18  # prunable weights up to which a CPU search selects 'segmented'
+# A CPU search of at most SMALL_SEARCH prunable weights and SHORT_SEARCH steps selects 'segmented'
+SMALL_SEARCH = 1 << 18
+SHORT_SEARCH = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,12 +217,14 @@ class Search:
     @property
     def selection(self) -> str | None:
         """The exact selection of the step's mask update (`ljax.masks`): the backend's default,
-        but 'segmented' on a CPU for at most `SMALL_SEARCH` prunable weights, where its 32
-        passes cost a fraction of a millisecond a step and its program compiles seconds faster
-        than the hinted one's (`python benchmarks/speed.py --parts api`). Both give the same
-        masks."""
+        but 'segmented' for a short search on a CPU (at most `SMALL_SEARCH` prunable weights and
+        `SHORT_SEARCH` steps): its program compiles seconds faster than the hinted one's (0.7 s
+        against 3.5 s for a 54k-weight MLP: `python benchmarks/speed.py --parts api`), while
+        each of its updates costs more (54k weights: 1.08 against 0.75 ms; 266k: 3.5 against
+        0.9 ms), which a long search would pay at every step. Both give the same masks."""
         total = sum(int(np.size(m)) for m in self.magnitude.values())
-        if jax.default_backend() == 'cpu' and total <= SMALL_SEARCH:
+        short = total <= SMALL_SEARCH and self.total_steps <= SHORT_SEARCH
+        if jax.default_backend() == 'cpu' and short:
             return 'segmented'
         return None
 

@@ -144,6 +144,17 @@ def test_small_searches_select_segmented_on_cpu_with_the_same_masks(monkeypatch)
     jax.tree.map(np.testing.assert_array_equal, final[True], final[False])
 
 
+def test_a_long_search_keeps_the_hinted_selection():
+    # the segmented updates cost more per step: a search past SHORT_SEARCH steps would pay that
+    from ljax import search as search_lib
+
+    model, v = Net(), pretrained()
+    x = data(1)[0][0][:1]
+    for steps, want in ((search_lib.SHORT_SEARCH, 'segmented'), (search_lib.SHORT_SEARCH + 1, None)):
+        search = Search.create(model, v, x, sparsity=0.7, total_steps=steps)
+        assert search.selection == (want if jax.default_backend() == 'cpu' else None)
+
+
 @pytest.mark.parametrize('restriction', ['none', 'cosine'])
 def test_flips_metric_counts_the_mask_bits_each_step_changed(restriction, selection):
     # the step counts flips inside the mask update (hinted: from its hint pass and gathered blocks)
