@@ -313,18 +313,25 @@ def memory_bandwidth(n: int = 1 << 25, repeats: int = 7) -> float:
     return 12 * n / benchlib.median_time(run, repeats)
 
 
-def breakdown_times(quick: bool, steps: int) -> dict:
-    """One search step of the ResNet-50 stand-in (32x32, batch 16, 90% sparsity) in parts, each
+def breakdown_models(quick: bool) -> list[tuple]:
+    """(label, model, input shape, batch) of the breakdown part: the ResNet-50 stand-in (compute
+    cheap next to its weights) and the shipped BN-MLP at batch 256."""
+    if quick:
+        return [('BN-MLP 784-32-32-10', get_model('mlp', 10, hidden=(32, 32)), (28, 28, 1), 16)]
+    return [
+        ('ResNet-50 stand-in, 32x32', get_model('resnet50', 10), (32, 32, 3), 16),
+        ('shipped BN-MLP 784-768-768-10', get_model('mlp', 10, hidden=(768, 768)), (28, 28, 1), 256),
+    ]
+
+
+def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float) -> dict:
+    """One search step of a model (90% sparsity) in parts, each
     jitted alone on the state after a few search steps, interleaved: the plain flax step, the
     dense forward/backward (the plain step without its update), the masked forward/backward (the
     search's: w * ste(scores, mask), gradients with respect to the masked weights), the score
     update (STE product and SGD on scores and momentum), the mask update (`topk_masks` with hints
     and flips) and the guard's check of the gradients; beside the floor: the bytes a search step
-    must move beyond a dense step, at this machine's measured memory bandwidth."""
-    if quick:
-        model, shape, batch = get_model('mlp', 10, hidden=(32, 32)), (28, 28, 1), 16
-    else:
-        model, shape, batch = get_model('resnet50', 10), (32, 32, 3), 16
+    must move beyond a dense step, at `bandwidth` (bytes/s, this machine's measured)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch,) + shape).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
@@ -396,10 +403,9 @@ def breakdown_times(quick: bool, steps: int) -> dict:
     # weights read again by the score update (STE product: 4), the new scores read by the
     # selection (4), the old mask read and the new one written (1 + 1): 19 bytes a weight
     extra = 19 * prunable
-    bandwidth = memory_bandwidth(1 << 22 if quick else 1 << 25)
     floor = extra / bandwidth
     return {
-        'model': 'BN-MLP 784-32-32-10' if quick else 'ResNet-50 stand-in, 32x32',
+        'model': label,
         'batch': batch,
         'prunable': prunable,
         **{f'{k} (ms)': 1e3 * t for k, t in med.items()},
@@ -778,21 +784,23 @@ def main(argv=None):
         )
 
     if 'breakdown' in parts:
-        r = breakdown_times(args.quick, steps)
-        benchlib.write_csv(os.path.join(results_dir, 'speed_breakdown.csv'), [r])
+        bandwidth = memory_bandwidth(1 << 22 if args.quick else 1 << 25)
+        rows = [breakdown_times(*m, steps, bandwidth) for m in breakdown_models(args.quick)]
+        benchlib.write_csv(os.path.join(results_dir, 'speed_breakdown.csv'), rows)
         print(
-            f"## One search step in parts: {r['model']}, batch {r['batch']}, {r['prunable']:,} "
-            f"prunable weights (median of {steps} interleaved calls; load average after: "
-            f"{benchlib.load_average()})\n"
+            f"## One search step in parts (median of {steps} interleaved calls; load average "
+            f"after: {benchlib.load_average()})\n"
         )
-        labels = [k[: -len(' (ms)')] for k in r if k.endswith(' (ms)') and k != 'floor (ms)']
+        labels = [k[: -len(' (ms)')] for k in rows[0] if k.endswith(' (ms)') and k != 'floor (ms)']
         print(
             benchlib.markdown_table(
-                labels + ['floor beyond dense', 'plain + floor / plain', 'search / plain'],
-                [[f"{r[k + ' (ms)']:.1f}" for k in labels]
+                ['model, batch, prunable'] + labels
+                + ['floor beyond dense', 'plain + floor / plain', 'search / plain'],
+                [[f"{r['model']}, {r['batch']}, {r['prunable']:,}"]
+                 + [f"{r[k + ' (ms)']:.1f}" for k in labels]
                  + [f"{r['floor (ms)']:.1f} ({r['bytes_beyond_dense'] / 1e6:.0f} MB at "
                     f"{r['bandwidth_GB_s']:.1f} GB/s)", f"{r['floor_search_over_plain']:.3f}",
-                    f"{r['search_over_plain']:.3f}"]],
+                    f"{r['search_over_plain']:.3f}"] for r in rows],
             )
             + '\n',
             flush=True,

@@ -159,6 +159,11 @@ def test_speed_quick(tmp_path):
     assert len(api) == 1 and int(api[0]['steps']) == 16
     plain, ours = float(api[0]['plain_loop_s']), float(api[0]['search_jackpot_s'])
     assert plain > 0 and ours > 0 and abs(float(api[0]['ratio']) - ours / plain) < 1e-9
+    parts = _csv(tmp_path / 'speed_breakdown.csv')
+    assert len(parts) == 1 and int(parts[0]['prunable']) > 0
+    floor = int(parts[0]['bytes_beyond_dense']) / (1e9 * float(parts[0]['bandwidth_GB_s']))
+    assert abs(1e3 * floor - float(parts[0]['floor (ms)'])) < 1e-6
+    assert all(float(parts[0][f'{k} (ms)']) > 0 for k in ('plain step', 'search step', 'mask update'))
     updates = _csv(tmp_path / 'speed_mask_update.csv')
     assert all(r['identical_to_lax_top_k'] == 'True' for r in updates)
     memory = _csv(tmp_path / 'speed_memory.csv')
