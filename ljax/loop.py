@@ -60,6 +60,22 @@ def update_if_finite(loss, grads, update: Callable[[], Any], keep: Callable[[], 
     return lax.cond(ok, update, keep), ok.astype(jnp.int32)
 
 
+def backward_if_loss_finite(loss, backward_and_update: Callable[[], Any], keep: Callable[[], Any]):
+    """(`backward_and_update()` if the loss is finite, else `keep()`; the finite flag as int32):
+    the guard of the dense training step, decided on the loss alone, before the backward pass.
+
+    A NaN or inf in a batch makes the loss non-finite, so such a step changes nothing and is
+    counted, as with `update_if_finite`; but nothing waits on every gradient before any update
+    is written, so the optimizer's update of one layer runs beside the backward pass of the next
+    (on the ResNet-50 stand-in, 32x32, batch 16, with its state not donated on CPU
+    (`DenseTraining.donate`): 128 -> 102 ms, the plain flax step's 103 ms). A finite loss with
+    non-finite gradients is applied, and the loop finds the NaN/inf in the state at the end of
+    the epoch (`NonFiniteError`). The loss must agree across devices (pmean'd), so every replica
+    takes the same branch; the backward's collectives run inside it."""
+    ok = jnp.isfinite(loss)
+    return lax.cond(ok, backward_and_update, keep), ok.astype(jnp.int32)
+
+
 def keep_if_not_finite(loss, grads, new, old, updated=()):
     """(`new` if the loss, every gradient and every `updated` value (the trained variables after
     the update, which overflow under an exploding learning rate) are finite, else `old`; the
@@ -214,8 +230,8 @@ class Loop:
                 if not state_is_finite(state):
                     raise NonFiniteError(
                         f'the state holds NaN/inf after epoch {epoch + 1} although every applied '
-                        'step had a finite loss and gradients: an update overflowed (a learning '
-                        'rate too large)'
+                        'step had a finite loss: an update overflowed (a learning rate too large) '
+                        'or, in dense training, a gradient was not finite'
                     )
                 self.sums = EpochSums()
                 if self.on_epoch is not None:

@@ -94,7 +94,8 @@ class Parallel:
                 return jax.pmap(fn, AXIS_NAME, devices=pmap_devices, donate_argnums=donate)
             return _on_one_device(fn, self._sharding, donate)
 
-        self.step = mapped(task.train_step, (0,))
+        # the state is donated (updated in place) unless the task says not (`donate`)
+        self.step = mapped(task.train_step, (0,) if getattr(task, 'donate', True) else ())
         self.eval = mapped(getattr(task, 'eval_step', None))
         self.bn = mapped(getattr(task, 'bn_step', None))
 

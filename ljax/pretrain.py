@@ -21,6 +21,14 @@ class DenseTraining:
 
     frozen: dict = {}
 
+    @property
+    def donate(self) -> bool:
+        """Whether `Parallel` donates the state to the step. Not on CPU: there XLA copied every
+        weight before the step to update it in place (the backward pass still reads it), and the
+        undonated step ran at the plain flax step's speed (ResNet-50 stand-in, 32x32, batch 16:
+        131.6 -> 101.6 ms, plain 103.5; `backward_if_loss_finite`); the state is small there."""
+        return jax.default_backend() != 'cpu'
+
     def __init__(
         self, model, *, lr: float, weight_decay: float, total_steps: int, momentum=0.9,
         dtype='float32', tx: optax.GradientTransformation | None = None,
@@ -59,24 +67,23 @@ class DenseTraining:
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, (logits, updates.get('batch_stats', {}))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state['params']
-        )
-        grads, loss = lax.pmean(grads, AXIS_NAME), lax.pmean(loss, AXIS_NAME)
-        batch_stats = lax.pmean(batch_stats, AXIS_NAME)
+        local_loss, backward, (logits, batch_stats) = jax.vjp(loss_fn, state['params'], has_aux=True)
+        loss = lax.pmean(local_loss, AXIS_NAME)
 
         def update():
+            grads = lax.pmean(backward(jnp.ones_like(local_loss))[0], AXIS_NAME)
             updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
             return {
                 'step': state['step'] + 1,
                 'params': optax.apply_updates(state['params'], updates),
-                'batch_stats': batch_stats,
+                'batch_stats': lax.pmean(batch_stats, AXIS_NAME),
                 'opt_state': opt_state,
             }
 
-        # decided before the update (`loop.update_if_finite`): no pass over the state of its own
-        new, finite = loop_lib.update_if_finite(
-            loss, grads, update, lambda: {**state, 'step': state['step'] + 1}
+        # decided on the loss before the backward pass (`loop.backward_if_loss_finite`): a NaN
+        # batch changes nothing, and no update waits on every gradient
+        new, finite = loop_lib.backward_if_loss_finite(
+            loss, update, lambda: {**state, 'step': state['step'] + 1}
         )
         accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS_NAME)
         return new, {'loss': loss, 'accuracy': accuracy, 'finite': finite}
