@@ -14,8 +14,8 @@ donating its state. Models: the ResNet-50 stand-in (32x32, batch 16), ResNet-32 
 batch 64), the shipped BN-MLP (batch 256). `--parts api`: the public API with compilation, 160
 steps of a small MLP and 94 of a small BN-CNN as a plain Python loop of the plain step against
 `search_jackpot`, wall time of the whole call, JAX's caches cleared before each. `--parts breakdown`: one search step of the
-ResNet-50 stand-in in parts (dense and masked forward/backward, score update, mask update)
-beside its floor, the bytes a search step must move beyond a dense step at this
+ResNet-50 stand-in in parts (dense and masked forward/backward, score update, mask update, the
+guard's check) beside its floor, the bytes a search step must move beyond a dense step at this
 machine's measured memory bandwidth. CSV: speed_plain.csv, speed_api.csv, speed_breakdown.csv.
 
 0. Steady state through the one loop (`--parts loop`): `search_jackpot` timed by its per-epoch
@@ -64,6 +64,7 @@ from flax import jax_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
 
+from ljax import loop as loop_lib
 from ljax import masks, reductions, restriction
 from ljax import sparsity as sparsity_lib
 from ljax.models import get_model
@@ -328,8 +329,8 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float) ->
     jitted alone on the state after a few search steps, interleaved: the plain flax step, the
     dense forward/backward (the plain step without its update), the masked forward/backward (the
     search's: w * ste(scores, mask), gradients with respect to the masked weights), the score
-    update (STE product and SGD on scores and momentum) and the mask update (`topk_masks` with
-    hints and flips); beside the floor: the bytes a search step
+    update (STE product and SGD on scores and momentum), the mask update (`topk_masks` with hints
+    and flips) and the guard's check of the gradients; beside the floor: the bytes a search step
     must move beyond a dense step, at `bandwidth` (bytes/s, this machine's measured)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch,) + shape).astype(np.float32)
@@ -379,6 +380,7 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float) ->
         hints = {n: masks.extrapolate(thresholds[n], previous[n]) for n in names}
         return masks.topk_masks(scores, kept, hints, old=old)
 
+    check = jax.jit(lambda g: loop_lib.finite(jnp.float32(0), g))
     box = jax.tree.map(jnp.copy, [state.scores, state.opt_state])  # donated by the update
 
     def run_update():
@@ -392,6 +394,7 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float) ->
         'masked forward/backward': lambda: masked_fwd_bwd(params, state.scores, state.mask, state.batch_stats),
         'score update': run_update,
         'mask update': lambda: mask_update(state.scores, state.thresholds, state.previous, state.mask),
+        'finite check of the gradients': lambda: check(g),
     }
     med = benchlib.interleaved(runs, steps)
     prunable = sum(int(np.size(search.magnitude[n])) for n in names)

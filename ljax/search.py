@@ -11,10 +11,10 @@ named `AXIS_NAME`; gradients, metrics and BatchNorm running statistics are avera
 BatchNorm takes `axis_name=AXIS_NAME` also normalises with the statistics of the whole global
 batch (synchronised BN), which makes the result independent of how many devices share a batch.
 
-A step whose loss is not finite (a NaN pixel) leaves scores, optimizer state, mask and BN
-statistics unchanged, decided before the update is written (`loop.update_if_finite`); it is
-counted in the metrics. An update that overflows (an absurd learning rate), or a finite loss with
-non-finite gradients, stops the search at the end of its epoch (`loop.Loop`).
+A step whose loss or gradients are not finite (a NaN pixel) leaves scores, optimizer state, mask
+and BN statistics unchanged, decided before the update is written (`loop.update_if_finite`); it is
+counted in the metrics. An update that overflows although its gradients are finite (an absurd
+learning rate) stops the search at the end of its epoch (`loop.Loop`).
 """
 
 from __future__ import annotations
@@ -460,14 +460,14 @@ class Search:
             # averaged over the devices before the STE's product with the (replicated) weights:
             # XLA then fuses that product into the optimizer's update, a pass over them fewer
             g = lax.pmean(g, AXIS_NAME)
-            averaged = None
+            checked = g  # the weights' gradients: finite there, the scores' are (times weights)
         else:  # a half-precision gradient is averaged in float32, after the product
-            averaged = lax.pmean(ste_vjp(g)[0], AXIS_NAME)
+            checked = lax.pmean(ste_vjp(g)[0], AXIS_NAME)
         loss = lax.pmean(loss, AXIS_NAME)
         batch_stats = lax.pmean(batch_stats, AXIS_NAME)
 
         def update():
-            grads = ste_vjp(g)[0] if averaged is None else averaged
+            grads = ste_vjp(g)[0] if dtype == jnp.float32 else checked
             updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
             scores = optax.apply_updates(state.scores, updates)
             hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}
@@ -503,9 +503,9 @@ class Search:
         def keep():  # scores, optimizer state, mask, thresholds and statistics as they were
             return state.replace(step=state.step + 1), jnp.int32(0)
 
-        # the loss is pmean'd: every replica skips a non-finite step alike; decided before the
-        # update, which then runs (in place) or not: no pass over the state of its own
-        (new, flips), finite = loop_lib.update_if_finite(loss, update, keep)
+        # loss and gradients are pmean'd: every replica skips a non-finite step alike; decided
+        # before the update, which then runs (in place) or not: no pass over the state of its own
+        (new, flips), finite = loop_lib.update_if_finite(loss, checked, update, keep)
         metrics = {
             'loss': loss,
             'accuracy': lax.pmean(jnp.mean(score), AXIS_NAME),

@@ -8,7 +8,7 @@ import pytest
 from jax._src import array as jax_array
 
 from ljax import search_jackpot
-from ljax.loop import NonFiniteError
+from ljax.loop import NonFiniteError, keep_if_not_finite
 from ljax.parallel import Parallel
 from ljax.pretrain import DenseTraining
 from ljax.search import Search, SearchOptions
@@ -80,29 +80,50 @@ def test_non_finite_steps_are_counted_in_history_and_a_hopeless_epoch_stops():
         search_jackpot(Net(), pretrained(), poisoned, sparsity=0.7, epochs=1, progress=False)
 
 
-def test_a_negative_learning_rate_is_refused():
+def test_an_update_that_overflows_is_skipped_too():
+    """An exploding learning rate leaves loss and gradients finite (the weights are frozen) but
+    overflows the scores: such a step is skipped as well."""
+    grads = {'a': jnp.ones(3)}
+    new, old = {'a': jnp.full(3, 2.0)}, {'a': jnp.zeros(3)}
+    kept, finite = keep_if_not_finite(jnp.float32(1), grads, new, old, updated={'a': jnp.full(3, jnp.inf)})
+    assert int(finite) == 0 and np.all(np.asarray(kept['a']) == 0)
+    kept, finite = keep_if_not_finite(jnp.float32(1), grads, new, old, updated=new)
+    assert int(finite) == 1 and np.all(np.asarray(kept['a']) == 2)
     with pytest.raises(ValueError, match='lr: expected a finite number > 0'):
         search_jackpot(Net(), pretrained(), data(1), sparsity=0.5, epochs=1, lr=-1.0)
 
 
 def test_an_overflowing_search_stops_at_the_end_of_the_epoch():
-    """The steps decide on the loss before the update (`update_if_finite`); an update that
-    overflows anyway (a finite loss, an absurd learning rate) leaves NaN/inf in the state, which
-    the loop finds at the end of the epoch."""
+    """The steps decide on loss and gradients before the update (`update_if_finite`); an update
+    that overflows anyway (finite gradients, an absurd learning rate) leaves NaN/inf in the
+    state, which the loop finds at the end of the epoch."""
     with pytest.raises(NonFiniteError, match='an update overflowed'):
         search_jackpot(Net(), pretrained(), data(4), sparsity=0.5, epochs=1, lr=1e30, progress=False)
 
 
-def test_update_if_finite_decides_on_the_loss_and_may_hold_the_backward():
-    """The steps' guard: the update (here with the backward pass inside it, as dense training
-    has it) runs only for a finite loss; a NaN batch changes nothing (flag 0)."""
+def test_update_if_finite_runs_the_update_or_keeps():
     from ljax.loop import update_if_finite
+
+    old = {'a': jnp.zeros(3)}
+    for grads, want in (({'a': jnp.ones(3)}, (1.0, 1)), ({'a': jnp.array([1.0, jnp.nan, 1.0])}, (0.0, 0))):
+        new, finite = jax.jit(
+            lambda g: update_if_finite(jnp.float32(1), g, lambda: {'a': old['a'] + 1}, lambda: old)
+        )(grads)
+        assert float(new['a'][0]) == want[0] and int(finite) == want[1]
+    new, finite = update_if_finite(jnp.float32(jnp.inf), {'a': jnp.ones(3)}, lambda: {'a': old['a'] + 1}, lambda: old)
+    assert int(finite) == 0 and float(new['a'][0]) == 0.0
+
+
+def test_backward_if_loss_finite_decides_on_the_loss_before_the_backward():
+    """Dense training's guard: the backward and update run only for a finite loss; a NaN batch
+    changes nothing (flag 0). Decided on the loss, so gradients are not looked at."""
+    from ljax.loop import backward_if_loss_finite
 
     old = {'w': jnp.ones(3)}
 
     def step(x):
         loss, backward = jax.vjp(lambda w: jnp.sum(w * x), old['w'])
-        return update_if_finite(
+        return backward_if_loss_finite(
             loss, lambda: {'w': old['w'] - backward(jnp.ones_like(loss))[0]}, lambda: old
         )
 
