@@ -71,7 +71,9 @@ def backward_if_loss_finite(loss, backward_and_update: Callable[[], Any], keep: 
     (`DenseTraining.donate`): 128 -> 102 ms, the plain flax step's 103 ms). A finite loss with
     non-finite gradients is applied, and the loop finds the NaN/inf in the state at the end of
     the epoch (`NonFiniteError`). The loss must agree across devices (pmean'd), so every replica
-    takes the same branch; the backward's collectives run inside it."""
+    takes the same branch; the backward's collectives run inside it. The search step keeps
+    `update_if_finite`: decided on its loss it measured 9% slower on ResNet-50 at 224x224, batch
+    8 (2016 against 1851 ms), though 7% faster on the BN-MLP."""
     ok = jnp.isfinite(loss)
     return lax.cond(ok, backward_and_update, keep), ok.astype(jnp.int32)
 
