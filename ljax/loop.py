@@ -55,27 +55,19 @@ def update_if_finite(loss, grads, update: Callable[[], Any], keep: Callable[[], 
     (measured on a ResNet-50 step, 77-96 -> 123-133 ms; a 23.5M-element SGD update: 1.14x with
     this guard, 3.0x with the `where`). Call with values that agree across devices (pmean'd), so
     every replica takes the same branch. An update that overflows (finite gradients, an absurd
-    learning rate) is not caught here: `Loop` checks the state at the end of every epoch."""
+    learning rate) is not caught here: `Loop` checks the state at the end of every epoch.
+
+    `grads` may be empty: the guard is then decided on the loss alone, which a NaN or inf in a
+    batch makes non-finite too, and `update` may hold the backward pass (its collectives run
+    inside the cond). Dense training does so: nothing waits on every gradient before any update
+    is written, and with its state not donated on CPU (`DenseTraining.donate`) its step took
+    102 ms on the ResNet-50 stand-in (32x32, batch 16) against 128 with the gradients checked,
+    the plain flax step's 103. A finite loss with non-finite gradients is then applied, and the
+    loop stops at the end of the epoch. The search keeps its gradients checked: decided on its
+    loss it measured 9% slower on ResNet-50 at 224x224, batch 8 (2016 against 1851 ms), though
+    7% faster on the BN-MLP."""
     ok = finite(loss, grads)
     return lax.cond(ok, update, keep), ok.astype(jnp.int32)
-
-
-def backward_if_loss_finite(loss, backward_and_update: Callable[[], Any], keep: Callable[[], Any]):
-    """(`backward_and_update()` if the loss is finite, else `keep()`; the finite flag as int32):
-    the guard of the dense training step, decided on the loss alone, before the backward pass.
-
-    A NaN or inf in a batch makes the loss non-finite, so such a step changes nothing and is
-    counted, as with `update_if_finite`; but nothing waits on every gradient before any update
-    is written, so the optimizer's update of one layer runs beside the backward pass of the next
-    (on the ResNet-50 stand-in, 32x32, batch 16, with its state not donated on CPU
-    (`DenseTraining.donate`): 128 -> 102 ms, the plain flax step's 103 ms). A finite loss with
-    non-finite gradients is applied, and the loop finds the NaN/inf in the state at the end of
-    the epoch (`NonFiniteError`). The loss must agree across devices (pmean'd), so every replica
-    takes the same branch; the backward's collectives run inside it. The search step keeps
-    `update_if_finite`: decided on its loss it measured 9% slower on ResNet-50 at 224x224, batch
-    8 (2016 against 1851 ms), though 7% faster on the BN-MLP."""
-    ok = jnp.isfinite(loss)
-    return lax.cond(ok, backward_and_update, keep), ok.astype(jnp.int32)
 
 
 def keep_if_not_finite(loss, grads, new, old, updated=()):

@@ -26,7 +26,7 @@ class DenseTraining:
         """Whether `Parallel` donates the state to the step. Not on CPU: there XLA copied every
         weight before the step to update it in place (the backward pass still reads it), and the
         undonated step ran at the plain flax step's speed (ResNet-50 stand-in, 32x32, batch 16:
-        131.6 -> 101.6 ms, plain 103.5; `backward_if_loss_finite`); the state is small there."""
+        131.6 -> 101.6 ms, plain 103.5; `loop.update_if_finite`); the state is small there."""
         return jax.default_backend() != 'cpu'
 
     def __init__(
@@ -80,10 +80,10 @@ class DenseTraining:
                 'opt_state': opt_state,
             }
 
-        # decided on the loss before the backward pass (`loop.backward_if_loss_finite`): a NaN
-        # batch changes nothing, and no update waits on every gradient
-        new, finite = loop_lib.backward_if_loss_finite(
-            loss, update, lambda: {**state, 'step': state['step'] + 1}
+        # decided on the loss alone, the backward inside the update (`loop.update_if_finite`): a
+        # NaN batch changes nothing, and no update waits on every gradient
+        new, finite = loop_lib.update_if_finite(
+            loss, (), update, lambda: {**state, 'step': state['step'] + 1}
         )
         accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == y), AXIS_NAME)
         return new, {'loss': loss, 'accuracy': accuracy, 'finite': finite}
