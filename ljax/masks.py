@@ -3,7 +3,8 @@
 The ranking (score, then lower index; `+0.0 == -0.0`; NaN unsupported) and the exact selection of
 a row of keys are `ljax.selection`'s. `topk_mask(scores, k)` keeps the k highest-ranked elements
 of one array, exactly k whatever ties exist; with a `hint` (the previous step's threshold key) its
-bisection runs within a window around it.
+bisection runs within a window around it. `host_topk_mask` is the same top-k in NumPy, for masks
+computed once (magnitude masks at set-up): no program to compile, one partition on the host.
 
 `topk_masks` and `restriction.restrict_masks` update every layer of a dict in one call, through
 one driver (`update_masks`) and a rule saying how the new mask follows from the selections
@@ -24,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ljax import selection as sel
@@ -31,7 +33,8 @@ from ljax.reductions import count
 from ljax.selection import MAX, chosen, order_keys
 
 __all__ = [
-    'order_keys', 'kth_largest_key', 'topk_mask', 'topk_mask_with_threshold', 'extrapolate',
+    'order_keys', 'kth_largest_key', 'topk_mask', 'topk_mask_with_threshold', 'host_topk_mask',
+    'extrapolate',
     'Tuning', 'Plan', 'plan', 'wide_blocks', 'second_try', 'TOPK', 'update_masks', 'topk_masks',
     'SELECTIONS', 'default_selection', 'resolve_selection', 'ste',
 ]
@@ -66,6 +69,22 @@ def topk_mask(scores: jax.Array, k, valid=None, hint=None) -> jax.Array:
     `k` may be a Python int or a traced int32 scalar.
     """
     return topk_mask_with_threshold(scores, k, valid, hint)[0]
+
+
+def host_topk_mask(scores, k: int) -> np.ndarray:
+    """`topk_mask` in NumPy (float scores of any shape and float dtype, a Python int k): the k-th
+    largest score by one partition, then the scores above it and its ties of lowest flat index.
+    For masks built once, where compiling the bisection costs more than this does on the host."""
+    s = np.asarray(scores).reshape(-1)
+    n, k = s.size, int(k)
+    if k >= n:
+        return np.ones(np.shape(scores), bool)
+    if k <= 0:
+        return np.zeros(np.shape(scores), bool)
+    t = np.partition(s, n - k)[n - k]  # -0.0 == +0.0 in these comparisons, as in the ranking
+    keep = s > t
+    keep[np.flatnonzero(s == t)[: k - int(np.count_nonzero(keep))]] = True
+    return keep.reshape(np.shape(scores))
 
 
 def extrapolate(last: jax.Array, previous: jax.Array) -> jax.Array:

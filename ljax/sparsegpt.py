@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from ljax import calibration, nm as nm_lib
+from ljax import calibration, masks, nm as nm_lib
 from ljax.modelfn import ModelFn
 from ljax.sparsity import flatten, num_kept, unflatten
 
@@ -140,7 +140,7 @@ def sparsegpt_prune(
         err = np.zeros_like(w1)
         k1 = np.ones_like(w1, dtype=bool)
         if nm is None:
-            k1 = _top(w1**2 / d1**2, num_kept(w1.size, float(sparsity)))
+            k1 = masks.host_topk_mask(w1**2 / d1**2, num_kept(w1.size, float(sparsity)))
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
@@ -153,14 +153,6 @@ def sparsegpt_prune(
         keep[:, i1:i2] = k1
         w[:, i2:] -= err @ u[i1:i2, i2:]  # the block's updates on every later input, at once
     return jnp.asarray(w.T), jnp.asarray(keep.T)
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """bool, True on the k highest `scores` (row-major, ties to the lower flat index)."""
-    order = np.argsort(-scores.reshape(-1), kind='stable')
-    out = np.zeros(scores.size, bool)
-    out[order[:k]] = True
-    return out.reshape(scores.shape)
 
 
 def _top_per_row(scores: np.ndarray, k: int) -> np.ndarray:

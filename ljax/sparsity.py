@@ -6,7 +6,6 @@ fraction of prunable weights *removed* (0.9 keeps 10%).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -404,42 +403,29 @@ def erk_kept(shapes: Mapping[str, tuple], sparsity: float) -> dict[str, int]:
 
 def magnitude_masks(
     weights: Mapping[str, jax.Array], sparsity: float, allocation: str = 'global_magnitude'
-) -> dict[str, jax.Array]:
-    """Exact magnitude masks: `global_magnitude` (one threshold on |w| over all layers together,
-    ties by tree order then row-major index), `uniform` or `erk` (k_l from `uniform_kept` or
-    `erk_kept`, then the top-|w| within each layer)."""
+) -> dict[str, np.ndarray]:
+    """Exact magnitude masks (NumPy bool, computed on the host: `masks.host_topk_mask`):
+    `global_magnitude` (one threshold on |w| over all layers together, ties by tree order then
+    row-major index), `uniform` or `erk` (k_l from `uniform_kept` or `erk_kept`, then the top-|w|
+    within each layer)."""
     names = list(weights)
+    mags = {n: np.abs(np.asarray(weights[n], np.float32)) for n in names}
     if allocation == 'global_magnitude':
-        total = sum(int(np.size(weights[n])) for n in names)
-        return _global_magnitude({n: weights[n] for n in names}, num_kept(total, sparsity))
+        flat = np.concatenate([mags[n].reshape(-1) for n in names])
+        keep = masks.host_topk_mask(flat, num_kept(flat.size, sparsity))
+        bounds = np.cumsum([0] + [mags[n].size for n in names])
+        return {
+            n: keep[bounds[i] : bounds[i + 1]].reshape(mags[n].shape) for i, n in enumerate(names)
+        }
     if allocation in ('uniform', 'erk'):
         if allocation == 'uniform':
-            kept = uniform_kept({n: int(np.size(weights[n])) for n in names}, sparsity)
+            kept = uniform_kept({n: mags[n].size for n in names}, sparsity)
         else:
-            kept = erk_kept({n: np.shape(weights[n]) for n in names}, sparsity)
-        return {
-            n: masks.topk_mask(jnp.abs(jnp.asarray(weights[n], jnp.float32)), kept[n])
-            for n in names
-        }
+            kept = erk_kept({n: mags[n].shape for n in names}, sparsity)
+        return {n: masks.host_topk_mask(mags[n], kept[n]) for n in names}
     raise ValueError(
         f"allocation: expected 'global_magnitude', 'uniform' or 'erk', got {allocation!r}"
     )
-
-
-@functools.partial(jax.jit, static_argnames=('k',))
-def _global_magnitude(weights: dict, k: int) -> dict:
-    """The top-k of |w| over every layer together (one program: a search's set-up compiles it
-    once instead of a dozen eager ops)."""
-    names = list(weights)
-    flat = jnp.concatenate(
-        [jnp.abs(jnp.asarray(weights[n], jnp.float32)).reshape(-1) for n in names]
-    )
-    keep = masks.topk_mask(flat, k)
-    bounds = np.cumsum([0] + [int(np.size(weights[n])) for n in names])
-    return {
-        n: keep[bounds[i] : bounds[i + 1]].reshape(np.shape(weights[n]))
-        for i, n in enumerate(names)
-    }
 
 
 # ------------------------------------------------------------------------------------- Wanda

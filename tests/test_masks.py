@@ -43,6 +43,19 @@ def test_topk_is_exact_and_matches_reference(args):
     np.testing.assert_array_equal(got, reference.topk(s, k))
 
 
+@settings(max_examples=60, deadline=None)
+@given(scores_and_k(), st.sampled_from([np.float32, np.float64]))
+def test_host_topk_is_the_device_topk(args, dtype):
+    """The NumPy top-k (magnitude masks at set-up) keeps exactly the positions the compiled one
+    keeps, ties and signed zeros included; float64 scores are ranked as given, not rounded."""
+    s, k = args
+    got = masks.host_topk_mask(s.astype(dtype), k)
+    assert got.shape == s.shape and got.dtype == bool and got.sum() == k
+    np.testing.assert_array_equal(got, np.asarray(masks.topk_mask(jnp.asarray(s), k)))
+    close = np.array([1.0, 1.0 + 1e-12, 1.0])  # equal in float32, ordered in float64
+    np.testing.assert_array_equal(masks.host_topk_mask(close, 1), [False, True, False])
+
+
 @settings(max_examples=40, deadline=None)
 @given(scores_and_k(), st.integers(0, 2**31))
 def test_topk_with_valid_subset(args, seed):
