@@ -34,9 +34,8 @@ from ljax.selection import MAX, chosen, order_keys
 
 __all__ = [
     'order_keys', 'kth_largest_key', 'topk_mask', 'topk_mask_with_threshold', 'host_topk_mask',
-    'extrapolate',
-    'Tuning', 'Plan', 'plan', 'wide_blocks', 'second_try', 'TOPK', 'update_masks', 'topk_masks',
-    'SELECTIONS', 'default_selection', 'resolve_selection', 'ste',
+    'extrapolate', 'Tuning', 'Plan', 'plan', 'wide_blocks', 'second_try', 'TOPK', 'update_masks',
+    'topk_masks', 'SELECTIONS', 'default_selection', 'resolve_selection', 'ste',
 ]
 
 
