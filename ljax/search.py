@@ -317,6 +317,23 @@ class Search:
                 )
         return search
 
+    @functools.cached_property
+    def biases(self) -> list[str]:
+        """The frozen bias of each pruned kernel (the `bias` beside a `kernel`): the step
+        differentiates the loss with respect to them too and checks their gradients, unused
+        otherwise. A plain train step does so: each layer's output gradient is then reduced for
+        its bias, and XLA:CPU writes that gradient once instead of recomputing the activation's
+        derivative inside the transposed copy that the kernel's gradient reads
+        (all-MiniLM-L6-v2, batch 64: its backward 522 -> 374 ms, the dense one's 391)."""
+        flat = sparsity_lib.flatten(self.params)
+        out = []
+        for n in self.names:
+            head, _, _ = n.rpartition('/')
+            b = f'{head}/bias' if head else 'bias'
+            if b in flat and jnp.issubdtype(jnp.result_type(flat[b]), jnp.floating):
+                out.append(b)
+        return out
+
     @property
     def loss(self) -> Callable:
         """Per-example loss of (float32 logits, labels): the `loss` option, or cross-entropy."""
@@ -446,28 +463,32 @@ class Search:
         def masked(scores):  # the prunable weights as the model sees them
             return {n: f[n] * masks.ste(scores[n], state.mask[n]).astype(f[n].dtype) for n in self.names}
 
-        def loss_fn(weights):
+        def loss_fn(weights, biases):
             logits, batch_stats = self.apply(
-                sparsity_lib.unflatten({**f, **weights}), state.batch_stats, x,
+                sparsity_lib.unflatten({**f, **biases, **weights}), state.batch_stats, x,
                 train=True, rng=rng,
             )
             loss, score = self.losses(_cast(logits, jnp.float32), y, teacher)
             return loss.mean(), (score, batch_stats)
 
         weights, ste_vjp = jax.vjp(masked, state.scores)
-        (loss, (score, batch_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(weights)
+        biases = {n: f[n] for n in self.biases}
+        (loss, (score, batch_stats)), (g, g_biases) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(weights, biases)
+        g_biases = lax.pmean(g_biases, AXIS_NAME)
         if dtype == jnp.float32:
             # averaged over the devices before the STE's product with the (replicated) weights:
             # XLA then fuses that product into the optimizer's update, a pass over them fewer
             g = lax.pmean(g, AXIS_NAME)
-            checked = g  # the weights' gradients: finite there, the scores' are (times weights)
+            checked = (g, g_biases)  # finite there, the scores' gradients are (times weights)
         else:  # a half-precision gradient is averaged in float32, after the product
-            checked = lax.pmean(ste_vjp(g)[0], AXIS_NAME)
+            checked = (lax.pmean(ste_vjp(g)[0], AXIS_NAME), g_biases)
         loss = lax.pmean(loss, AXIS_NAME)
         batch_stats = lax.pmean(batch_stats, AXIS_NAME)
 
         def update():
-            grads = ste_vjp(g)[0] if dtype == jnp.float32 else checked
+            grads = ste_vjp(g)[0] if dtype == jnp.float32 else checked[0]
             updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
             scores = optax.apply_updates(state.scores, updates)
             hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}

@@ -359,6 +359,34 @@ def test_bad_variables_and_batches():
         search_jackpot(Net(), v, data(1, batch=6), sparsity=0.5, epochs=1)
 
 
+class SqrtBias(nn.Module):
+    """y = x @ kernel + sqrt(bias): a zero bias has an infinite gradient, the loss stays finite."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        k = self.param('kernel', nn.initializers.normal(1.0), (x.shape[-1], 8))
+        b = self.param('bias', nn.initializers.zeros, (8,))
+        return nn.Dense(5)(nn.relu(x @ k + jnp.sqrt(b)))
+
+
+def test_the_step_differentiates_and_checks_the_pruned_layers_biases():
+    """Only the kernels' scores train, yet the step also takes the gradient of each pruned
+    kernel's bias (as a plain train step does, so XLA writes each layer's output gradient once)
+    and checks it: an infinite bias gradient skips the step though the loss is finite."""
+    search = Search.create(Net(), pretrained(), data()[0][0][:1], sparsity=0.5, total_steps=1)
+    assert search.biases == ['Dense_0/bias', 'Dense_1/bias']  # not the classifier's, not BN's
+    model = SqrtBias()
+    v = jax.device_get(model.init(jax.random.key(0), np.zeros((1, 12), np.float32), train=False))
+    search = Search.create(model, v, data()[0][0][:1], sparsity=0.5, total_steps=2)
+    assert search.names == ['kernel'] and search.biases == ['bias']
+    par = Parallel(search, jax.local_devices()[:1])
+    state = search.init_state()
+    before = np.array(state.scores['kernel'])
+    new, metrics = par.train(par.replicate(state), *data(1)[0])
+    assert np.isfinite(float(metrics['loss'][0])) and int(metrics['finite'][0]) == 0
+    np.testing.assert_array_equal(new.scores['kernel'][0], before)
+
+
 def test_model_without_batchnorm():
     model = NoBN()
     v = model.init(jax.random.key(0), np.zeros((1, 12), np.float32), train=False)
