@@ -292,13 +292,18 @@ def write_csv(path: str, rows: list[dict]) -> None:
             w.writerow(r)
 
 
-def merge_csv(path: str, rows: list[dict], models) -> None:
-    """`write_csv`, keeping the rows already in `path` whose 'model' is not in `models`: a study
-    run on some models replaces their rows and leaves every other model's as it was."""
+def merge_csv(path: str, rows: list[dict], models, key=('model',)) -> None:
+    """`write_csv`, keeping the rows already in `path` whose `key` fields (as text) are not among
+    `models` (values, or tuples of them for a key of several fields): a run on some models
+    replaces their rows and leaves every other row as it was."""
+    def of(r):
+        return tuple(str(r.get(k)) for k in key)
+
+    done = {of(dict(zip(key, m if isinstance(m, tuple) else (m,)))) for m in models}
     kept = []
     if os.path.exists(path):
         with open(path, newline='') as f:
-            kept = [r for r in csv.DictReader(f) if r.get('model') not in set(models)]
+            kept = [r for r in csv.DictReader(f) if of(r) not in done]
     write_csv(path, kept + list(rows))
 
 

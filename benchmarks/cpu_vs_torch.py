@@ -232,7 +232,7 @@ def main():
                     default=['vgg19:64', 'vgg19:128', 'resnet32:64', 'resnet32:128', 'resnet50:8'])
     ap.add_argument('--rounds', type=int, default=5)
     ap.add_argument('--torch-threads', type=int, default=2)
-    ap.add_argument('--csv', help='also write the rows to this CSV file')
+    ap.add_argument('--csv', help='also write the rows to this CSV file (replacing those cases)')
     ap.add_argument('--xla-baseline', action='store_true',
                     help="also time ljax's dense step with flax's plain nn.Conv")
     args = ap.parse_args()
@@ -265,8 +265,9 @@ def main():
         [f"{r['model']}, {r['batch']}", f"{r['authors_search_img_s']:.1f}",
          f"{r['ljax_search_img_s']:.1f}", f"{r['search_ratio']:.2f}", f"{r['torch_dense_ms']:.0f}",
          f"{r['ljax_dense_ms']:.0f}", f"{r['dense_ratio']:.2f}"] for r in rows]))
-    if args.csv:
-        benchlib.write_csv(args.csv, rows)
+    if args.csv:  # the cases run replace their rows; the others stay
+        benchlib.merge_csv(args.csv, rows, [(r['model'], r['batch']) for r in rows],
+                           key=('model', 'batch'))
 
 
 if __name__ == '__main__':

@@ -186,6 +186,12 @@ def test_shape_rule():
     assert rule((64, 2, 2, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), None, DN)
     assert not rule((64, 4, 4, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), None, DN)
     assert not rule((64, 32, 32, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1)), None, DN)
+    # where oneDNN runs them, 1x1 kernels on maps of 100 pixels or more go there
+    assert not rule((8, 56, 56, 64), (1, 1, 64, 256), (1, 1), 'VALID', None, DN, onednn=True)
+    assert not rule((8, 20, 20, 256), (1, 1, 256, 512), (2, 2), 'VALID', None, DN, onednn=True)
+    assert rule((8, 18, 18, 256), (1, 1, 256, 512), (2, 2), 'VALID', None, DN, onednn=True)  # 9x9
+    assert rule((8, 7, 7, 512), (1, 1, 512, 2048), (1, 1), 'VALID', None, DN, onednn=True)
+    assert rule((64, 2, 2, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), None, DN, onednn=True)
 
 
 def test_unknown_method_raises():

@@ -40,6 +40,13 @@ METHODS = ('auto', 'onednn', 'im2col', 'xla')
 # maps (VGG-19's 2x2: about 60x), while on large maps the 9x larger im2col buffer costs more than
 # XLA's convolution. So: 1x1 always, otherwise output maps of at most this many pixels.
 IM2COL_MAX_OUTPUT_PIXELS = 4
+# ... but 1x1 kernels on maps of at least this many pixels per example go to oneDNN where it runs
+# them: inside a model, XLA:CPU fuses the elementwise backward of what follows (BatchNorm) into a
+# transposed copy that the im2col weight gradient reads, which dominates on large maps. A plain
+# train step of ResNet-50 at 224x224, batch 8: all 1x1 as im2col 1660 ms, all on oneDNN 1115 ms,
+# im2col on its 7x7 maps only 1062 ms; the ResNet-50 stand-in at 32x32 (maps of 8x8 and less):
+# im2col 88 ms, oneDNN 159 ms.
+ONEDNN_MIN_1X1_PIXELS = 100
 
 
 def _normalize_padding(padding, in_spatial, window, strides):
@@ -56,21 +63,29 @@ def _spatial(lhs_shape, rhs_shape, dimension_numbers):
     )
 
 
-def im2col_is_faster(lhs_shape, rhs_shape, window_strides, padding, rhs_dilation=None,
-                     dimension_numbers=None) -> bool:
-    """The shape rule of `method='auto'` on CPU: 1x1 kernels, or outputs of at most
-    `IM2COL_MAX_OUTPUT_PIXELS` pixels per example."""
+def _output_pixels(lhs_shape, rhs_shape, window_strides, padding, rhs_dilation=None,
+                   dimension_numbers=None) -> int:
     in_spatial, window = _spatial(lhs_shape, rhs_shape, dimension_numbers)
-    if all(k == 1 for k in window):
-        return True
     dilation = tuple(rhs_dilation or (1,) * len(window))
     dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
     pads = _normalize_padding(padding, in_spatial, dilated, window_strides)
-    out = [
+    return int(np.prod([
         max(0, (i + lo + hi - dk) // s + 1)
         for i, (lo, hi), dk, s in zip(in_spatial, pads, dilated, window_strides)
-    ]
-    return int(np.prod(out)) <= IM2COL_MAX_OUTPUT_PIXELS
+    ]))
+
+
+def im2col_is_faster(lhs_shape, rhs_shape, window_strides, padding, rhs_dilation=None,
+                     dimension_numbers=None, *, onednn: bool = False) -> bool:
+    """The shape rule of `method='auto'` on CPU: 1x1 kernels (with `onednn`, which runs this
+    convolution, on output maps of fewer than `ONEDNN_MIN_1X1_PIXELS` pixels per example), or
+    outputs of at most `IM2COL_MAX_OUTPUT_PIXELS` pixels per example."""
+    _, window = _spatial(lhs_shape, rhs_shape, dimension_numbers)
+    pixels = _output_pixels(lhs_shape, rhs_shape, window_strides, padding, rhs_dilation,
+                            dimension_numbers)  # fmt: skip
+    if all(k == 1 for k in window):
+        return not onednn or pixels < ONEDNN_MIN_1X1_PIXELS
+    return pixels <= IM2COL_MAX_OUTPUT_PIXELS
 
 
 def supports_im2col(lhs_dilation, feature_group_count, batch_group_count) -> bool:
@@ -183,19 +198,19 @@ def cpu_method(
     preferred_element_type=None,
 ) -> str:
     """What `method='auto'` runs where the computation is lowered for CPU: 'im2col' where
-    `im2col_is_faster` (1x1 kernels, tiny output maps; there oneDNN is no faster than im2col:
-    ResNet-50's 1x1 layers took 2575 against 2541 ms, VGG-19's 2x2 block 426 against 297 ms, in
+    `im2col_is_faster` (1x1 kernels, unless on large maps that oneDNN runs; tiny output maps:
+    there oneDNN is no faster than im2col, VGG-19's 2x2 block 426 against 297 ms in
     `benchmarks/conv_profile.py`), else 'onednn' where `onednn.supports` the convolution and
     `onednn.available()`, else 'xla'."""
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, preferred_element_type)  # fmt: skip
+    onednn_runs = _onednn_covers(*args) and onednn.available()
     if supports_im2col(lhs_dilation, feature_group_count, batch_group_count) and im2col_is_faster(
-        lhs.shape, rhs.shape, window_strides, padding, rhs_dilation, dimension_numbers
+        lhs.shape, rhs.shape, window_strides, padding, rhs_dilation, dimension_numbers,
+        onednn=onednn_runs,
     ):
         return 'im2col'
-    if _onednn_covers(*args) and onednn.available():
-        return 'onednn'
-    return 'xla'
+    return 'onednn' if onednn_runs else 'xla'
 
 
 def conv_general_dilated(
