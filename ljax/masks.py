@@ -9,6 +9,10 @@ computed once (magnitude masks at set-up): no program to compile, one partition 
 `topk_masks` and `restriction.restrict_masks` update every layer of a dict in one call, through
 one driver (`update_masks`) and a rule saying how the new mask follows from the selections
 (`TOPK` here, the restriction's swaps there). `selection` picks the strategy (`default_selection`):
+- 'native' (CPU, where ljax's C++ kernels are built: `ljax.models.onednn.available()`): the
+  top-k of each layer is one FFI call (`ljax/csrc/topk_mask.cc`): the same candidate blocks around
+  the hint as 'hinted', found in one vectorised pass, a selection over their keys, and the mask
+  written with its flips in a second pass. The restriction's rule runs 'hinted'.
 - 'hinted' (CPU): one pass over each layer narrows it to a few candidate blocks around its hint
   (`plan`), the selections run on those, stacked by size and warm-started in the hints' windows,
   and a layer whose candidates miss retries alone (`second_try`). A hint is the previous threshold
@@ -35,7 +39,7 @@ from ljax.selection import MAX, chosen, order_keys
 __all__ = [
     'order_keys', 'kth_largest_key', 'topk_mask', 'topk_mask_with_threshold', 'host_topk_mask',
     'extrapolate', 'Tuning', 'Plan', 'plan', 'wide_blocks', 'second_try', 'TOPK', 'update_masks',
-    'topk_masks', 'SELECTIONS', 'default_selection', 'resolve_selection', 'ste',
+    'topk_masks', 'SELECTIONS', 'default_selection', 'resolve_selection', 'native_topk_mask', 'ste',
 ]
 
 
@@ -295,6 +299,14 @@ def update_masks(scores, kept, hints=None, *, rule=TOPK, old=None, count_flips=F
     olds = [None if old is None else old[n].reshape(-1) for n in names]
     if count_flips and old is None:
         raise ValueError('counting flips needs the old masks (old=)')
+    if selection == 'native' and rule is TOPK:
+        got = [native_topk_mask(scores[n], k, None if hints is None else hints[n],
+                                None if o is None else o)
+               for n, k, o in zip(names, ks, olds)]
+        result = ({n: g[0] for n, g in zip(names, got)}, {n: g[1] for n, g in zip(names, got)})
+        return result + (sum((g[2] for g in got), jnp.int32(0)),) if count_flips else result
+    if selection == 'native':  # the restriction's rule: its XLA program
+        selection = 'hinted'
 
     def keys():  # recomputed where used: fused into each pass instead of written out
         return [order_keys(scores[n]).reshape(-1) for n in names]
@@ -369,24 +381,58 @@ def update_masks(scores, kept, hints=None, *, rule=TOPK, old=None, count_flips=F
     return out(new, thresholds, flips)
 
 
-SELECTIONS = ('hinted', 'segmented')
+SELECTIONS = ('native', 'hinted', 'segmented')
+
+
+def _native_available() -> bool:
+    from ljax.models import onednn  # the library that holds the kernel, built on first use
+
+    return onednn.available()
 
 
 def default_selection() -> str:
-    """How `topk_masks` selects on this backend. 'hinted' on CPU, where memory traffic dominates:
-    one pass narrows each layer to a few candidate blocks around its hint. 'segmented' on GPU and
-    TPU, where the number of kernels dominates: the hints' per-layer gathers, top_k's and
-    fallback branches cost more there than 32 exact counting passes over all the keys, each one
-    kernel for every layer together (measured on an NVIDIA H200: docs/RESULTS.md, Speed)."""
-    return 'hinted' if jax.default_backend() == 'cpu' else 'segmented'
+    """How `topk_masks` selects on this backend. On CPU, where memory traffic dominates: 'native'
+    where ljax's C++ kernels are built (two passes over each layer, and no program of its own to
+    compile), else 'hinted' (one pass narrows each layer to a few candidate blocks around its
+    hint). 'segmented' on GPU and TPU, where the number of kernels dominates: the hints'
+    per-layer gathers, top_k's and fallback branches cost more there than 32 exact counting
+    passes over all the keys, each one kernel for every layer together (measured on an NVIDIA
+    H200: docs/RESULTS.md, Speed)."""
+    if jax.default_backend() != 'cpu':
+        return 'segmented'
+    return 'native' if _native_available() else 'hinted'
 
 
 def resolve_selection(selection: str | None) -> str:
-    """`selection`, or the backend's default for None; an unknown name is refused in one line."""
+    """`selection`, or the backend's default for None; an unknown name, or 'native' where the
+    kernel cannot run, is refused in one line."""
     selection = selection or default_selection()
     if selection not in SELECTIONS:
         raise ValueError(f'selection must be one of {SELECTIONS}, not {selection!r}')
+    if selection == 'native' and not _native_available():
+        from ljax.models import onednn
+
+        raise ValueError(
+            f"selection='native' needs ljax's C++ kernels, which are not built here "
+            f"({onednn.reason()}); use 'hinted'"
+        )
     return selection
+
+
+def native_topk_mask(scores: jax.Array, k, hint=None, old=None):
+    """(mask, threshold key, flips) of one layer from ljax's C++ kernel (XLA:CPU only): the same
+    top-k and threshold as `topk_mask_with_threshold`, and the count of positions where the mask
+    differs from `old` (bool, scores' shape; None: all False). `hint`: the previous threshold key
+    or its `extrapolate` (None or 0: estimated from a sample of the keys); it only changes the
+    cost."""
+    old = jnp.zeros(scores.shape, bool) if old is None else old.reshape(scores.shape)
+    hint = jnp.uint32(0) if hint is None else jnp.asarray(hint, jnp.uint32)
+    return jax.ffi.ffi_call(
+        'ljax_topk_mask',
+        (jax.ShapeDtypeStruct(scores.shape, jnp.bool_), jax.ShapeDtypeStruct((), jnp.uint32),
+         jax.ShapeDtypeStruct((), jnp.int32)),
+        vmap_method='sequential',
+    )(jnp.asarray(scores, jnp.float32), old, jnp.asarray(k, jnp.int32), hint)
 
 
 @functools.partial(jax.jit, static_argnames=('selection', 'count_flips', 'tuning'))

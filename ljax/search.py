@@ -216,15 +216,16 @@ class Search:
 
     @property
     def selection(self) -> str | None:
-        """The exact selection of the step's mask update (`ljax.masks`): the backend's default,
-        but 'segmented' for a short search on a CPU (at most `SMALL_SEARCH` prunable weights and
-        `SHORT_SEARCH` steps): its program compiles seconds faster than the hinted one's (on a
-        2-core CPU, 0.7 s against 3.5 s for a 54k-weight MLP), while each of its updates costs
-        more (54k weights: 1.08 against 0.75 ms; 266k: 3.5 against 0.9 ms), which a long search
-        would pay at every step. Both give the same masks."""
+        """The exact selection of the step's mask update (`ljax.masks`): the backend's default
+        ('native' on a CPU with ljax's kernels), but where those are not built, 'segmented' for a
+        short search on a CPU (at most `SMALL_SEARCH` prunable weights and `SHORT_SEARCH`
+        steps): its program compiles seconds faster than the hinted one's (on a 2-core CPU,
+        0.7 s against 3.5 s for a 54k-weight MLP), while each of its updates costs more (54k
+        weights: 1.08 against 0.75 ms; 266k: 3.5 against 0.9 ms), which a long search would pay
+        at every step. All give the same masks."""
         total = sum(int(np.size(m)) for m in self.magnitude.values())
         short = total <= SMALL_SEARCH and self.total_steps <= SHORT_SEARCH
-        if jax.default_backend() == 'cpu' and short:
+        if short and masks.default_selection() == 'hinted':
             return 'segmented'
         return None
 

@@ -348,10 +348,16 @@ def test_wide_gather_splits_ties_at_indices_beyond_the_gathered_size():
     assert np.asarray(got['w']).reshape(-1)[spots].tolist() == [True] * 3 + [False] * 3
 
 
-def test_selection_defaults_to_the_backend_and_rejects_unknown_names():
-    assert masks.default_selection() == ('hinted' if jax.default_backend() == 'cpu' else 'segmented')
+def test_selection_defaults_to_the_backend_and_rejects_unknown_names(monkeypatch):
+    cpu = jax.default_backend() == 'cpu'
+    assert masks.default_selection() == ('native' if cpu else 'segmented')  # kernels built here
     with pytest.raises(ValueError, match="selection must be one of .*'sorted'"):
         masks.topk_masks({'w': jnp.ones(4)}, {'w': 2}, selection='sorted')
+    # without ljax's C++ kernels: XLA's hinted program, and 'native' refused in one line
+    monkeypatch.setattr(masks, '_native_available', lambda: False)
+    assert masks.default_selection() == ('hinted' if cpu else 'segmented')
+    with pytest.raises(ValueError, match="selection='native' needs ljax's C\\+\\+ kernels"):
+        masks.topk_masks({'w': jnp.ones(4)}, {'w': 2}, selection='native')
 
 
 @pytest.mark.parametrize('fn', ['topk', 'restrict'])
@@ -413,3 +419,33 @@ def test_stacked_selection_matches_the_per_row_selection(seed):
         )(rows, ks, indices, hints)
         assert [int(t) for t in got[0]] == [int(t) for t in want[0]]
         assert [int(c) for c in got[1]] == [int(c) for c in want[1]]
+
+
+@pytest.mark.parametrize('kind', ['normal', 'few', 'zeros'])
+def test_native_kernel_matches_the_reference_across_chunks(kind):
+    # 200,003 weights: four chunks of the kernel's two passes (run on XLA's thread pool) and a
+    # short last block; ties spread over every chunk ('few', 'zeros': -0.0 ranks as +0.0)
+    rng = np.random.default_rng(11)
+    s = layer_scores(rng, (200_003,), kind)
+    old = rng.random(s.shape) < 0.2
+    for k in (0, 1, 12_345, 100_000, 200_002, 200_003):
+        want = reference.topk(s, k)
+        _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
+        keys = np.asarray(masks.order_keys(jnp.asarray(s)))
+        for hint in (None, t, int(keys[rng.integers(0, s.size)]), 1, 0xFFFFFFFF):
+            got, t2, flips = jax.jit(masks.native_topk_mask)(
+                jnp.asarray(s), k, None if hint is None else jnp.uint32(hint), jnp.asarray(old)
+            )
+            np.testing.assert_array_equal(got, want)
+            assert int(t2) == int(t) and int(flips) == int(np.sum(want != old)), (k, hint)
+
+
+def test_the_search_steps_mask_update_is_the_native_kernel_on_cpu():
+    scores = {'a': jnp.zeros((64, 64)), 'b': jnp.zeros((3, 3, 8, 8))}
+    kept = {'a': 100, 'b': 50}
+    hints = {n: jnp.uint32(1 << 31) for n in scores}
+    old = {n: jnp.zeros(s.shape, bool) for n, s in scores.items()}
+    text = masks.topk_masks.lower(scores, kept, hints, old=old).as_text()
+    assert text.count('ljax_topk_mask') == 2  # one call per layer, no XLA selection program
+    assert 'ljax_topk_mask' not in masks.topk_masks.lower(
+        scores, kept, hints, old=old, selection='hinted').as_text()

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ljax import search_jackpot
+from ljax import masks, search_jackpot
 from ljax.search import AXIS_NAME, Parallel, Search, SearchOptions
 
 
@@ -110,44 +110,53 @@ def test_every_step_keeps_exactly_k_per_layer(score_init, allocation):
             np.testing.assert_array_equal(state.mask[n][0], state.mask[n][3])
 
 
-@pytest.fixture(params=['hinted', 'segmented'])
-def selection(request, monkeypatch):
-    """Both selections of the step's mask update on a CPU: this small Net searches with
-    'segmented' (`Search.selection`); SMALL_SEARCH = -1 gives it the hinted one of larger models."""
+def force_selection(monkeypatch, selection):
+    """The step's mask update on a CPU: 'native' where ljax's kernels are built (the default);
+    without them, 'segmented' for this small Net (`Search.selection`), and 'hinted' with
+    SMALL_SEARCH = -1, as for larger models."""
     from ljax import search as search_lib
 
-    if request.param == 'hinted':
+    if selection != 'native':
+        monkeypatch.setattr(masks, '_native_available', lambda: False)
+    if selection == 'hinted':
         monkeypatch.setattr(search_lib, 'SMALL_SEARCH', -1)
+
+
+@pytest.fixture(params=['native', 'hinted', 'segmented'])
+def selection(request, monkeypatch):
+    force_selection(monkeypatch, request.param)
     return request.param
 
 
-def test_small_searches_select_segmented_on_cpu_with_the_same_masks(monkeypatch):
-    from ljax import search as search_lib
-
+def test_every_selection_of_the_step_gives_the_same_masks(monkeypatch):
     model, v = Net(), pretrained()
     batches = data(3)
     final = {}
-    for small in (True, False):
-        monkeypatch.setattr(search_lib, 'SMALL_SEARCH', 1 << 18 if small else -1)
-        search = Search.create(model, v, batches[0][0][:1], sparsity=0.7, total_steps=6,
-                               options=SearchOptions(lr=1.0))
-        assert search.selection == ('segmented' if small and jax.default_backend() == 'cpu'
-                                    else None)
-        par = Parallel(search)
-        state = par.replicate(search.init_state())
-        flips = 0
-        for step in range(6):
-            state, metrics = par.train(state, *batches[step % 3])
-            flips += int(np.asarray(metrics['flips'])[0])
-        assert flips > 0  # the masks moved: the two paths agree on real updates
-        final[small] = jax.device_get((state.mask, state.thresholds))
-    jax.tree.map(np.testing.assert_array_equal, final[True], final[False])
+    cpu = jax.default_backend() == 'cpu'
+    for selection in ('native', 'hinted', 'segmented'):
+        with monkeypatch.context() as m:
+            force_selection(m, selection)
+            search = Search.create(model, v, batches[0][0][:1], sparsity=0.7, total_steps=6,
+                                   options=SearchOptions(lr=1.0))
+            assert search.selection == ('segmented' if selection == 'segmented' and cpu else None)
+            assert masks.resolve_selection(search.selection) == (selection if cpu else 'segmented')
+            par = Parallel(search)
+            state = par.replicate(search.init_state())
+            flips = 0
+            for step in range(6):
+                state, metrics = par.train(state, *batches[step % 3])
+                flips += int(np.asarray(metrics['flips'])[0])
+            assert flips > 0  # the masks moved: the paths agree on real updates
+            final[selection] = jax.device_get((state.mask, state.thresholds))
+    jax.tree.map(np.testing.assert_array_equal, final['native'], final['hinted'])
+    jax.tree.map(np.testing.assert_array_equal, final['native'], final['segmented'])
 
 
-def test_a_long_search_keeps_the_hinted_selection():
+def test_without_the_kernels_a_long_search_keeps_the_hinted_selection(monkeypatch):
     # the segmented updates cost more per step: a search past SHORT_SEARCH steps would pay that
     from ljax import search as search_lib
 
+    monkeypatch.setattr(masks, '_native_available', lambda: False)
     model, v = Net(), pretrained()
     x = data(1)[0][0][:1]
     for steps, want in ((search_lib.SHORT_SEARCH, 'segmented'), (search_lib.SHORT_SEARCH + 1, None)):

@@ -5,8 +5,10 @@ on ResNet-32's 3x3 layers its forward, input gradient and weight gradient took 1
 2.6x torch's time (docs/RESULTS.md, issue 11), and nothing in XLA's flags changed that. This module
 runs the convolution itself on oneDNN through XLA's FFI and leaves every other op to XLA.
 
-- `available()`: whether the oneDNN kernels can run here. On first use the C++ source
-  (`ljax/csrc/onednn_conv.cc`) is compiled with the system C++ compiler (`$CXX`, else g++) against
+- `available()`: whether the oneDNN kernels can run here. On first use the C++ sources
+  (`ljax/csrc/onednn_conv.cc`, and `ljax/csrc/topk_mask.cc`: the exact top-k mask of one layer,
+  `ljax.masks`' 'native' selection, which needs no oneDNN but ships in the same library) are
+  compiled with the system C++ compiler (`$CXX`, else g++) against
   the oneDNN headers and library of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (`pip
   install 'ljax[cpu]'`) and jaxlib's FFI headers, into ljax's cache; later processes load the
   cached library. If anything is missing it returns False, `reason()` says what, and on a CPU
@@ -68,13 +70,16 @@ import jaxlib.version
 from ljax import cache
 import numpy as np
 
-SOURCE = Path(__file__).resolve().parent.parent / 'csrc' / 'onednn_conv.cc'
+_CSRC = Path(__file__).resolve().parent.parent / 'csrc'
+# the library: the convolutions, and the top-k mask of `ljax.masks` (its 'native' selection)
+SOURCES = (_CSRC / 'onednn_conv.cc', _CSRC / 'topk_mask.cc')
 ENV_SWITCH = 'LJAX_ONEDNN'
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 _TARGETS = {
     'fwd': ('ljax_onednn_conv_forward', 'LjaxOnednnConvForward'),
     'dx': ('ljax_onednn_conv_backward_data', 'LjaxOnednnConvBackwardData'),
     'dw': ('ljax_onednn_conv_backward_weights', 'LjaxOnednnConvBackwardWeights'),
+    'topk': ('ljax_topk_mask', 'LjaxTopkMask'),
 }
 _FLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC', '-w')
 _BUILD_TIMEOUT_S = 600
@@ -149,7 +154,7 @@ def _onednn_version(include: Path) -> str:
 def _key(cxx: str, include: Path, lib_dir: Path) -> str:
     """The library's name in the cache: anything that changes the binary changes it."""
     parts = [
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         ' '.join(_FLAGS),
         jax.__version__,
         jaxlib.version.__version__,  # the FFI headers (jax.ffi.include_dir()) come with it
@@ -189,7 +194,7 @@ def _compile(cxx: str, include: Path, lib_dir: Path, out: Path) -> None:
     cmd = [
         cxx, *_FLAGS,
         f'-I{jax.ffi.include_dir()}', f'-I{include / "include"}',
-        str(SOURCE), '-o', tmp,
+        *map(str, SOURCES), '-o', tmp,
         f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}',
     ]  # fmt: skip
     try:

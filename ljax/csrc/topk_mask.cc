@@ -1,0 +1,323 @@
+// The exact top-k mask of one layer's scores, for XLA:CPU: an FFI handler that replaces the
+// XLA program of ljax.masks' 'hinted' selection on CPU (ljax/masks.py says when it runs).
+//
+// Same ranking as ljax.selection: order keys (uint32, key(a) < key(b) iff a < b, -0.0 == +0.0),
+// the k highest kept, ties at the threshold broken by the lowest flat index. Returns the mask, the
+// threshold key (the k-th largest key; 0xFFFFFFFF for k = 0) and the count of positions whose bit
+// differs from the old mask.
+//
+// Two passes over the scores and one over the masks, whatever the hint:
+// 1. per block of 64 keys: the count of keys >= h (the hint), the largest key below h and the
+//    smallest key >= h. With e = count(keys >= h) - k, the threshold is the (e+1)-th smallest key
+//    >= h (e >= 0) or the (-e)-th largest key below h (e < 0). The |e|+1 blocks whose nearest key
+//    on that side is nearest to h (with ties: all blocks as near as the (|e|+1)-th) hold every key
+//    between h and the threshold and all its ties, so a selection over their few keys (nth_element)
+//    gives the threshold, the count of keys above it and the indices of its ties exactly;
+// 2. the new mask written, and compared with the old one.
+// A far hint only makes the selection's share larger (all blocks at worst), never the result
+// different. Hint 0: estimated from 4,096 evenly spaced keys. Passes run on XLA's intra-op thread
+// pool in chunks of 1,024 blocks; the calling thread takes chunks too, and waits only for chunks
+// another thread has started.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 64;
+constexpr int64_t kChunkBlocks = 1024;
+constexpr uint32_t kMax = 0xFFFFFFFFu;
+constexpr int32_t kLast = 0x7FFFFFFF;  // every tie kept
+
+using Bits = uint32_t __attribute__((may_alias));  // a float's bits, read in place
+
+inline uint32_t Key(uint32_t bits) {
+  bits = bits == 0x80000000u ? 0u : bits;  // -0.0 ranks as +0.0
+  // negative: all bits flipped; positive: the sign bit set (branch-free, so loops vectorise)
+  uint32_t sign = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+  return bits ^ (sign | 0x80000000u);
+}
+
+// Runs body(chunk) for chunk in [0, chunks) on the pool and the calling thread.
+struct Shared {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0;
+  std::function<void(int64_t)> body;
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::exception_ptr error;
+};
+
+void Work(const std::shared_ptr<Shared>& s) {
+  for (;;) {
+    int64_t c = s->next.fetch_add(1);
+    if (c >= s->chunks) return;
+    try {
+      s->body(c);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(s->mutex);
+      if (!s->error) s->error = std::current_exception();
+    }
+    if (s->done.fetch_add(1) + 1 == s->chunks) {
+      std::lock_guard<std::mutex> lock(s->mutex);
+      s->cv.notify_all();
+    }
+  }
+}
+
+void Parallel(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> body) {
+  if (chunks <= 0) return;
+  auto s = std::make_shared<Shared>();
+  s->chunks = chunks;
+  s->body = std::move(body);
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { Work(s); });
+  Work(s);
+  {
+    std::unique_lock<std::mutex> lock(s->mutex);
+    s->cv.wait(lock, [&] { return s->done.load() == s->chunks; });
+  }
+  s->body = nullptr;  // a helper that starts late finds no chunk and never calls it
+  if (s->error) std::rethrow_exception(s->error);
+}
+
+struct BlockStats {
+  uint32_t count;  // keys >= h
+  uint32_t below;  // largest key < h (if count < the block's size)
+  uint32_t above;  // smallest key >= h (if count > 0)
+  uint32_t size;   // keys in the block (64 but in a layer's last block)
+};
+
+inline void Block(const Bits* x, int64_t size, uint32_t h, BlockStats* out) {
+  uint32_t count = 0, below = 0, above = kMax;
+  for (int64_t i = 0; i < size; ++i) {
+    uint32_t key = Key(x[i]);
+    uint32_t ge = key >= h;
+    uint32_t b = ge ? 0u : key, a = ge ? key : kMax;
+    count += ge;
+    below = below > b ? below : b;
+    above = above < a ? above : a;
+  }
+  *out = {count, below, above, static_cast<uint32_t>(size)};
+}
+
+void StatsScalar(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
+  for (int64_t b = begin; b < end; b += kBlock) {
+    Block(x + b, std::min(end, b + kBlock) - b, h, out + b / kBlock);
+  }
+}
+
+// The same with AVX2, 8 keys at a time (a block: 8 steps, then the lanes reduced).
+__attribute__((target("avx2")))
+void StatsAvx2(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
+  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
+  const __m256i hv = _mm256_set1_epi32(static_cast<int32_t>(h ^ 0x80000000u));  // signed order
+  const __m256i ones = _mm256_set1_epi32(-1);
+  int64_t b = begin;
+  for (; b + kBlock <= end; b += kBlock) {
+    __m256i count = _mm256_setzero_si256(), below = _mm256_setzero_si256(), above = ones;
+    for (int64_t i = 0; i < kBlock; i += 8) {
+      __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b + i));
+      bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(bits, top), bits);  // -0.0 -> +0.0
+      __m256i key = _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), top));
+      // key >= h: not (h > key), compared as signed after flipping the top bit
+      __m256i lt = _mm256_cmpgt_epi32(hv, _mm256_xor_si256(key, top));
+      count = _mm256_sub_epi32(count, _mm256_andnot_si256(lt, ones));  // += 1 where key >= h
+      below = _mm256_max_epu32(below, _mm256_and_si256(lt, key));
+      above = _mm256_min_epu32(above, _mm256_or_si256(lt, key));
+    }
+    alignas(32) uint32_t c[8], lo[8], hi[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), count);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lo), below);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(hi), above);
+    BlockStats s{0, 0, kMax, kBlock};
+    for (int l = 0; l < 8; ++l) {
+      s.count += c[l];
+      s.below = std::max(s.below, lo[l]);
+      s.above = std::min(s.above, hi[l]);
+    }
+    out[b / kBlock] = s;
+  }
+  if (b < end) Block(x + b, end - b, h, out + b / kBlock);
+}
+
+void Stats(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  (avx2 ? StatsAvx2 : StatsScalar)(x, begin, end, h, out);
+}
+
+// keep: key > t, or key >= t (at or before the last kept tie); the count of changed bits
+__attribute__((target_clones("avx2", "sse4.1", "default"), optimize("O3")))
+uint32_t WriteSpan(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t size, uint32_t t,
+                   uint32_t ties) {
+  uint32_t flips = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    uint32_t key = Key(x[i]);
+    uint8_t keep = (key > t) | ((key == t) & ties);
+    mask[i] = keep;
+    flips += keep ^ old[i];
+  }
+  return flips;
+}
+
+int64_t Write(const Bits* x, const bool* old, bool* mask, int64_t begin, int64_t end, uint32_t t,
+              int64_t last) {
+  auto* o = reinterpret_cast<const uint8_t*>(old);
+  auto* m = reinterpret_cast<uint8_t*>(mask);
+  int64_t split = std::clamp<int64_t>(last + 1, begin, end);  // ties before it are kept
+  return int64_t{WriteSpan(x + begin, o + begin, m + begin, split - begin, t, 1)} +
+         WriteSpan(x + split, o + split, m + split, end - split, t, 0);
+}
+
+uint32_t EstimateHint(const Bits* x, int64_t n, int64_t k) {
+  int64_t s = std::min<int64_t>(n, 4096);
+  std::vector<uint32_t> sample(s);
+  for (int64_t i = 0; i < s; ++i) sample[i] = Key(x[i * n / s]);
+  int64_t r = std::clamp<int64_t>(k * s / n, 1, s);  // the r-th largest of the sample
+  std::nth_element(sample.begin(), sample.begin() + (r - 1), sample.end(), std::greater<>());
+  return sample[r - 1];
+}
+
+struct Selection {
+  uint32_t threshold;
+  int64_t last;  // the last kept tie's index (kLast: all ties kept; -1: none)
+};
+
+// The threshold of a layer whose keys >= h number `count` (> 0 away from k), from the blocks'
+// statistics: see the file's comment.
+Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
+                 const std::vector<BlockStats>& stats) {
+  const int64_t nb = static_cast<int64_t>(stats.size());
+  const int64_t e = count - k;
+  const bool up = e >= 0;  // the threshold is >= h
+  const int64_t j = up ? e + 1 : -e;  // it is the j-th nearest key to h on its side
+  // per block, the distance to h of its nearest key on that side (blocks with none: skipped)
+  std::vector<uint32_t> near;
+  near.reserve(nb);
+  for (const BlockStats& b : stats) {
+    if (up ? b.count > 0 : b.count < b.size) near.push_back(up ? b.above - h : h - 1 - b.below);
+  }
+  uint32_t bound = kMax;  // blocks at most this far hold every key between h and the threshold
+  if (static_cast<int64_t>(near.size()) > j) {
+    std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
+    bound = near[j - 1];
+  }
+  std::vector<std::pair<uint32_t, int32_t>> keys;  // (distance from h, index) of those keys
+  for (int64_t b = 0; b < nb; ++b) {
+    const BlockStats& s = stats[b];
+    if (up ? s.count == 0 : s.count == s.size) continue;
+    uint32_t d = up ? s.above - h : h - 1 - s.below;
+    if (d > bound) continue;
+    int64_t stop = std::min(n, (b + 1) * kBlock);
+    for (int64_t i = b * kBlock; i < stop; ++i) {
+      uint32_t key = Key(x[i]);
+      if (up ? key >= h : key < h) {
+        uint32_t dist = up ? key - h : h - 1 - key;
+        if (dist <= bound) keys.emplace_back(dist, static_cast<int32_t>(i));
+      }
+    }
+  }
+  // the j-th nearest of the gathered keys (all keys nearer than it are gathered)
+  std::nth_element(keys.begin(), keys.begin() + (j - 1), keys.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  const uint32_t dt = keys[j - 1].first;
+  const uint32_t t = up ? h + dt : h - 1 - dt;
+  // keys above t: those >= h beyond t (up), or all >= h plus those between t and h (down)
+  int64_t nearer = 0;
+  std::vector<int32_t> ties;
+  for (const auto& [dist, i] : keys) {
+    if (dist == dt) ties.push_back(i);
+    else if (dist < dt) ++nearer;
+  }
+  const int64_t above = up ? count - nearer - static_cast<int64_t>(ties.size()) : count + nearer;
+  const int64_t need = k - above;  // ties kept, >= 1
+  if (need >= static_cast<int64_t>(ties.size())) return {t, kLast};
+  std::nth_element(ties.begin(), ties.begin() + (need - 1), ties.end());
+  return {t, ties[need - 1]};
+}
+
+ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
+                             ffi::Buffer<ffi::PRED> old, ffi::Buffer<ffi::S32> k_buf,
+                             ffi::Buffer<ffi::U32> hint_buf, ffi::ResultBuffer<ffi::PRED> mask,
+                             ffi::ResultBuffer<ffi::U32> threshold,
+                             ffi::ResultBuffer<ffi::S32> flips) {
+  const Bits* x = reinterpret_cast<const Bits*>(scores.typed_data());
+  const int64_t n = static_cast<int64_t>(scores.element_count());
+  if (static_cast<int64_t>(old.element_count()) != n) {
+    return ffi::Error::InvalidArgument("ljax topk_mask: the old mask and the scores differ in size");
+  }
+  if (n >= kLast) {
+    return ffi::Error::InvalidArgument("ljax topk_mask: a layer of 2**31 - 1 or more weights");
+  }
+  const int64_t k = std::clamp<int64_t>(k_buf.typed_data()[0], 0, n);
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  const int64_t chunks = (nb + kChunkBlocks - 1) / kChunkBlocks;
+  const int64_t chunk = kChunkBlocks * kBlock;
+
+  Selection sel{kMax, -1};
+  if (k > 0) {
+    uint32_t h = hint_buf.typed_data()[0];
+    if (h == 0) h = EstimateHint(x, n, k);
+    h = std::max(h, 1u);
+    std::vector<BlockStats> stats(nb);
+    Parallel(pool, chunks, [&](int64_t c) {
+      Stats(x, c * chunk, std::min(n, (c + 1) * chunk), h, stats.data());
+    });
+    int64_t count = 0;
+    for (const BlockStats& b : stats) count += b.count;
+    sel = Select(x, n, k, h, count, stats);
+  }
+  bool* out = mask->typed_data();
+  const bool* before = old.typed_data();
+  std::vector<int64_t> changed(chunks, 0);
+  Parallel(pool, chunks, [&](int64_t c) {
+    int64_t begin = c * chunk;
+    changed[c] = Write(x, before, out, begin, std::min(n, begin + chunk), sel.threshold, sel.last);
+  });
+  int64_t total = 0;
+  for (int64_t f : changed) total += f;
+  threshold->typed_data()[0] = sel.threshold;
+  flips->typed_data()[0] = static_cast<int32_t>(total);
+  return ffi::Error::Success();
+}
+
+ffi::Error TopkMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::PRED> old,
+                    ffi::Buffer<ffi::S32> k, ffi::Buffer<ffi::U32> hint,
+                    ffi::ResultBuffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::U32> threshold,
+                    ffi::ResultBuffer<ffi::S32> flips) {
+  try {
+    return TopkMaskUnguarded(pool, scores, old, k, hint, mask, threshold, flips);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("ljax topk_mask: ") + e.what());
+  } catch (...) {
+    return ffi::Error::Internal("ljax topk_mask: unknown C++ exception");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LjaxTopkMask, TopkMask,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
