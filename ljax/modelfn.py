@@ -54,6 +54,12 @@ class ModelFn:
         return self._rebuild(variables)
 
 
+
+def _init_rngs():
+    """The streams of a shape-only `model.init`: a 'dropout' one too, as an nnx.bridge.to_linen
+    module builds its Dropout at init. Made inside `jax.eval_shape`, they compile nothing."""
+    return {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+
 def call_args(x) -> tuple[tuple, dict]:
     """(args, kwargs) the model is called with for input x (module docstring)."""
     if isinstance(x, tuple) and not hasattr(x, '_fields'):
@@ -151,11 +157,9 @@ def check_variables(model: nn.Module, variables, x) -> None:
     if x is None:
         return
     try:
-        # A 'dropout' stream too: an nnx.bridge.to_linen module builds its Dropout at init.
-        rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
         flag = {'train': False} if takes_train(model) else {}
         args, kwargs = call_args(x)
-        expected = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs, **flag))
+        expected = jax.eval_shape(lambda: model.init(_init_rngs(), *args, **kwargs, **flag))
     except Exception as e:  # the model itself does not run on this input
         raise ValueError(
             f'batches: the model does not accept x of shape {np.shape(x)}: '
@@ -192,8 +196,7 @@ def _with_params_key(model: nn.Module, variables, x):
     try:
         flag = {'train': False} if takes_train(model) else {}
         args, kwargs = call_args(x)
-        rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-        expected = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs, **flag))
+        expected = jax.eval_shape(lambda: model.init(_init_rngs(), *args, **kwargs, **flag))
     except Exception:  # check_variables says why the model does not run
         return variables
     if set(variables) and set(variables) == set(expected.get('params', {})):

@@ -573,7 +573,11 @@ class Search:
 
     # ---------------------------------------------------------------- results
     def jackpot_variables(self, mask, batch_stats) -> dict:
-        return self._variables(jax.jit(self.masked_params)(self.params, mask), batch_stats)
+        """The final variables: `masked_params` on the host (NumPy: no program to compile)."""
+        flat = {n: np.asarray(w) for n, w in sparsity_lib.flatten(jax.device_get(self.params)).items()}
+        for n in self.names:
+            flat[n] = np.where(np.asarray(mask[n]), flat[n], np.zeros((), flat[n].dtype))
+        return self._variables(sparsity_lib.unflatten(flat), batch_stats)
 
     def params_mask(self, mask) -> dict:
         """The mask shaped like params: bool arrays on prunable leaves, None elsewhere."""
