@@ -31,7 +31,14 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LJAX_X86 1
 #include <immintrin.h>
+// the mask write compiled for AVX2, SSE4.1 and baseline x86-64, picked at load time
+#define LJAX_CLONES __attribute__((target_clones("avx2", "sse4.1", "default"), optimize("O3")))
+#else
+#define LJAX_CLONES
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -122,6 +129,7 @@ void StatsScalar(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockSta
   }
 }
 
+#ifdef LJAX_X86
 // The same with AVX2, 8 keys at a time (a block: 8 steps, then the lanes reduced).
 __attribute__((target("avx2")))
 void StatsAvx2(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
@@ -160,9 +168,14 @@ void Stats(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* ou
   static const bool avx2 = __builtin_cpu_supports("avx2");
   (avx2 ? StatsAvx2 : StatsScalar)(x, begin, end, h, out);
 }
+#else
+void Stats(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
+  StatsScalar(x, begin, end, h, out);
+}
+#endif
 
 // keep: key > t, or key >= t (at or before the last kept tie); the count of changed bits
-__attribute__((target_clones("avx2", "sse4.1", "default"), optimize("O3")))
+LJAX_CLONES
 uint32_t WriteSpan(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t size, uint32_t t,
                    uint32_t ties) {
   uint32_t flips = 0;
