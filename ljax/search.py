@@ -266,8 +266,9 @@ class Search:
         output = _whole if hidden and o.output is None else o.output
         fn = model_fn(model, variables, sample_x, output=output)
         params = fn.variables['params']
+        traced = sparsity_lib.trace_logits(fn, sample_x)  # the model's one trace at set-up
         predicate = o.prunable or sparsity_lib.default_prunable(
-            fn, sample_x, has_classifier=o.teacher is None or o.distill == 'kl'
+            fn, sample_x, has_classifier=o.teacher is None or o.distill == 'kl', traced=traced
         )
         names = sparsity_lib.prunable_names(params, predicate)
         if not names:
@@ -278,7 +279,7 @@ class Search:
             )
         flat = sparsity_lib.flatten(params)
         weights = {n: flat[n] for n in names}
-        axes = sparsity_lib.input_axes(fn, sample_x, names) if o.nm is not None else None
+        axes = sparsity_lib.input_axes(fn, sample_x, names, traced) if o.nm is not None else None
         if o.nm is not None:
             nm_lib.check_nm(o.nm, {n: np.shape(w) for n, w in weights.items()}, axes)
             magnitude = nm_lib.nm_magnitude_masks(weights, *o.nm, axes)
@@ -294,9 +295,7 @@ class Search:
         search = cls(fn, params, fn.variables['batch_stats'] or None, names, kept, magnitude, o, int(total_steps))
         search.input_axes = axes
         search.rate(0)  # an unknown restriction schedule fails here, before any work
-        out = jax.eval_shape(
-            lambda: search.apply(params, search.batch_stats or {}, sample_x, train=False)[0]
-        )
+        out = traced.output
         if hidden and len(jax.tree.leaves(out)) < 2:
             raise ValueError(
                 "distill: 'hidden' matches hidden states, but the model's output is one array; "

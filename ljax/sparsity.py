@@ -6,6 +6,7 @@ fraction of prunable weights *removed* (0.9 keeps 10%).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -239,9 +240,34 @@ def _default_branch(p) -> int | None:
     return next((i for i, pl in enumerate(platforms) if pl is None), None)
 
 
-def _traced(fn, sample_x) -> tuple[_Trace, Any, list]:
-    """(trace, params, (view, last) of each output) of the logits of a `ModelFn` on input
-    `sample_x`, traced abstractly."""
+class Traced:
+    """One abstract trace of a model's logits (`trace_logits`): the logits' shapes (`output`, a
+    pytree of ShapeDtypeStruct) and, followed through the jaxpr on first use, what
+    `find_kernels`, `input_axes` and `default_prunable` read; a set-up traces the model once for
+    all of them."""
+
+    def __init__(self, closed, shapes: dict, params, output):
+        self.closed, self.shapes, self.params, self.output = closed, shapes, params, output
+
+    @functools.cached_property
+    def _followed(self) -> tuple[_Trace, list]:
+        trace = _Trace(self.shapes)
+        own = {n: tuple(frozenset({a}) for a in range(len(s))) for n, s in self.shapes.items()}
+        outs = trace.run(self.closed, [(frozenset({(n, own[n])}), _NONE) for n in self.shapes])
+        return trace, outs
+
+    @property
+    def trace(self) -> _Trace:
+        return self._followed[0]
+
+    @property
+    def outs(self) -> list:
+        """(view, last) of each output leaf."""
+        return self._followed[1]
+
+
+def trace_logits(fn, sample_x) -> Traced:
+    """The logits of a `ModelFn` on input `sample_x` (eval mode), traced abstractly once."""
     params, stats = fn.variables['params'], fn.variables.get('batch_stats', {})
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in leaves]
@@ -250,14 +276,11 @@ def _traced(fn, sample_x) -> tuple[_Trace, Any, list]:
     def logits(p):
         return fn.apply({'params': p, 'batch_stats': stats}, sample_x, train=False, rng=None)[0]
 
-    closed = jax.make_jaxpr(logits)(params)
-    trace = _Trace(shapes)
-    own = {n: tuple(frozenset({a}) for a in range(len(s))) for n, s in shapes.items()}
-    outs = trace.run(closed, [(frozenset({(n, own[n])}), _NONE) for n in names])
-    return trace, params, outs
+    closed, output = jax.make_jaxpr(logits, return_shape=True)(params)
+    return Traced(closed, shapes, params, output)
 
 
-def find_kernels(fn, sample_x) -> tuple[list[str], frozenset[str]]:
+def find_kernels(fn, sample_x, traced: Traced | None = None) -> tuple[list[str], frozenset[str]]:
     """(kernels, output kernels) of a `ModelFn` on input `sample_x`, traced abstractly.
 
     kernels: params (tree order) that reach a `dot_general` or `conv_general_dilated` operand
@@ -265,12 +288,13 @@ def find_kernels(fn, sample_x) -> tuple[list[str], frozenset[str]]:
     output kernels: those whose product the logits depend on with no other weight product in
     between (one name for a model with a single classifier).
     """
-    trace, params, outs = _traced(fn, sample_x)
+    traced = traced or trace_logits(fn, sample_x)
+    trace, params, outs = traced.trace, traced.params, traced.outs
     order = [n for n in flatten(params) if n in trace.kernels]
     return order, _union(o[1] for o in outs)
 
 
-def input_axes(fn, sample_x, names) -> dict[str, tuple[int, ...]]:
+def input_axes(fn, sample_x, names, traced: Traced | None = None) -> dict[str, tuple[int, ...]]:
     """{name: the kernel's input axes, sorted}: the axes of each kernel in `names` that its
     products contract, found by tracing a `ModelFn` on `sample_x` as `find_kernels` does and
     mapping the contracted dimensions back through the shape-only ops to the kernel's axes.
@@ -282,7 +306,7 @@ def input_axes(fn, sample_x, names) -> dict[str, tuple[int, ...]]:
     cannot be told: products that contract different axes of it, an op that mixes its axes
     (gather), a product that contracts part of an axis, a kernel no product uses.
     """
-    inputs = _traced(fn, sample_x)[0].inputs
+    inputs = (traced or trace_logits(fn, sample_x)).trace.inputs
     out = {}
     for n in names:
         found = inputs.get(n, set())
@@ -316,7 +340,9 @@ def classifier(kernels, out) -> str:
     )
 
 
-def default_prunable(fn, *args, has_classifier: bool = True) -> PrunablePredicate:
+def default_prunable(
+    fn, *args, has_classifier: bool = True, traced: Traced | None = None
+) -> PrunablePredicate:
     """Every kernel (weight operand of a matmul or convolution) except the classifier.
 
     `default_prunable(fn: ModelFn, sample_x)`; `default_prunable(model, variables, sample_x)` for
@@ -328,7 +354,7 @@ def default_prunable(fn, *args, has_classifier: bool = True) -> PrunablePredicat
         variables, *args = args
         fn = model_fn(fn, variables)
     (sample_x,) = args
-    kernels, out = find_kernels(fn, sample_x)
+    kernels, out = find_kernels(fn, sample_x, traced)
     chosen = frozenset(kernels) - ({classifier(kernels, out)} if has_classifier else set())
     return lambda path, leaf: '/'.join(map(str, path)) in chosen
 
