@@ -300,8 +300,7 @@ def update_masks(scores, kept, hints=None, *, rule=TOPK, old=None, count_flips=F
     if count_flips and old is None:
         raise ValueError('counting flips needs the old masks (old=)')
     if selection == 'native' and rule is TOPK:
-        got = [native_topk_mask(scores[n], k, None if hints is None else hints[n],
-                                None if o is None else o)
+        got = [native_topk_mask(scores[n], k, None if hints is None else hints[n], o)
                for n, k, o in zip(names, ks, olds)]
         result = ({n: g[0] for n, g in zip(names, got)}, {n: g[1] for n, g in zip(names, got)})
         return result + (sum((g[2] for g in got), jnp.int32(0)),) if count_flips else result

@@ -54,11 +54,11 @@ class ModelFn:
         return self._rebuild(variables)
 
 
-
 def _init_rngs():
     """The streams of a shape-only `model.init`: a 'dropout' one too, as an nnx.bridge.to_linen
     module builds its Dropout at init. Made inside `jax.eval_shape`, they compile nothing."""
     return {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+
 
 def call_args(x) -> tuple[tuple, dict]:
     """(args, kwargs) the model is called with for input x (module docstring)."""

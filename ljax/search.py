@@ -403,11 +403,12 @@ class Search:
             v['batch_stats'] = batch_stats
         return v
 
-    def masked_params(self, params, mask):
-        """Pruned weights exactly +0.0, every other value untouched."""
+    def masked_params(self, params, mask, xp=jnp):
+        """Pruned weights exactly +0.0, every other value untouched. xp: jnp (in the steps) or
+        np (the final jackpot, made on the host: no program to compile)."""
         flat = sparsity_lib.flatten(params)
         for n in self.names:
-            flat[n] = jnp.where(mask[n], flat[n], jnp.zeros((), flat[n].dtype))
+            flat[n] = xp.where(xp.asarray(mask[n]), flat[n], xp.zeros((), flat[n].dtype))
         return sparsity_lib.unflatten(flat)
 
     def apply(self, params, batch_stats, x, *, train: bool, rng=None):
@@ -572,11 +573,8 @@ class Search:
 
     # ---------------------------------------------------------------- results
     def jackpot_variables(self, mask, batch_stats) -> dict:
-        """The final variables: `masked_params` on the host (NumPy: no program to compile)."""
-        flat = {n: np.asarray(w) for n, w in sparsity_lib.flatten(jax.device_get(self.params)).items()}
-        for n in self.names:
-            flat[n] = np.where(np.asarray(mask[n]), flat[n], np.zeros((), flat[n].dtype))
-        return self._variables(sparsity_lib.unflatten(flat), batch_stats)
+        params = jax.tree.map(np.asarray, jax.device_get(self.params))
+        return self._variables(self.masked_params(params, mask, xp=np), batch_stats)
 
     def params_mask(self, mask) -> dict:
         """The mask shaped like params: bool arrays on prunable leaves, None elsewhere."""
