@@ -342,8 +342,7 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
     par = Parallel(search, [device])
     replicated = par.replicate(search.init_state())
     # a state as during a search, past the first steps, where momentum builds up and thresholds
-    # jump (ResNet-50 stand-in: 37 of 53 layers' candidates missed at step 4, 1-2 from step 30 on;
-    # the update took 74 ms, then 36)
+    # jump far from their hints (most layers' candidates miss then, a rare one later)
     for _ in range(warm):
         replicated, _ = par.train(replicated, x, y)
     state = jax.device_put(par.unreplicate(replicated), device)  # a copy: the step donates
