@@ -3,6 +3,7 @@
     python benchmarks/accelerator.py            # ResNet-50 224x224 batch 128/256 f32/bf16, VGG-19 32x32 batch 256
     python benchmarks/accelerator.py --quick    # tiny shapes, seconds on a CPU (the tests run it)
     python benchmarks/accelerator.py --cases resnet50:256:bfloat16 vgg19:256:float32   # some rows
+    python benchmarks/accelerator.py --guard cond   # ljax's steps with CPU's non-finite guard
 
 Synthetic data, every local device (pmap over several, one jitted program on one; the global batch
 is split across them). Each row times `--steps` steps dispatched back to back with one wait at the
@@ -29,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
 
+from ljax import loop
 from ljax.models import get_model
 from ljax.parallel import Parallel
 from ljax.pretrain import DenseTraining
@@ -118,6 +120,7 @@ def row(label, model, shape, batch, dtype, steps, warmup) -> dict:
         'plain_warmup_s': plain_warmup,
         'dense_warmup_s': dense_warmup,
         'search_warmup_s': search_warmup,
+        'guard': loop.default_guard(),
         'matmul_precision': str(jax.config.jax_default_matmul_precision or 'default'),
     }
 
@@ -129,16 +132,30 @@ def main(argv=None):
     ap.add_argument('--warmup', type=int, default=3)
     ap.add_argument('--cases', nargs='+', default=None,
                     help='only these rows, as name:batch:dtype (e.g. vgg19:256:float32); default all')
+    ap.add_argument('--guard', choices=loop.GUARDS, default=None,
+                    help="the non-finite guard of ljax's steps (default: the backend's, "
+                         "`ljax.loop.default_guard()`)")
     ap.add_argument('--out', default=os.path.join(benchlib.HERE, 'out', 'accelerator.csv'))
     args = ap.parse_args(argv)
     steps = args.steps or (2 if args.quick else 20)
+    unknown = sorted(set(args.cases or ()) - set(cases(args.quick)))
+    if unknown:
+        ap.error(f'unknown --cases {", ".join(unknown)}; choose from {", ".join(cases(args.quick))}')
+    default_guard = loop.default_guard
+    if args.guard:
+        loop.default_guard = lambda: args.guard  # read by `loop.update_if_finite` at trace time
+    try:
+        return run(args, steps)
+    finally:
+        loop.default_guard = default_guard
+
+
+def run(args, steps: int) -> list:
     device = jax.devices()[0]
-    print(f'{jax.device_count()} x {device.device_kind} ({device.platform}); {benchlib.machine()}\n', flush=True)
+    print(f'{jax.device_count()} x {device.device_kind} ({device.platform}); {benchlib.machine()}; '
+          f'guard {loop.default_guard()}\n', flush=True)
     rows = []
     table = cases(args.quick)
-    unknown = sorted(set(args.cases or ()) - set(table))
-    if unknown:
-        ap.error(f'unknown --cases {", ".join(unknown)}; choose from {", ".join(table)}')
     for key, case in table.items():
         if args.cases and key not in args.cases:
             continue

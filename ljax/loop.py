@@ -42,20 +42,38 @@ def finite(loss, grads) -> jax.Array:
     return ok
 
 
-def update_if_finite(loss, grads, update: Callable[[], Any], keep: Callable[[], Any]):
+GUARDS = ('cond', 'select')
+
+
+def default_guard() -> str:
+    """How `update_if_finite` chooses on this backend. 'cond' on CPU: a `lax.cond` writes a finite
+    step's state in place and runs no update for a skipped one. 'select' on GPU and TPU: the update
+    always runs and each of its outputs is chosen by a `where` that XLA fuses into the kernel that
+    writes it, so no pass of its own; there a conditional waits for its predicate on the host,
+    which drains the device's queue every step (measured on an NVIDIA H200: docs/RESULTS.md,
+    Speed)."""
+    return 'cond' if jax.default_backend() == 'cpu' else 'select'
+
+
+def update_if_finite(
+    loss, grads, update: Callable[[], Any], keep: Callable[[], Any], guard: str | None = None
+):
     """(`update()` if the loss and every gradient are finite, else `keep()`; the finite flag as
     int32): the guard of the train steps, decided before the update is written.
 
     `update` and `keep` return trees of the same structure (the new state and any metrics of the
-    update; the state as it was, with the step counter moved on). The choice is a `lax.cond`, so
-    a finite step writes its state in place (donated) exactly as an unguarded step does, and the
-    guard costs the check of the gradients alone, not a pass over the state: a `where` between the
-    updated and the old state (`keep_if_not_finite`) must keep both alive, read both and write a
-    third, and decided on the updated values it cannot even start before they are written
-    (measured on a ResNet-50 step, 77-96 -> 123-133 ms; a 23.5M-element SGD update: 1.14x with
-    this guard, 3.0x with the `where`). Call with values that agree across devices (pmean'd), so
-    every replica takes the same branch. An update that overflows (finite gradients, an absurd
-    learning rate) is not caught here: `Loop` checks the state at the end of every epoch.
+    update; the state as it was, with the step counter moved on). guard: 'cond' or 'select'
+    (default: `default_guard()`). 'cond' is a `lax.cond`, so a finite step writes its state in
+    place (donated) exactly as an unguarded step does, and the guard costs the check of the
+    gradients alone, not a pass over the state: on CPU a `where` between the updated and the old
+    state (`keep_if_not_finite`) must keep both alive, read both and write a third, and decided on
+    the updated values it cannot even start before they are written (measured on a ResNet-50 step,
+    77-96 -> 123-133 ms; a 23.5M-element SGD update: 1.14x with this guard, 3.0x with the `where`).
+    'select' decides on the same values, before the update, with a `where` per output of the
+    update, which GPU and TPU compilers fuse into the update's own kernels. Call with values that
+    agree across devices (pmean'd), so every replica takes the same branch. An update that
+    overflows (finite gradients, an absurd learning rate) is not caught here: `Loop` checks the
+    state at the end of every epoch.
 
     `grads` may be empty: the guard is then decided on the loss alone, which a NaN or inf in a
     batch makes non-finite too, and `update` may hold the backward pass (its collectives run
@@ -66,8 +84,13 @@ def update_if_finite(loss, grads, update: Callable[[], Any], keep: Callable[[], 
     loop stops at the end of the epoch. The search keeps its gradients checked: decided on its
     loss it measured 9% slower on ResNet-50 at 224x224, batch 8 (2016 against 1851 ms), though
     7% faster on the BN-MLP."""
+    guard = default_guard() if guard is None else guard
+    if guard not in GUARDS:
+        raise ValueError(f'guard: expected one of {GUARDS}, got {guard!r}')
     ok = finite(loss, grads)
-    return lax.cond(ok, update, keep), ok.astype(jnp.int32)
+    if guard == 'cond':
+        return lax.cond(ok, update, keep), ok.astype(jnp.int32)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), update(), keep()), ok.astype(jnp.int32)
 
 
 def keep_if_not_finite(loss, grads, new, old, updated=()):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax._src import array as jax_array
 
-from ljax import search_jackpot
+from ljax import loop, search_jackpot
 from ljax.loop import NonFiniteError, keep_if_not_finite
 from ljax.parallel import Parallel
 from ljax.pretrain import DenseTraining
@@ -51,7 +51,14 @@ def _search(total_steps=4, sparsity=0.7, **options):
     return search, Parallel(search)
 
 
-def test_a_non_finite_step_leaves_the_state_unchanged_and_is_counted():
+@pytest.fixture(params=loop.GUARDS)
+def guard(request, monkeypatch):
+    """Each guard of the steps ('cond' is CPU's default, 'select' GPU's and TPU's)."""
+    monkeypatch.setattr(loop, 'default_guard', lambda: request.param)
+    return request.param
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged_and_is_counted(guard):
     search, par = _search()
     (x0, y0), (x1, y1) = data(2)
     x1 = x1.copy()
@@ -101,21 +108,37 @@ def test_an_overflowing_search_stops_at_the_end_of_the_epoch():
         search_jackpot(Net(), pretrained(), data(4), sparsity=0.5, epochs=1, lr=1e30, progress=False)
 
 
-def test_update_if_finite_runs_the_update_or_keeps():
+@pytest.mark.parametrize('how', loop.GUARDS)
+def test_update_if_finite_runs_the_update_or_keeps(how):
     from ljax.loop import update_if_finite
 
     old = {'a': jnp.zeros(3)}
+    update, keep = lambda: {'a': old['a'] + 1}, lambda: old
     for grads, want in (({'a': jnp.ones(3)}, (1.0, 1)), ({'a': jnp.array([1.0, jnp.nan, 1.0])}, (0.0, 0))):
-        new, finite = jax.jit(
-            lambda g: update_if_finite(jnp.float32(1), g, lambda: {'a': old['a'] + 1}, lambda: old)
-        )(grads)
+        new, finite = jax.jit(lambda g: update_if_finite(jnp.float32(1), g, update, keep, how))(grads)
         assert float(new['a'][0]) == want[0] and int(finite) == want[1]
-    new, finite = update_if_finite(jnp.float32(jnp.inf), {'a': jnp.ones(3)}, lambda: {'a': old['a'] + 1}, lambda: old)
+    new, finite = update_if_finite(jnp.float32(jnp.inf), {'a': jnp.ones(3)}, update, keep, how)
     assert int(finite) == 0 and float(new['a'][0]) == 0.0
+    with pytest.raises(ValueError, match="guard: expected one of \\('cond', 'select'\\), got 'where'"):
+        update_if_finite(jnp.float32(1), (), update, keep, 'where')
 
 
-def test_update_if_finite_without_gradients_decides_on_the_loss_before_the_backward():
-    """Dense training's guard: the backward and update run only for a finite loss; a NaN batch
+def test_the_guard_is_a_conditional_on_cpu_and_a_select_elsewhere(monkeypatch):
+    """'cond' stages a conditional, which on a GPU waits for its predicate on the host; 'select'
+    stages none."""
+    def lowered(how):
+        f = lambda g: loop.update_if_finite(jnp.float32(1), g, lambda: g + 1, lambda: g, how)
+        return jax.jit(f).lower(jnp.ones(3)).as_text()
+
+    assert 'case' in lowered('cond') and 'case' not in lowered('select')
+    assert loop.default_guard() == 'cond'  # these tests run on CPU
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    assert loop.default_guard() == 'select'
+
+
+@pytest.mark.parametrize('how', loop.GUARDS)
+def test_update_if_finite_without_gradients_decides_on_the_loss_before_the_backward(how):
+    """Dense training's guard: the update is applied only for a finite loss; a NaN batch
     changes nothing (flag 0). Decided on the loss, so gradients are not looked at."""
     from ljax.loop import update_if_finite
 
@@ -124,7 +147,7 @@ def test_update_if_finite_without_gradients_decides_on_the_loss_before_the_backw
     def step(x):
         loss, backward = jax.vjp(lambda w: jnp.sum(w * x), old['w'])
         return update_if_finite(
-            loss, (), lambda: {'w': old['w'] - backward(jnp.ones_like(loss))[0]}, lambda: old
+            loss, (), lambda: {'w': old['w'] - backward(jnp.ones_like(loss))[0]}, lambda: old, how
         )
 
     new, finite = jax.jit(step)(jnp.array([1.0, 2.0, 3.0]))
@@ -133,6 +156,46 @@ def test_update_if_finite_without_gradients_decides_on_the_loss_before_the_backw
     new, finite = jax.jit(step)(jnp.array([1.0, jnp.nan, 3.0]))
     np.testing.assert_array_equal(new['w'], old['w'])
     assert int(finite) == 0
+
+
+def test_dense_training_skips_a_non_finite_batch(guard):
+    model, v = Net(), pretrained()
+    task = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=4)
+    par = Parallel(task, jax.devices()[:1])
+    (x, y), = data(1)
+    bad = x.copy()
+    bad[0, 2] = np.nan
+    state = par.replicate(task.init_state(v))
+    before = jax.device_get(state)
+    new, m = par.train(state, bad, y)
+    after = jax.device_get(new)
+    assert int(m['finite'][0]) == 0 and int(after['step'][0]) == int(before['step'][0]) + 1
+    for field in ('params', 'batch_stats', 'opt_state'):
+        jax.tree.map(np.testing.assert_array_equal, after[field], before[field])
+    new, m = par.train(new, x, y)
+    assert int(m['finite'][0]) == 1
+    assert not np.array_equal(jax.tree.leaves(jax.device_get(new)['params'])[0],
+                              jax.tree.leaves(before['params'])[0])
+
+
+def test_both_guards_search_alike(monkeypatch):
+    """The search steps of either guard give the same state, bit for bit, a skipped step
+    included."""
+    batches = data(4)
+    x = batches[2][0].copy()
+    x[1, 3] = np.nan
+    batches[2] = (x, batches[2][1])
+    finals = {}
+    for how in loop.GUARDS:
+        monkeypatch.setattr(loop, 'default_guard', lambda: how)
+        search, par = _search()
+        state, flags = par.replicate(search.init_state()), []
+        for x, y in batches:
+            state, m = par.train(state, x, y)
+            flags.append(int(m['finite'][0]))
+        assert flags == [1, 1, 0, 1]
+        finals[how] = jax.device_get(par.unreplicate(state))
+    jax.tree.map(np.testing.assert_array_equal, finals['cond'], finals['select'])
 
 
 def test_dense_training_keeps_its_input_state_on_cpu():
