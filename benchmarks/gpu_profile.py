@@ -1,14 +1,12 @@
 """Where the search step's time goes on a GPU, against the dense step (issue 10).
 
-    XLA_FLAGS="--xla_dump_to=/tmp/xla_dump --xla_dump_hlo_module_re=.*(fun|train_step).*" \
-        python benchmarks/gpu_profile.py 128        # batch; SIZE=224 (image side) by default
+    python benchmarks/gpu_profile.py 128        # batch; SIZE=224 (image side) by default
 
 ResNet-50, synthetic data, one device. For the search step (the backend's selection), the dense
-step, and the search step with every layer selected exactly without hints: wall ms per step over 10
-steps, then a `jax.profiler` trace of 3 steps, read back with `jax.profiler.ProfileData`: GPU
+step: wall ms per step over 10 steps, then a `jax.profiler` trace of 3 steps, read back with `jax.profiler.ProfileData`: GPU
 kernel time and kernels per step, and the kernel time grouped by the HLO op's source path (from
-XLA's optimized-HLO dump). Then the mask update alone (`masks.topk_masks` and its parts) on the
-searched scores. Traces (gzipped, when under 20 MB) and the HLO go to $OUT (default /tmp/out).
+XLA's optimized-HLO dump). Then the mask update alone (`masks.topk_masks`, the backend's selection and
+the hinted one) on the searched scores. Traces (gzipped, when under 20 MB) and the HLO go to $OUT (default /tmp/out).
 Run on an NVIDIA H200: docs/RESULTS.md, Speed, section 5. On a CPU there are no GPU kernels to
 count, only the wall times.
 """
@@ -18,6 +16,8 @@ import os
 import re
 import sys
 import time
+
+os.environ.setdefault('XLA_FLAGS', '--xla_dump_to=/tmp/xla_dump --xla_dump_hlo_module_re=.*(jit_one|pmap|train_step).*')
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,7 @@ def step_ms(par, state, x, y, steps=20, warmup=3):
 def profile(name, par, state, x, y, steps=3, top=45):
     """Wall time of 10 steps, then a trace of `steps` steps: kernel time and count per step and
     the `top` source groups by kernel time. Returns (state, wall ms per step)."""
+    since = time.time()  # the step compiles in the warm-up: its HLO is the largest dump after this
     wall, state = step_ms(par, state, x, y, steps=10, warmup=2)
     wall /= 1e3
     d = f'/tmp/trace_{name}'
@@ -93,14 +94,17 @@ def profile(name, par, state, x, y, steps=3, top=45):
     path = sorted(glob.glob(f'{d}/**/*.xplane.pb', recursive=True))[-1]
     if os.path.getsize(path) < 20e6:
         os.system(f'gzip -c {path} > {OUT}/{name}.xplane.pb.gz')
-    # HLO names -> source op names, from XLA's dump of the step just compiled (XLA_FLAGS)
-    dumps = sorted([f for f in glob.glob('/tmp/xla_dump/*after_optimizations.txt') if 'fun' in f or 'train_step' in f], key=os.path.getmtime)
+    # HLO names -> source op names, from XLA's dump of the step just compiled (XLA_FLAGS: the
+    # one-device step is jitted as `one`)
+    dumps = sorted([f for f in glob.glob('/tmp/xla_dump/*after_optimizations.txt')
+                    if os.path.getmtime(f) >= since], key=os.path.getsize)
     text = open(dumps[-1]).read() if dumps else ''
     log(f'HLO from {dumps[-1] if dumps else None}')
     os.system(f'gzip -c {dumps[-1]} > {OUT}/{name}.hlo.txt.gz' if dumps else 'true')
     names = hlo_map(text)
     pd = ProfileData.from_file(path)
     kernels, total, groups, ngroups = 0, 0.0, collections.Counter(), collections.Counter()
+    to_host = 0  # device-to-host copies: each one a point where the device waits for the host
     streams = {}
     for plane in pd.planes:
         if not plane.name.startswith('/device:GPU'):
@@ -111,6 +115,7 @@ def profile(name, par, state, x, y, steps=3, top=45):
             for ev in line.events:
                 st = dict(ev.stats)
                 op = st.get('hlo_op', ev.name)
+                to_host += 'MemcpyD2H' in ev.name
                 kernels += 1
                 total += ev.duration_ns
                 g = label(names.get(op, str(st.get('tf_op', op))))
@@ -118,7 +123,7 @@ def profile(name, par, state, x, y, steps=3, top=45):
                 ngroups[g] += 1
                 streams[line.name] = streams.get(line.name, 0) + ev.duration_ns
     log(f'{name}: wall {1e3 * wall:.2f} ms/step; GPU kernel time {total / steps / 1e6:.2f} ms/step '
-        f'in {kernels / steps:.0f} kernels/step; streams {[(k, round(v / steps / 1e6, 2)) for k, v in streams.items()]}')
+        f'in {kernels / steps:.0f} kernels/step, {to_host / steps:.0f} device-to-host copies/step; streams {[(k, round(v / steps / 1e6, 2)) for k, v in streams.items()]}')
     for g, ns in groups.most_common(top):
         print(f'   {ns / steps / 1e3:9.1f} us  x{ngroups[g] / steps:6.1f}  {g}')
     return state, 1e3 * wall
@@ -143,48 +148,16 @@ def main():
     pard = Parallel(dense)
     profile('dense', pard, pard.replicate(dense.init_state(variables)), xd, yd)
 
-    # the same search step with every selection exact (32 passes shared by all layers, no cond)
-    import ljax.search as search_mod
-    orig = masks.topk_masks
-
-    class ExactMasks:
-        def __getattr__(self, a):
-            return getattr(masks, a)
-
-        @staticmethod
-        def topk_masks(scores, kept, hints=None):
-            return orig(scores, kept)
-
-    search_mod.masks = ExactMasks()
-    search_x = Search.create(model, variables, x[:1], sparsity=0.9, total_steps=10**6,
-                             options=SearchOptions(dtype='float32'))
-    parx = Parallel(search_x)
-    profile('search_exact', parx, parx.replicate(search_x.init_state()), xd, yd)
-    search_mod.masks = masks
-
     # the mask update alone, on the searched scores (drifted a few steps)
-    s = jax.device_get(jax.tree.map(lambda a: a[0], state))
+    s = jax.device_get(jax.tree.map(lambda a: a[0] if a.ndim and a.shape[0] == 1 else a, state))
     scores = {n: jnp.asarray(s.scores[n]) for n in search.names}
     hints = {n: masks.extrapolate(s.thresholds[n], s.previous[n]) for n in search.names}
     kept = search.kept
 
     log(f'{len(scores)} prunable layers, {sum(v.size for v in scores.values())} weights')
-    log(f'topk_masks with hints: {timeit(masks.topk_masks, scores, kept, hints):.2f} ms')
-    log(f'topk_masks exact (no hints): {timeit(lambda a, b: masks.topk_masks(a, b), scores, kept):.2f} ms')
-    plans = jax.jit(lambda sc, hs: [masks.plan(sc[n], kept[n], hs[n]) for n in search.names])
-    log(f'_plan of every layer: {timeit(plans, scores, hints):.2f} ms')
-    ps = plans(scores, hints)
-    sel = jax.jit(
-        lambda ps: selection.select(
-            selection.Stacked([p.keys for p in ps], [p.index for p in ps], stack=False),
-            [p.k for p in ps],
-        )
-    )
-    log(f'_selection on the candidates: {timeit(sel, ps):.2f} ms')
-    log(f'invalid plans (second try): {sum(not bool(p.valid) for p in ps)} of {len(ps)}')
-    flips = jax.jit(lambda a, b: sum(jnp.sum(a[n] != b[n], dtype=jnp.int32) for n in a))
-    m1 = masks.topk_masks(scores, kept, hints)[0]
-    log(f'flip count: {timeit(flips, m1, m1):.2f} ms')
+    log(f'topk_masks, backend default ({masks.default_selection()}): '
+        f'{timeit(masks.topk_masks, scores, kept, hints):.2f} ms')
+    log(f'topk_masks hinted: {timeit(lambda a, b, c: masks.topk_masks(a, b, c, selection="hinted"), scores, kept, hints):.2f} ms')
     log('done')
 
 

@@ -449,3 +449,59 @@ def test_the_search_steps_mask_update_is_the_native_kernel_on_cpu():
     assert text.count('ljax_topk_mask') == 2  # one call per layer, no XLA selection program
     assert 'ljax_topk_mask' not in masks.topk_masks.lower(
         scores, kept, hints, old=old, selection='hinted').as_text()
+
+
+@pytest.mark.parametrize('lines', [1, 64])
+def test_segmented_ties_match_the_bisection_across_chunks(lines):
+    """The segmented layout finds the last kept tie by running tie counts per chunk, with no loop;
+    the same (threshold, last) as the row-by-row bisection, on tie-heavy rows whose ties at the
+    threshold span many chunks (64 or 4,096 keys), with k cutting the ties anywhere."""
+    rng = np.random.default_rng(0)
+    rows, ks = [], []
+    for size in (9000, 4096, 300, 5000, 64, 12288):
+        values = rng.choice([-1.0, -0.0, 0.0, 0.5, 1.0], size).astype(np.float32)
+        rows.append(masks.order_keys(jnp.asarray(values)))
+        ks.append(jnp.int32(int(rng.integers(0, size + 1))))
+    ks[0], ks[-1] = jnp.int32(1350), jnp.int32(2200)  # the cut deep among the top value's ties
+    for k in (2, 3):  # the cut at the last key of a chunk, and at the first of the next
+        edge = np.zeros(8192, np.float32)
+        edge[[10, 4095, 4096, 8000]] = 1.0
+        rows.append(masks.order_keys(jnp.asarray(edge)))
+        ks.append(jnp.int32(k))
+    want = selection.select(selection.Stacked(rows, stack=False), ks)
+    got = jax.jit(lambda r, k: selection.select(selection.Segmented(r, lines=lines), k))(rows, ks)
+    assert [int(t) for t in got[0]] == [int(t) for t in want[0]]
+    assert [int(c) for c in got[1]] == [int(c) for c in want[1]]
+    lasts = [int(c) for c in got[1]]
+    assert any(0 <= c < selection.LAST and c >= 64 * lines for c in lasts), lasts  # a later chunk
+    assert lasts[-2:] == [4095, 4096]
+
+
+def test_the_segmented_update_loops_only_over_its_32_passes():
+    """On a GPU a loop whose length is known only on the device waits on the host for every pass
+    (docs/RESULTS.md, Speed): the segmented mask update has one loop, of 32 passes, known when it
+    is compiled."""
+    rng = np.random.default_rng(1)
+    scores = {n: jnp.asarray(rng.choice([0.0, 1.0, 2.0], s).astype(np.float32))
+              for n, s in (('a', (64, 80)), ('b', (3000,)))}
+    kept = {'a': 2000, 'b': 1001}
+    jaxpr = jax.make_jaxpr(
+        lambda s: masks.topk_masks(s, kept, selection='segmented', old=None)
+    )(scores).jaxpr
+    loops = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == 'while':
+                loops.append(eqn)
+            for v in eqn.params.values():
+                if hasattr(v, 'jaxpr') and hasattr(v.jaxpr, 'eqns'):
+                    walk(v.jaxpr)
+                elif hasattr(v, 'eqns'):
+                    walk(v)
+
+    walk(jaxpr)
+    assert len(loops) == 1, loops
+    got = masks.topk_masks(scores, kept, selection='segmented')[0]
+    for n, s in scores.items():
+        np.testing.assert_array_equal(np.asarray(got[n]), reference.topk(np.asarray(s), kept[n]))
