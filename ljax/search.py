@@ -494,9 +494,16 @@ class Search:
             scores = optax.apply_updates(state.scores, updates)
             hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}
             if self.options.nm is not None:
-                mask = nm_lib.nm_restrict_all(
-                    state.mask, scores, *self.options.nm, rate, self.input_axes
-                )
+                if restriction.is_plain_topk(self.options.restriction):
+                    # rate 1: the N:M top of every group, without the restriction's candidates
+                    # and its per-layer branch (a conditional, which on a GPU waits on the host)
+                    axes = self.input_axes or dict.fromkeys(self.names)
+                    mask = {n: nm_lib.nm_mask(scores[n], *self.options.nm, axes[n])
+                            for n in self.names}
+                else:
+                    mask = nm_lib.nm_restrict_all(
+                        state.mask, scores, *self.options.nm, rate, self.input_axes
+                    )
                 thresholds = state.thresholds
                 flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
             elif restriction.is_plain_topk(self.options.restriction):

@@ -362,3 +362,43 @@ def test_loss_option_is_the_loss_the_search_minimises():
         _, m = par.train(par.replicate(search.init_state()), *data(1)[0])
         losses[name] = float(m['loss'][0])
     assert losses['smoothed'] != pytest.approx(losses['plain'], rel=1e-4)
+
+
+def _primitives(jaxpr, names=('cond', 'while')):
+    """The primitives named `names` in a jaxpr, its sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            found.append(eqn.primitive.name)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, 'jaxpr', sub)
+                if hasattr(inner, 'eqns'):
+                    found += _primitives(inner, names)
+    return found
+
+
+@pytest.mark.parametrize('nm', [None, (2, 4)])
+def test_the_gpu_step_stages_no_conditional_and_no_device_sized_loop(monkeypatch, request, nm):
+    """A conditional, or a loop whose length is known only on the device, makes a GPU wait on the
+    host every step (docs/RESULTS.md, Speed). With GPU's guard ('select') and selection
+    ('segmented') a plain top-k or N:M search step stages neither: its one loop is the top-k's 32
+    passes. A rate-1 N:M step is `nm.nm_restrict_all` at rate 1."""
+    from ljax import masks, nm as nm_lib
+
+    monkeypatch.setattr(loop, 'default_guard', lambda: 'select')
+    monkeypatch.setattr(masks, 'default_selection', lambda: 'segmented')
+    # `topk_masks` resolves its default selection when traced: not from a cache, nor into one
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)
+    search, par = _search(sparsity=None if nm else 0.7, nm=nm)
+    state = par.replicate(search.init_state())
+    (x, y), = data(1)
+    xs, ys = par.shard(x, y)
+    staged = _primitives(jax.make_jaxpr(par.step)(state, par.frozen, xs, ys).jaxpr)
+    assert staged == ([] if nm else ['while']), staged
+    if nm:
+        before = par.unreplicate(state)
+        after = par.unreplicate(par.train(state, x, y)[0])
+        want = nm_lib.nm_restrict_all(before.mask, after.scores, *nm, 1.0, search.input_axes)
+        jax.tree.map(np.testing.assert_array_equal, after.mask, want)
