@@ -49,7 +49,12 @@ def kth_largest_key(keys: jax.Array, k, hint=None) -> jax.Array:
 
 
 def _one(keys, k, hint):
-    rows = sel.Stacked([keys.reshape(-1)], stack=False)
+    # where the segmented selection suits (GPU, TPU) and no hint asks for a window: its layout,
+    # whose loop has a length known when compiled (a GPU waits on the host for a loop's every
+    # pass when only the device knows its length)
+    segmented = hint is None and default_selection() == 'segmented'
+    rows = (sel.Segmented if segmented else functools.partial(sel.Stacked, stack=False))(
+        [keys.reshape(-1)])
     t, last = sel.select(rows, [k], None if hint is None else [hint])
     return t[0], last[0]
 

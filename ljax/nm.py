@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ljax import masks
+from ljax import loop, masks
 from ljax.reductions import count
 
 Axes = tuple[int, ...]  # a kernel's input axes: sorted, distinct ints in [0, ndim)
@@ -188,6 +188,8 @@ def nm_restrict(
         leave = _from_in_out(leave.reshape(_layout(shape, axes)[1]), shape, axes)
         return (mask & ~leave) | come_in
 
+    if loop.default_guard() == 'select':  # GPU, TPU: a conditional would wait on the host
+        return jnp.where(r == c, top, restricted())
     return lax.cond(r == c, lambda: top, restricted)
 
 

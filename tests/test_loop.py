@@ -178,17 +178,27 @@ def test_dense_training_skips_a_non_finite_batch(guard):
                               jax.tree.leaves(before['params'])[0])
 
 
-def test_both_guards_search_alike(monkeypatch):
-    """The search steps of either guard give the same state, bit for bit, a skipped step
-    included."""
+@pytest.mark.parametrize('options', [
+    {}, {'sparsity': None, 'nm': (2, 4), 'restriction': 'cosine'},
+])
+def test_the_gpu_choices_search_as_the_cpu_ones(monkeypatch, request, options):
+    """GPU's guard and selection ('select', 'segmented') give the state of CPU's ('cond', the
+    default selection), bit for bit, a skipped step included: top-k, and N:M under the short
+    restriction."""
+    from ljax import masks
+
     batches = data(4)
     x = batches[2][0].copy()
     x[1, 3] = np.nan
     batches[2] = (x, batches[2][1])
     finals = {}
+    request.addfinalizer(jax.clear_caches)
     for how in loop.GUARDS:
+        jax.clear_caches()  # the default selection is resolved when traced
         monkeypatch.setattr(loop, 'default_guard', lambda: how)
-        search, par = _search()
+        if how == 'select':
+            monkeypatch.setattr(masks, 'default_selection', lambda: 'segmented')
+        search, par = _search(**{'sparsity': 0.7, **options})
         state, flags = par.replicate(search.init_state()), []
         for x, y in batches:
             state, m = par.train(state, x, y)
@@ -378,12 +388,17 @@ def _primitives(jaxpr, names=('cond', 'while')):
     return found
 
 
-@pytest.mark.parametrize('nm', [None, (2, 4)])
-def test_the_gpu_step_stages_no_conditional_and_no_device_sized_loop(monkeypatch, request, nm):
+@pytest.mark.parametrize('nm, restriction, loops', [
+    (None, 'none', 1), ((2, 4), 'none', 0), (None, 'cosine', 2), ((2, 4), 'cosine', 2),
+])
+def test_the_gpu_step_stages_no_conditional_and_no_device_sized_loop(
+    monkeypatch, request, nm, restriction, loops
+):
     """A conditional, or a loop whose length is known only on the device, makes a GPU wait on the
     host every step (docs/RESULTS.md, Speed). With GPU's guard ('select') and selection
-    ('segmented') a plain top-k or N:M search step stages neither: its one loop is the top-k's 32
-    passes. A rate-1 N:M step is `nm.nm_restrict_all` at rate 1."""
+    ('segmented') a search step stages neither: its loops are 32-pass selections (the top-k's;
+    with the short restriction also the revive/prune one, or per N:M layer the arrivals'). A
+    rate-1 N:M step is `nm.nm_restrict_all` at rate 1."""
     from ljax import masks, nm as nm_lib
 
     monkeypatch.setattr(loop, 'default_guard', lambda: 'select')
@@ -391,13 +406,13 @@ def test_the_gpu_step_stages_no_conditional_and_no_device_sized_loop(monkeypatch
     # `topk_masks` resolves its default selection when traced: not from a cache, nor into one
     jax.clear_caches()
     request.addfinalizer(jax.clear_caches)
-    search, par = _search(sparsity=None if nm else 0.7, nm=nm)
+    search, par = _search(sparsity=None if nm else 0.7, nm=nm, restriction=restriction)
     state = par.replicate(search.init_state())
     (x, y), = data(1)
     xs, ys = par.shard(x, y)
     staged = _primitives(jax.make_jaxpr(par.step)(state, par.frozen, xs, ys).jaxpr)
-    assert staged == ([] if nm else ['while']), staged
-    if nm:
+    assert staged == ['while'] * loops, staged
+    if nm and restriction == 'none':
         before = par.unreplicate(state)
         after = par.unreplicate(par.train(state, x, y)[0])
         want = nm_lib.nm_restrict_all(before.mask, after.scores, *nm, 1.0, search.input_axes)
