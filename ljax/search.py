@@ -35,8 +35,9 @@ from jax import lax
 
 from ljax import loop as loop_lib
 from ljax import calibration as calibration_lib
-from ljax import masks, restriction, sparsity as sparsity_lib
+from ljax import masks, prng, restriction, sparsity as sparsity_lib
 from ljax.reductions import count
+from ljax.selection import host_order_keys
 from ljax import nm as nm_lib
 from ljax.config import ALLOCATIONS, DISTILLS, SCORE_INITS  # the allowed values, once
 from ljax.modelfn import ModelFn, check_variables, model_fn
@@ -353,15 +354,43 @@ class Search:
         )
 
     def init_state(self) -> SearchState:
-        """The state at step 0, built by one compiled program (`_initial_state`)."""
+        """The state at step 0. From a magnitude or Wanda mask it is made on the host (NumPy, the
+        keys by `ljax.prng`): scores 1.0 on the mask and 1.0 - margin elsewhere, whose top-k (or
+        N:M top) is the mask itself at the key of 1.0, and the optimizer's zeros; nothing to
+        compile (the compiled `_initial_state` took 104 ms of a 0.74 s search of a small MLP).
+        Random scores are drawn by `_initial_state`, one compiled program."""
         o = self.options
         initial = self.wanda if o.score_init == 'wanda' else self.magnitude
-        bs = jax.tree.map(jnp.array, self.batch_stats) if self.batch_stats is not None else {}
-        return jax.jit(self._initial_state)(initial, bs)
+        keys = prng.split_seed(o.seed)
+        if o.score_init == 'random':
+            bs = jax.tree.map(jnp.array, self.batch_stats) if self.batch_stats is not None else {}
+            return jax.jit(self._initial_state)(initial, bs, keys)
+        scores = {n: np.where(initial[n], np.float32(1.0), np.float32(1.0 - o.score_margin))
+                  for n in self.names}
+        mask = {n: np.asarray(initial[n], bool) for n in self.names}
+        if o.nm is not None:
+            thresholds = {n: np.zeros((), np.uint32) for n in self.names}  # unused by N:M
+        else:
+            thresholds = {n: host_order_keys(np.float32(1.0)) for n in self.names}
+        # SGD with momentum: every leaf of its state starts at zero
+        opt_state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                 jax.eval_shape(self.optimizer().init, scores))
+        return SearchState(
+            step=np.zeros((), np.int32),
+            scores=scores,
+            mask=mask,
+            thresholds=thresholds,
+            previous=thresholds,
+            opt_state=opt_state,
+            batch_stats=jax.tree.map(np.array, self.batch_stats) if self.batch_stats is not None else {},
+            rng=keys[1],
+        )
 
-    def _initial_state(self, initial, batch_stats) -> SearchState:
+    def _initial_state(self, initial, batch_stats, keys) -> SearchState:
+        """The state at step 0 as one program, for every score init (`init_state` makes that of
+        a magnitude or Wanda mask on the host)."""
         o = self.options
-        rng_scores, rng = jax.random.split(jax.random.key(o.seed))
+        rng_scores = jax.random.wrap_key_data(keys[0])
         flat = sparsity_lib.flatten(self.params)
         weights = {n: jax.ShapeDtypeStruct(np.shape(flat[n]), flat[n].dtype) for n in self.names}
         scores = sparsity_lib.init_scores(weights, initial, o.score_init, rng_scores, o.score_margin)
@@ -385,7 +414,7 @@ class Search:
             previous=thresholds,
             opt_state=self.optimizer().init(scores),
             batch_stats=batch_stats,
-            rng=jax.random.key_data(rng),
+            rng=jnp.asarray(keys[1]),
         )
 
     @functools.cached_property

@@ -47,6 +47,13 @@ def order_keys(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31, ~bits, bits | jnp.uint32(0x80000000))
 
 
+def host_order_keys(x) -> np.ndarray:
+    """`order_keys` in NumPy."""
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    bits = np.where(bits == np.uint32(0x80000000), np.uint32(0), bits)
+    return np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
+
+
 def tied(arrays, i):
     """`arrays` as read in iteration `i` of a loop. What a pass computes from them then depends on
     the loop counter, so XLA recomputes it inside each pass (fused into the count) instead of

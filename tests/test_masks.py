@@ -89,6 +89,8 @@ def test_order_keys_preserve_float_order():
     x = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, np.inf], np.float32)
     k = np.asarray(masks.order_keys(jnp.asarray(x)), np.int64)
     assert np.all(np.diff(k[[0, 1, 2, 4, 5, 6, 7]]) > 0) and k[3] == k[4]
+    x = np.concatenate([x, np.random.default_rng(0).normal(size=1000).astype(np.float32)])
+    np.testing.assert_array_equal(selection.host_order_keys(x), masks.order_keys(jnp.asarray(x)))
 
 
 def test_topk_accepts_traced_k():

@@ -404,3 +404,26 @@ def test_model_without_batchnorm():
     assert 'batch_stats' not in jp.variables
     # Dense(3) is constructed first (Dense_0) but called last: it is the classifier
     assert jp.kept_per_layer == {'Dense_1/kernel': 48}
+
+
+@pytest.mark.parametrize('score_init, nm', [('magnitude', None), ('wanda', None), ('magnitude', (2, 4))])
+def test_the_host_initial_state_is_the_compiled_one(score_init, nm):
+    """From a magnitude or Wanda mask the initial state is made with NumPy; the one compiled
+    program that makes every other (`_initial_state`) gives the same state, bit for bit: leaves,
+    dtypes, optimizer state and keys."""
+    from ljax import prng
+
+    model, v = Net(), pretrained()
+    search = Search.create(
+        model, v, np.zeros((1, 12), np.float32), sparsity=None if nm else 0.7, total_steps=4,
+        options=SearchOptions(score_init=score_init, seed=7, nm=nm),
+        calibration=data() if score_init == 'wanda' else None,
+    )
+    host = search.init_state()
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(host))  # nothing compiled
+    initial = search.wanda if score_init == 'wanda' else search.magnitude
+    compiled = jax.jit(search._initial_state)(initial, search.batch_stats, prng.split_seed(7))
+    assert jax.tree.structure(host) == jax.tree.structure(compiled)
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(compiled)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, np.asarray(b))
