@@ -356,9 +356,9 @@ class Search:
     def init_state(self) -> SearchState:
         """The state at step 0. From a magnitude or Wanda mask it is made on the host (NumPy, the
         keys by `ljax.prng`): scores 1.0 on the mask and 1.0 - margin elsewhere, whose top-k (or
-        N:M top) is the mask itself at the key of 1.0, and the optimizer's zeros; nothing to
-        compile (the compiled `_initial_state` took 104 ms of a 0.74 s search of a small MLP).
-        Random scores are drawn by `_initial_state`, one compiled program."""
+        N:M top) is the mask itself at the key of 1.0, and the optimizer's zeros: nothing to
+        compile, which a short search notices. Random scores are drawn by `_initial_state`, one
+        compiled program."""
         o = self.options
         initial = self.wanda if o.score_init == 'wanda' else self.magnitude
         keys = prng.split_seed(o.seed)
