@@ -141,6 +141,12 @@ class SearchState(struct.PyTreeNode):
     batch_stats: Any
     rng: jax.Array
 
+    @classmethod
+    def start(cls, scores, mask, thresholds, opt_state, batch_stats, rng, xp=jnp) -> 'SearchState':
+        """The state at step 0 (`xp`: jnp inside a program, np on the host)."""
+        return cls(step=xp.zeros((), xp.int32), scores=scores, mask=mask, thresholds=thresholds,
+                   previous=thresholds, opt_state=opt_state, batch_stats=batch_stats, rng=rng)
+
 
 def _check_options(o: 'SearchOptions') -> None:
     """ValueError naming the first option that is out of range (before any work is done)."""
@@ -357,65 +363,43 @@ class Search:
         """The state at step 0. From a magnitude or Wanda mask it is made on the host (NumPy, the
         keys by `ljax.prng`): scores 1.0 on the mask and 1.0 - margin elsewhere, whose top-k (or
         N:M top) is the mask itself at the key of 1.0, and the optimizer's zeros: nothing to
-        compile, which a short search notices. Random scores are drawn by `_initial_state`, one
-        compiled program."""
+        compile, which a short search notices. Random scores are drawn by one compiled program
+        (`_random_state`)."""
         o = self.options
-        initial = self.wanda if o.score_init == 'wanda' else self.magnitude
         keys = prng.split_seed(o.seed)
         if o.score_init == 'random':
             bs = jax.tree.map(jnp.array, self.batch_stats) if self.batch_stats is not None else {}
-            return jax.jit(self._initial_state)(initial, bs, keys)
-        scores = {n: np.where(initial[n], np.float32(1.0), np.float32(1.0 - o.score_margin))
-                  for n in self.names}
+            return jax.jit(self._random_state)(bs, keys)
+        initial = self.wanda if o.score_init == 'wanda' else self.magnitude
+        scores = sparsity_lib.init_scores(self._weights, initial, o.score_init, None, o.score_margin)
         mask = {n: np.asarray(initial[n], bool) for n in self.names}
-        if o.nm is not None:
-            thresholds = {n: np.zeros((), np.uint32) for n in self.names}  # unused by N:M
-        else:
-            thresholds = {n: host_order_keys(np.float32(1.0)) for n in self.names}
+        key = np.zeros((), np.uint32) if o.nm is not None else host_order_keys(np.float32(1.0))
+        thresholds = {n: key for n in self.names}  # N:M: unused
         # SGD with momentum: every leaf of its state starts at zero
         opt_state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                                  jax.eval_shape(self.optimizer().init, scores))
-        return SearchState(
-            step=np.zeros((), np.int32),
-            scores=scores,
-            mask=mask,
-            thresholds=thresholds,
-            previous=thresholds,
-            opt_state=opt_state,
-            batch_stats=jax.tree.map(np.array, self.batch_stats) if self.batch_stats is not None else {},
-            rng=keys[1],
-        )
+        batch_stats = jax.tree.map(np.array, self.batch_stats) if self.batch_stats is not None else {}
+        return SearchState.start(scores, mask, thresholds, opt_state, batch_stats, keys[1], np)
 
-    def _initial_state(self, initial, batch_stats, keys) -> SearchState:
-        """The state at step 0 as one program, for every score init (`init_state` makes that of
-        a magnitude or Wanda mask on the host)."""
+    def _random_state(self, batch_stats, keys) -> SearchState:
+        """The state at step 0 from random scores (keys[0] draws them), as one program."""
         o = self.options
         rng_scores = jax.random.wrap_key_data(keys[0])
-        flat = sparsity_lib.flatten(self.params)
-        weights = {n: jax.ShapeDtypeStruct(np.shape(flat[n]), flat[n].dtype) for n in self.names}
-        scores = sparsity_lib.init_scores(weights, initial, o.score_init, rng_scores, o.score_margin)
+        scores = sparsity_lib.init_scores(self._weights, {}, 'random', rng_scores)
         if o.nm is not None:
             axes = self.input_axes or dict.fromkeys(self.names)  # None: axis -2
             mask = {n: nm_lib.nm_mask(scores[n], *o.nm, axes[n]) for n in self.names}
             thresholds = {n: jnp.zeros((), jnp.uint32) for n in self.names}  # unused by N:M
-        elif o.score_init == 'random':
-            mask, thresholds = masks.topk_masks(scores, self.kept, selection=self.selection)
         else:
-            # scores 1.0 on `initial` (kept[n] of them, kept[n] >= 1) and 1.0 - margin elsewhere:
-            # the top-k is `initial` itself and the k-th largest key that of 1.0, with no selection
-            mask = {n: jnp.asarray(initial[n], bool) for n in self.names}
-            one = masks.order_keys(jnp.float32(1.0))
-            thresholds = {n: one for n in self.names}
-        return SearchState(
-            step=jnp.zeros((), jnp.int32),
-            scores=scores,
-            mask=mask,
-            thresholds=thresholds,
-            previous=thresholds,
-            opt_state=self.optimizer().init(scores),
-            batch_stats=batch_stats,
-            rng=jnp.asarray(keys[1]),
-        )
+            mask, thresholds = masks.topk_masks(scores, self.kept, selection=self.selection)
+        opt_state = self.optimizer().init(scores)
+        return SearchState.start(scores, mask, thresholds, opt_state, batch_stats, jnp.asarray(keys[1]))
+
+    @property
+    def _weights(self) -> dict:
+        """The prunable weights' shapes and dtypes."""
+        flat = sparsity_lib.flatten(self.params)
+        return {n: jax.ShapeDtypeStruct(np.shape(flat[n]), flat[n].dtype) for n in self.names}
 
     @functools.cached_property
     def _rate_schedule(self):

@@ -516,15 +516,12 @@ def wanda_masks(
     return out
 
 
-def mask_scores(mask: Mapping[str, jax.Array], margin: float = 0.01) -> dict[str, jax.Array]:
-    """float32 scores 1.0 on `mask` and 1.0 - margin elsewhere: their layer-wise top-k (k = the
-    mask's count) and their N:M top (for an N:M mask) are exactly `mask`."""
-    return _mask_scores(dict(mask), jnp.float32(1.0 - margin))
-
-
-@jax.jit
-def _mask_scores(mask: dict, low: jax.Array) -> dict:
-    return {n: jnp.where(m, jnp.float32(1.0), low) for n, m in mask.items()}
+def mask_scores(mask: Mapping[str, jax.Array], margin: float = 0.01) -> dict[str, np.ndarray]:
+    """float32 scores 1.0 on `mask` and 1.0 - margin elsewhere, made on the host: their
+    layer-wise top-k (k = the mask's count) and their N:M top (for an N:M mask) are exactly
+    `mask`."""
+    low = np.float32(1.0 - margin)
+    return {n: np.where(np.asarray(m, bool), np.float32(1.0), low) for n, m in mask.items()}
 
 
 def fan_in(kernel_shape) -> int:
@@ -546,6 +543,7 @@ def init_scores(
     - 'wanda': the same form on the Wanda mask, passed as `magnitude` (`wanda_masks`);
     - 'random': Kaiming-uniform U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as edge-popup's
       `kaiming_uniform_(a=sqrt(5))`.
+    The mask inits are NumPy (`mask_scores`), the random one is drawn with `rng`.
     """
     if kind in ('magnitude', 'wanda'):
         return mask_scores({n: magnitude[n] for n in weights}, margin)

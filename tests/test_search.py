@@ -407,23 +407,34 @@ def test_model_without_batchnorm():
 
 
 @pytest.mark.parametrize('score_init, nm', [('magnitude', None), ('wanda', None), ('magnitude', (2, 4))])
-def test_the_host_initial_state_is_the_compiled_one(score_init, nm):
-    """From a magnitude or Wanda mask the initial state is made with NumPy; the one compiled
-    program that makes every other (`_initial_state`) gives the same state, bit for bit: leaves,
-    dtypes, optimizer state and keys."""
-    from ljax import prng
+def test_the_initial_state_from_a_mask_is_made_on_the_host(score_init, nm):
+    """From a magnitude or Wanda mask the initial state is NumPy, nothing compiled: the mask,
+    scores 1.0 on it and 1.0 - margin elsewhere, the key of 1.0 (N:M: 0), the optimizer's own
+    initial state and JAX's split of the seed's key."""
+    from ljax import masks
 
     model, v = Net(), pretrained()
     search = Search.create(
         model, v, np.zeros((1, 12), np.float32), sparsity=None if nm else 0.7, total_steps=4,
-        options=SearchOptions(score_init=score_init, seed=7, nm=nm),
+        options=SearchOptions(score_init=score_init, seed=7, nm=nm, score_margin=0.25),
         calibration=data() if score_init == 'wanda' else None,
     )
-    host = search.init_state()
-    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(host))  # nothing compiled
+    state = search.init_state()
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(state))
     initial = search.wanda if score_init == 'wanda' else search.magnitude
-    compiled = jax.jit(search._initial_state)(initial, search.batch_stats, prng.split_seed(7))
-    assert jax.tree.structure(host) == jax.tree.structure(compiled)
-    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(compiled)):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(a, np.asarray(b))
+    one = 0 if nm else int(masks.order_keys(jnp.float32(1.0)))
+    for n in search.names:
+        m = np.asarray(initial[n], bool)
+        np.testing.assert_array_equal(state.mask[n], m)
+        np.testing.assert_array_equal(state.scores[n], np.where(m, 1.0, 0.75).astype(np.float32))
+        assert state.scores[n].dtype == np.float32 and state.thresholds[n].dtype == np.uint32
+        assert int(state.thresholds[n]) == one and int(state.previous[n]) == one
+    want = search.optimizer().init({n: jnp.asarray(s) for n, s in state.scores.items()})
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        state.rng, jax.random.key_data(jax.random.split(jax.random.key(7))[1])
+    )
+    assert int(state.step) == 0 and state.step.dtype == np.int32
