@@ -38,8 +38,8 @@ machine's measured memory bandwidth. CSV: speed_plain.csv, speed_api.csv, speed_
    hints, one counting pass over all keys (the unit of cost) and `lax.top_k` + scatter. Median of
    --repeats, interleaved; the results are checked equal to the per-layer loop's.
 3. Memory: bytes of `SearchState` (scores f32, mask bool, threshold keys, SGD momentum,
-   batch_stats, step, RNG) against the bytes of the frozen params, from `jax.eval_shape` (nothing
-   is allocated, so ResNet-50 costs nothing).
+   batch_stats, step, RNG) against the bytes of the frozen params: the params' shapes from
+   `jax.eval_shape`, the initial state made on the host from zeros (ResNet-50: about 300 MB).
 
 Prints markdown tables; writes CSV to --results-dir (default docs/results) and PNG plots to
 --figures-dir (default docs/figures).
@@ -953,7 +953,7 @@ def main(argv=None):
 
     if 'memory' in parts:
         rows = [memory_row(*m) for m in memory_models(args.quick)]
-        print('\nMemory: search state vs frozen params (jax.eval_shape, 90% sparsity; MiB):\n')
+        print('\nMemory: search state vs frozen params (90% sparsity; MiB):\n')
         print(
             benchlib.markdown_table(
                 [
