@@ -149,7 +149,7 @@ def main():
     profile('dense', pard, pard.replicate(dense.init_state(variables)), xd, yd)
 
     # the mask update alone, on the searched scores (drifted a few steps)
-    s = jax.device_get(jax.tree.map(lambda a: a[0] if a.ndim and a.shape[0] == 1 else a, state))
+    s = par.unreplicate(state)
     scores = {n: jnp.asarray(s.scores[n]) for n in search.names}
     hints = {n: masks.extrapolate(s.thresholds[n], s.previous[n]) for n in search.names}
     kept = search.kept

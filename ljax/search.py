@@ -367,9 +367,9 @@ class Search:
         (`_random_state`)."""
         o = self.options
         keys = prng.split_seed(o.seed)
+        batch_stats = jax.tree.map(np.array, self.batch_stats) if self.batch_stats is not None else {}
         if o.score_init == 'random':
-            bs = jax.tree.map(jnp.array, self.batch_stats) if self.batch_stats is not None else {}
-            return jax.jit(self._random_state)(bs, keys)
+            return jax.jit(self._random_state)(batch_stats, keys)
         initial = self.wanda if o.score_init == 'wanda' else self.magnitude
         scores = sparsity_lib.init_scores(self._weights, initial, o.score_init, None, o.score_margin)
         mask = {n: np.asarray(initial[n], bool) for n in self.names}
@@ -378,7 +378,6 @@ class Search:
         # SGD with momentum: every leaf of its state starts at zero
         opt_state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                                  jax.eval_shape(self.optimizer().init, scores))
-        batch_stats = jax.tree.map(np.array, self.batch_stats) if self.batch_stats is not None else {}
         return SearchState.start(scores, mask, thresholds, opt_state, batch_stats, keys[1], np)
 
     def _random_state(self, batch_stats, keys) -> SearchState:
@@ -387,13 +386,17 @@ class Search:
         rng_scores = jax.random.wrap_key_data(keys[0])
         scores = sparsity_lib.init_scores(self._weights, {}, 'random', rng_scores)
         if o.nm is not None:
-            axes = self.input_axes or dict.fromkeys(self.names)  # None: axis -2
-            mask = {n: nm_lib.nm_mask(scores[n], *o.nm, axes[n]) for n in self.names}
+            mask = {n: nm_lib.nm_mask(scores[n], *o.nm, self._nm_axes[n]) for n in self.names}
             thresholds = {n: jnp.zeros((), jnp.uint32) for n in self.names}  # unused by N:M
         else:
             mask, thresholds = masks.topk_masks(scores, self.kept, selection=self.selection)
         opt_state = self.optimizer().init(scores)
         return SearchState.start(scores, mask, thresholds, opt_state, batch_stats, jnp.asarray(keys[1]))
+
+    @property
+    def _nm_axes(self) -> dict:
+        """Each prunable kernel's N:M input axes (None: axis -2)."""
+        return self.input_axes or dict.fromkeys(self.names)
 
     @property
     def _weights(self) -> dict:
@@ -510,8 +513,7 @@ class Search:
                 if restriction.is_plain_topk(self.options.restriction):
                     # rate 1: the N:M top of every group, without the restriction's candidates
                     # and its per-layer branch (a conditional, which on a GPU waits on the host)
-                    axes = self.input_axes or dict.fromkeys(self.names)
-                    mask = {n: nm_lib.nm_mask(scores[n], *self.options.nm, axes[n])
+                    mask = {n: nm_lib.nm_mask(scores[n], *self.options.nm, self._nm_axes[n])
                             for n in self.names}
                 else:
                     mask = nm_lib.nm_restrict_all(

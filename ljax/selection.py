@@ -9,8 +9,8 @@ largest key, its threshold, is found by one bisection over key bits (`bisect`: o
 per bit). A row whose `hint` (roughly its threshold) has the threshold within the 2**16 keys
 around it bisects that window alone, 18 passes instead of 32 (`window`). Ties at the threshold
 follow one rule (`last_kept`): the lowest indices win, found by the same bisection over indices
-(no pass at all when every tie is kept) or, in the segmented layout, by running tie counts. A row's top-k is then `chosen(keys, index, threshold,
-last)`.
+(no pass at all when every tie is kept) or, in the segmented layout, by running tie counts. A
+row's top-k is then `chosen(keys, index, threshold, last)`.
 
 `select` runs all this for many rows at once: every pass counts all rows. How it counts is the
 layout, the one thing the two strategies (`masks.SELECTIONS`) do differently:

@@ -12,6 +12,7 @@ from ljax.loop import NonFiniteError, keep_if_not_finite
 from ljax.parallel import Parallel
 from ljax.pretrain import DenseTraining
 from ljax.search import Search, SearchOptions
+from tests import staging
 from tests.test_search import Net, data, pretrained
 
 
@@ -374,20 +375,6 @@ def test_loss_option_is_the_loss_the_search_minimises():
     assert losses['smoothed'] != pytest.approx(losses['plain'], rel=1e-4)
 
 
-def _primitives(jaxpr, names=('cond', 'while')):
-    """The primitives named `names` in a jaxpr, its sub-jaxprs included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in names:
-            found.append(eqn.primitive.name)
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                inner = getattr(sub, 'jaxpr', sub)
-                if hasattr(inner, 'eqns'):
-                    found += _primitives(inner, names)
-    return found
-
-
 @pytest.mark.parametrize('nm, restriction, loops', [
     (None, 'none', 1), ((2, 4), 'none', 0), (None, 'cosine', 2), ((2, 4), 'cosine', 2),
 ])
@@ -410,7 +397,8 @@ def test_the_gpu_step_stages_no_conditional_and_no_device_sized_loop(
     state = par.replicate(search.init_state())
     (x, y), = data(1)
     xs, ys = par.shard(x, y)
-    staged = _primitives(jax.make_jaxpr(par.step)(state, par.frozen, xs, ys).jaxpr)
+    jaxpr = jax.make_jaxpr(par.step)(state, par.frozen, xs, ys).jaxpr
+    staged = staging.staged(jaxpr, ('cond', 'while'))
     assert staged == ['while'] * loops, staged
     if nm and restriction == 'none':
         before = par.unreplicate(state)

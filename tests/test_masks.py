@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ljax import masks, selection
-from tests import reference
+from tests import reference, staging
 
 SHAPES = [(7,), (3, 5), (4, 4, 3), (2, 3, 3, 8), (257,)]
 
@@ -490,19 +490,7 @@ def test_the_segmented_update_loops_only_over_its_32_passes():
     jaxpr = jax.make_jaxpr(
         lambda s: masks.topk_masks(s, kept, selection='segmented', old=None)
     )(scores).jaxpr
-    loops = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == 'while':
-                loops.append(eqn)
-            for v in eqn.params.values():
-                if hasattr(v, 'jaxpr') and hasattr(v.jaxpr, 'eqns'):
-                    walk(v.jaxpr)
-                elif hasattr(v, 'eqns'):
-                    walk(v)
-
-    walk(jaxpr)
+    loops = staging.staged(jaxpr, ('while',))
     assert len(loops) == 1, loops
     got = masks.topk_masks(scores, kept, selection='segmented')[0]
     for n, s in scores.items():
