@@ -48,6 +48,8 @@ namespace {
 
 constexpr int64_t kBlock = 64;
 constexpr int64_t kChunkBlocks = 1024;
+constexpr int64_t kHeap = 4096;  // Select: a heap up to this many nearest blocks
+constexpr int64_t kPrefetch = 1024;  // keys ahead
 constexpr uint32_t kMax = 0xFFFFFFFFu;
 constexpr int32_t kLast = 0x7FFFFFFF;  // every tie kept
 
@@ -139,6 +141,7 @@ void StatsAvx2(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats
   int64_t b = begin;
   for (; b + kBlock <= end; b += kBlock) {
     __m256i count = _mm256_setzero_si256(), below = _mm256_setzero_si256(), above = ones;
+    for (int l = 0; l < 4; ++l) __builtin_prefetch(x + b + kPrefetch + 16 * l);
     for (int64_t i = 0; i < kBlock; i += 8) {
       __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b + i));
       bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(bits, top), bits);  // -0.0 -> +0.0
@@ -179,11 +182,16 @@ LJAX_CLONES
 uint32_t WriteSpan(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t size, uint32_t t,
                    uint32_t ties) {
   uint32_t flips = 0;
-  for (int64_t i = 0; i < size; ++i) {
-    uint32_t key = Key(x[i]);
-    uint8_t keep = (key > t) | ((key == t) & ties);
-    mask[i] = keep;
-    flips += keep ^ old[i];
+  for (int64_t s = 0; s < size; s += 256) {
+    for (int l = 0; l < 16; ++l) __builtin_prefetch(x + s + kPrefetch + 16 * l);
+    for (int l = 0; l < 4; ++l) __builtin_prefetch(old + s + kPrefetch + 64 * l);
+    const int64_t stop = std::min<int64_t>(size, s + 256);
+    for (int64_t i = s; i < stop; ++i) {
+      uint32_t key = Key(x[i]);
+      uint8_t keep = (key > t) | ((key == t) & ties);
+      mask[i] = keep;
+      flips += keep ^ old[i];
+    }
   }
   return flips;
 }
@@ -214,28 +222,51 @@ struct Selection {
 // The threshold of a layer whose keys >= h number `count` (> 0 away from k), from the blocks'
 // statistics: see the file's comment.
 Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
-                 const std::vector<BlockStats>& stats) {
-  const int64_t nb = static_cast<int64_t>(stats.size());
+                 const BlockStats* stats, int64_t nb) {
   const int64_t e = count - k;
   const bool up = e >= 0;  // the threshold is >= h
   const int64_t j = up ? e + 1 : -e;  // it is the j-th nearest key to h on its side
-  // per block, the distance to h of its nearest key on that side (blocks with none: skipped)
-  std::vector<uint32_t> near;
-  near.reserve(nb);
-  for (const BlockStats& b : stats) {
-    if (up ? b.count > 0 : b.count < b.size) near.push_back(up ? b.above - h : h - 1 - b.below);
-  }
+  // per block, the distance to h of its nearest key on that side (blocks with none: skipped);
+  // the j-th smallest: a heap of the j nearest for a near hint, else a selection over all
+  auto nearest = [&](const BlockStats& b, uint32_t* d) {
+    if (up ? b.count == 0 : b.count == b.size) return false;
+    *d = up ? b.above - h : h - 1 - b.below;
+    return true;
+  };
   uint32_t bound = kMax;  // blocks at most this far hold every key between h and the threshold
-  if (static_cast<int64_t>(near.size()) > j) {
-    std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
-    bound = near[j - 1];
+  std::vector<uint32_t> near;
+  int64_t blocks = 0;  // blocks with a key on that side
+  if (j <= kHeap) {
+    near.reserve(j);
+    for (int64_t b = 0; b < nb; ++b) {
+      uint32_t d;
+      if (!nearest(stats[b], &d)) continue;
+      ++blocks;
+      if (static_cast<int64_t>(near.size()) < j) {
+        near.push_back(d);
+        std::push_heap(near.begin(), near.end());
+      } else if (d < near.front()) {
+        std::pop_heap(near.begin(), near.end());
+        near.back() = d;
+        std::push_heap(near.begin(), near.end());
+      }
+    }
+    if (blocks > j) bound = near.front();
+  } else {
+    near.reserve(nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      uint32_t d;
+      if (nearest(stats[b], &d)) near.push_back(d);
+    }
+    if (static_cast<int64_t>(near.size()) > j) {
+      std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
+      bound = near[j - 1];
+    }
   }
   std::vector<std::pair<uint32_t, int32_t>> keys;  // (distance from h, index) of those keys
   for (int64_t b = 0; b < nb; ++b) {
-    const BlockStats& s = stats[b];
-    if (up ? s.count == 0 : s.count == s.size) continue;
-    uint32_t d = up ? s.above - h : h - 1 - s.below;
-    if (d > bound) continue;
+    uint32_t d;
+    if (!nearest(stats[b], &d) || d > bound) continue;
     int64_t stop = std::min(n, (b + 1) * kBlock);
     for (int64_t i = b * kBlock; i < stop; ++i) {
       uint32_t key = Key(x[i]);
@@ -287,13 +318,18 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
     uint32_t h = hint_buf.typed_data()[0];
     if (h == 0) h = EstimateHint(x, n, k);
     h = std::max(h, 1u);
-    std::vector<BlockStats> stats(nb);
+    std::unique_ptr<BlockStats[]> stats(new BlockStats[nb]);  // every entry written below
+    std::vector<int64_t> counts(chunks, 0);
     Parallel(pool, chunks, [&](int64_t c) {
-      Stats(x, c * chunk, std::min(n, (c + 1) * chunk), h, stats.data());
+      const int64_t begin = c * chunk, end = std::min(n, begin + chunk);
+      Stats(x, begin, end, h, stats.get());
+      int64_t sum = 0;
+      for (int64_t b = begin / kBlock; b < (end + kBlock - 1) / kBlock; ++b) sum += stats[b].count;
+      counts[c] = sum;
     });
     int64_t count = 0;
-    for (const BlockStats& b : stats) count += b.count;
-    sel = Select(x, n, k, h, count, stats);
+    for (int64_t c : counts) count += c;
+    sel = Select(x, n, k, h, count, stats.get(), nb);
   }
   bool* out = mask->typed_data();
   const bool* before = old.typed_data();
