@@ -396,8 +396,8 @@ def _native_available() -> bool:
 
 def default_selection() -> str:
     """How `topk_masks` selects on this backend. On CPU, where memory traffic dominates: 'native'
-    where ljax's C++ kernels are built (two passes over each layer, and no program of its own to
-    compile), else 'hinted' (one pass narrows each layer to a few candidate blocks around its
+    where ljax's C++ kernels are built (one pass over each layer, then a write of the blocks that
+    change, and no program of its own to compile), else 'hinted' (one pass narrows each layer to a few candidate blocks around its
     hint). 'segmented' on GPU and TPU, where the number of kernels dominates: the hints'
     per-layer gathers, top_k's and fallback branches cost more there than 32 exact counting
     passes over all the keys, each one kernel for every layer together (measured on an NVIDIA
@@ -436,6 +436,7 @@ def native_topk_mask(scores: jax.Array, k, hint=None, old=None):
         (jax.ShapeDtypeStruct(scores.shape, jnp.bool_), jax.ShapeDtypeStruct((), jnp.uint32),
          jax.ShapeDtypeStruct((), jnp.int32)),
         vmap_method='sequential',
+        input_output_aliases={1: 0},  # the new mask over the old: the kernel writes changed blocks
     )(jnp.asarray(scores, jnp.float32), old, jnp.asarray(k, jnp.int32), hint)
 
 

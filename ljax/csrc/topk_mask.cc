@@ -6,14 +6,18 @@
 // threshold key (the k-th largest key; 0xFFFFFFFF for k = 0) and the count of positions whose bit
 // differs from the old mask.
 //
-// Two passes over the scores and one over the masks, whatever the hint:
-// 1. per block of 64 keys: the count of keys >= h (the hint), the largest key below h and the
-//    smallest key >= h. With e = count(keys >= h) - k, the threshold is the (e+1)-th smallest key
-//    >= h (e >= 0) or the (-e)-th largest key below h (e < 0). The |e|+1 blocks whose nearest key
-//    on that side is nearest to h (with ties: all blocks as near as the (|e|+1)-th) hold every key
-//    between h and the threshold and all its ties, so a selection over their few keys (nth_element)
-//    gives the threshold, the count of keys above it and the indices of its ties exactly;
-// 2. the new mask written, and compared with the old one.
+// One pass over the scores and the old mask, then only the blocks that change, whatever the hint:
+// 1. per block of 64 keys: the count of keys >= h (the hint), the largest key below h, the
+//    smallest key >= h, and the count of positions where (key >= h) differs from the old bit.
+//    With e = count(keys >= h) - k, the threshold is the (e+1)-th smallest key >= h (e >= 0) or
+//    the (-e)-th largest key below h (e < 0). The |e|+1 blocks whose nearest key on that side is
+//    nearest to h (with ties: all blocks as near as the (|e|+1)-th) hold every key between h and
+//    the threshold and all its ties, so a selection over their few keys (nth_element) gives the
+//    threshold, the count of keys above it and the indices of its ties exactly;
+// 2. the new mask written over the old (XLA aliases the two buffers), and compared with it, in
+//    those candidate blocks and in the blocks where (key >= h) differs from the old bit: in every
+//    other block the new bits are (key >= h), which are the old ones. Loads run 1,024 keys ahead
+//    of use (prefetched: the scores stream from memory, and the stalls at page ends dominated).
 // A far hint only makes the selection's share larger (all blocks at worst), never the result
 // different. Hint 0: estimated from 4,096 evenly spaced keys. Passes run on XLA's intra-op thread
 // pool in chunks of 1,024 blocks; the calling thread takes chunks too, and waits only for chunks
@@ -110,38 +114,44 @@ struct BlockStats {
   uint32_t below;  // largest key < h (if count < the block's size)
   uint32_t above;  // smallest key >= h (if count > 0)
   uint32_t size;   // keys in the block (64 but in a layer's last block)
+  uint32_t diff;   // positions where (key >= h) differs from the old mask
 };
 
-inline void Block(const Bits* x, int64_t size, uint32_t h, BlockStats* out) {
-  uint32_t count = 0, below = 0, above = kMax;
+inline void Block(const Bits* x, const uint8_t* old, int64_t size, uint32_t h, BlockStats* out) {
+  uint32_t count = 0, below = 0, above = kMax, diff = 0;
   for (int64_t i = 0; i < size; ++i) {
     uint32_t key = Key(x[i]);
     uint32_t ge = key >= h;
     uint32_t b = ge ? 0u : key, a = ge ? key : kMax;
     count += ge;
+    diff += ge ^ old[i];
     below = below > b ? below : b;
     above = above < a ? above : a;
   }
-  *out = {count, below, above, static_cast<uint32_t>(size)};
+  *out = {count, below, above, static_cast<uint32_t>(size), diff};
 }
 
-void StatsScalar(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
+void StatsScalar(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, uint32_t h,
+                 BlockStats* out) {
   for (int64_t b = begin; b < end; b += kBlock) {
-    Block(x + b, std::min(end, b + kBlock) - b, h, out + b / kBlock);
+    Block(x + b, old + b, std::min(end, b + kBlock) - b, h, out + b / kBlock);
   }
 }
 
 #ifdef LJAX_X86
 // The same with AVX2, 8 keys at a time (a block: 8 steps, then the lanes reduced).
 __attribute__((target("avx2")))
-void StatsAvx2(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
+void StatsAvx2(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, uint32_t h,
+               BlockStats* out) {
   const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
   const __m256i hv = _mm256_set1_epi32(static_cast<int32_t>(h ^ 0x80000000u));  // signed order
-  const __m256i ones = _mm256_set1_epi32(-1);
+  const __m256i ones = _mm256_set1_epi32(-1), one = _mm256_set1_epi32(1);
   int64_t b = begin;
   for (; b + kBlock <= end; b += kBlock) {
     __m256i count = _mm256_setzero_si256(), below = _mm256_setzero_si256(), above = ones;
+    __m256i diff = _mm256_setzero_si256();
     for (int l = 0; l < 4; ++l) __builtin_prefetch(x + b + kPrefetch + 16 * l);
+    __builtin_prefetch(old + b + kPrefetch);
     for (int64_t i = 0; i < kBlock; i += 8) {
       __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b + i));
       bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(bits, top), bits);  // -0.0 -> +0.0
@@ -149,31 +159,38 @@ void StatsAvx2(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats
       // key >= h: not (h > key), compared as signed after flipping the top bit
       __m256i lt = _mm256_cmpgt_epi32(hv, _mm256_xor_si256(key, top));
       count = _mm256_sub_epi32(count, _mm256_andnot_si256(lt, ones));  // += 1 where key >= h
+      __m256i was = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(old + b + i)));  // 0 or 1
+      diff = _mm256_add_epi32(diff, _mm256_xor_si256(_mm256_andnot_si256(lt, one), was));
       below = _mm256_max_epu32(below, _mm256_and_si256(lt, key));
       above = _mm256_min_epu32(above, _mm256_or_si256(lt, key));
     }
-    alignas(32) uint32_t c[8], lo[8], hi[8];
+    alignas(32) uint32_t c[8], lo[8], hi[8], df[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(c), count);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(df), diff);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lo), below);
     _mm256_store_si256(reinterpret_cast<__m256i*>(hi), above);
-    BlockStats s{0, 0, kMax, kBlock};
+    BlockStats s{0, 0, kMax, kBlock, 0};
     for (int l = 0; l < 8; ++l) {
       s.count += c[l];
+      s.diff += df[l];
       s.below = std::max(s.below, lo[l]);
       s.above = std::min(s.above, hi[l]);
     }
     out[b / kBlock] = s;
   }
-  if (b < end) Block(x + b, end - b, h, out + b / kBlock);
+  if (b < end) Block(x + b, old + b, end - b, h, out + b / kBlock);
 }
 
-void Stats(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
+void Stats(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, uint32_t h,
+           BlockStats* out) {
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  (avx2 ? StatsAvx2 : StatsScalar)(x, begin, end, h, out);
+  (avx2 ? StatsAvx2 : StatsScalar)(x, old, begin, end, h, out);
 }
 #else
-void Stats(const Bits* x, int64_t begin, int64_t end, uint32_t h, BlockStats* out) {
-  StatsScalar(x, begin, end, h, out);
+void Stats(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, uint32_t h,
+           BlockStats* out) {
+  StatsScalar(x, old, begin, end, h, out);
 }
 #endif
 
@@ -188,9 +205,9 @@ uint32_t WriteSpan(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t siz
     const int64_t stop = std::min<int64_t>(size, s + 256);
     for (int64_t i = s; i < stop; ++i) {
       uint32_t key = Key(x[i]);
-      uint8_t keep = (key > t) | ((key == t) & ties);
-      mask[i] = keep;
-      flips += keep ^ old[i];
+      uint8_t keep = (key > t) | ((key == t) & ties), was = old[i];
+      mask[i] = keep;  // in place: `old` may be `mask`
+      flips += keep ^ was;
     }
   }
   return flips;
@@ -217,6 +234,8 @@ uint32_t EstimateHint(const Bits* x, int64_t n, int64_t k) {
 struct Selection {
   uint32_t threshold;
   int64_t last;  // the last kept tie's index (kLast: all ties kept; -1: none)
+  bool up = true;          // the threshold is >= the hint
+  uint32_t bound = kMax;   // the candidate blocks' distance bound (see Select)
 };
 
 // The threshold of a layer whose keys >= h number `count` (> 0 away from k), from the blocks'
@@ -290,9 +309,9 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
   }
   const int64_t above = up ? count - nearer - static_cast<int64_t>(ties.size()) : count + nearer;
   const int64_t need = k - above;  // ties kept, >= 1
-  if (need >= static_cast<int64_t>(ties.size())) return {t, kLast};
+  if (need >= static_cast<int64_t>(ties.size())) return {t, kLast, up, bound};
   std::nth_element(ties.begin(), ties.begin() + (need - 1), ties.end());
-  return {t, ties[need - 1]};
+  return {t, ties[need - 1], up, bound};
 }
 
 ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
@@ -313,16 +332,21 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   const int64_t chunks = (nb + kChunkBlocks - 1) / kChunkBlocks;
   const int64_t chunk = kChunkBlocks * kBlock;
 
+  bool* out = mask->typed_data();
+  const bool* before = old.typed_data();
+  const auto* was = reinterpret_cast<const uint8_t*>(before);
   Selection sel{kMax, -1};
+  uint32_t h = 0;
+  std::unique_ptr<BlockStats[]> stats;
   if (k > 0) {
-    uint32_t h = hint_buf.typed_data()[0];
+    h = hint_buf.typed_data()[0];
     if (h == 0) h = EstimateHint(x, n, k);
     h = std::max(h, 1u);
-    std::unique_ptr<BlockStats[]> stats(new BlockStats[nb]);  // every entry written below
+    stats.reset(new BlockStats[nb]);  // every entry written below
     std::vector<int64_t> counts(chunks, 0);
     Parallel(pool, chunks, [&](int64_t c) {
       const int64_t begin = c * chunk, end = std::min(n, begin + chunk);
-      Stats(x, begin, end, h, stats.get());
+      Stats(x, was, begin, end, h, stats.get());
       int64_t sum = 0;
       for (int64_t b = begin / kBlock; b < (end + kBlock - 1) / kBlock; ++b) sum += stats[b].count;
       counts[c] = sum;
@@ -331,13 +355,35 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
     for (int64_t c : counts) count += c;
     sel = Select(x, n, k, h, count, stats.get(), nb);
   }
-  bool* out = mask->typed_data();
-  const bool* before = old.typed_data();
   std::vector<int64_t> changed(chunks, 0);
-  Parallel(pool, chunks, [&](int64_t c) {
-    int64_t begin = c * chunk;
-    changed[c] = Write(x, before, out, begin, std::min(n, begin + chunk), sel.threshold, sel.last);
-  });
+  if (stats && out == before) {
+    // In place (the old mask's buffer is the new one's): a block can change only where a key
+    // lies between h and the threshold (a candidate block of Select) or where (key >= h)
+    // differs from the old bit; every other block keeps its bits and is not touched.
+    auto dirty = [&](int64_t b) {
+      const BlockStats& s = stats[b];
+      if (s.diff) return true;
+      if (sel.up ? s.count == 0 : s.count == s.size) return false;
+      return (sel.up ? s.above - h : h - 1 - s.below) <= sel.bound;
+    };
+    Parallel(pool, chunks, [&](int64_t c) {
+      const int64_t first = c * kChunkBlocks, stop = std::min(nb, first + kChunkBlocks);
+      int64_t sum = 0;
+      for (int64_t b = first; b < stop;) {
+        if (!dirty(b)) { ++b; continue; }
+        int64_t e = b + 1;
+        while (e < stop && dirty(e)) ++e;  // a run of dirty blocks, written in one span
+        sum += Write(x, before, out, b * kBlock, std::min(n, e * kBlock), sel.threshold, sel.last);
+        b = e;
+      }
+      changed[c] = sum;
+    });
+  } else {
+    Parallel(pool, chunks, [&](int64_t c) {
+      int64_t begin = c * chunk;
+      changed[c] = Write(x, before, out, begin, std::min(n, begin + chunk), sel.threshold, sel.last);
+    });
+  }
   int64_t total = 0;
   for (int64_t f : changed) total += f;
   threshold->typed_data()[0] = sel.threshold;
