@@ -11,8 +11,9 @@ one driver (`update_masks`) and a rule saying how the new mask follows from the 
 (`TOPK` here, the restriction's swaps there). `selection` picks the strategy (`default_selection`):
 - 'native' (CPU, where ljax's C++ kernels are built: `ljax.models.onednn.available()`): the
   top-k of each layer is one FFI call (`ljax/csrc/topk_mask.cc`): the same candidate blocks around
-  the hint as 'hinted', found in one vectorised pass, a selection over their keys, and the mask
-  written with its flips in a second pass. The restriction's rule runs 'hinted'.
+  the hint as 'hinted', found in one vectorised pass over the scores and the old mask, a
+  selection over their keys, and only the blocks that change written, over the old mask, their
+  flips counted. The restriction's rule runs 'hinted'.
 - 'hinted' (CPU): one pass over each layer narrows it to a few candidate blocks around its hint
   (`plan`), the selections run on those, stacked by size and warm-started in the hints' windows,
   and a layer whose candidates miss retries alone (`second_try`). A hint is the previous threshold
@@ -397,11 +398,11 @@ def _native_available() -> bool:
 def default_selection() -> str:
     """How `topk_masks` selects on this backend. On CPU, where memory traffic dominates: 'native'
     where ljax's C++ kernels are built (one pass over each layer, then a write of the blocks that
-    change, and no program of its own to compile), else 'hinted' (one pass narrows each layer to a few candidate blocks around its
-    hint). 'segmented' on GPU and TPU, where the number of kernels dominates: the hints'
-    per-layer gathers, top_k's and fallback branches cost more there than 32 exact counting
-    passes over all the keys, each one kernel for every layer together (measured on an NVIDIA
-    H200: docs/RESULTS.md, Speed)."""
+    change, and no program of its own to compile), else 'hinted' (one pass narrows each layer to
+    a few candidate blocks around its hint). 'segmented' on GPU and TPU, where the number of
+    kernels dominates: the hints' per-layer gathers, top_k's and fallback branches cost more there
+    than 32 exact counting passes over all the keys, each one kernel for every layer together
+    (measured on an NVIDIA H200: docs/RESULTS.md, Speed)."""
     if jax.default_backend() != 'cpu':
         return 'segmented'
     return 'native' if _native_available() else 'hinted'

@@ -425,8 +425,8 @@ def test_stacked_selection_matches_the_per_row_selection(seed):
 
 @pytest.mark.parametrize('kind', ['normal', 'few', 'zeros'])
 def test_native_kernel_matches_the_reference_across_chunks(kind):
-    # 200,003 weights: four chunks of the kernel's two passes (run on XLA's thread pool) and a
-    # short last block; ties spread over every chunk ('few', 'zeros': -0.0 ranks as +0.0)
+    # 200,003 weights: four chunks of the kernel's pass and its write (run on XLA's thread pool)
+    # and a short last block; ties spread over every chunk ('few', 'zeros': -0.0 ranks as +0.0)
     rng = np.random.default_rng(11)
     s = layer_scores(rng, (200_003,), kind)
     old = rng.random(s.shape) < 0.2

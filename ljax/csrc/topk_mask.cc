@@ -238,6 +238,14 @@ struct Selection {
   uint32_t bound = kMax;   // the candidate blocks' distance bound (see Select)
 };
 
+// A block's distance to h of its nearest key on one side (up: keys >= h, else keys < h); false
+// when the block has no key on that side.
+inline bool Nearest(const BlockStats& b, bool up, uint32_t h, uint32_t* d) {
+  if (up ? b.count == 0 : b.count == b.size) return false;
+  *d = up ? b.above - h : h - 1 - b.below;
+  return true;
+}
+
 // The threshold of a layer whose keys >= h number `count` (> 0 away from k), from the blocks'
 // statistics: see the file's comment.
 Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
@@ -247,11 +255,7 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
   const int64_t j = up ? e + 1 : -e;  // it is the j-th nearest key to h on its side
   // per block, the distance to h of its nearest key on that side (blocks with none: skipped);
   // the j-th smallest: a heap of the j nearest for a near hint, else a selection over all
-  auto nearest = [&](const BlockStats& b, uint32_t* d) {
-    if (up ? b.count == 0 : b.count == b.size) return false;
-    *d = up ? b.above - h : h - 1 - b.below;
-    return true;
-  };
+  auto nearest = [&](const BlockStats& b, uint32_t* d) { return Nearest(b, up, h, d); };
   uint32_t bound = kMax;  // blocks at most this far hold every key between h and the threshold
   std::vector<uint32_t> near;
   int64_t blocks = 0;  // blocks with a key on that side
@@ -361,10 +365,8 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
     // lies between h and the threshold (a candidate block of Select) or where (key >= h)
     // differs from the old bit; every other block keeps its bits and is not touched.
     auto dirty = [&](int64_t b) {
-      const BlockStats& s = stats[b];
-      if (s.diff) return true;
-      if (sel.up ? s.count == 0 : s.count == s.size) return false;
-      return (sel.up ? s.above - h : h - 1 - s.below) <= sel.bound;
+      uint32_t d;
+      return stats[b].diff || (Nearest(stats[b], sel.up, h, &d) && d <= sel.bound);
     };
     Parallel(pool, chunks, [&](int64_t c) {
       const int64_t first = c * kChunkBlocks, stop = std::min(nb, first + kChunkBlocks);
@@ -381,7 +383,8 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   } else {
     Parallel(pool, chunks, [&](int64_t c) {
       int64_t begin = c * chunk;
-      changed[c] = Write(x, before, out, begin, std::min(n, begin + chunk), sel.threshold, sel.last);
+      changed[c] =
+          Write(x, before, out, begin, std::min(n, begin + chunk), sel.threshold, sel.last);
     });
   }
   int64_t total = 0;
