@@ -1,5 +1,9 @@
 import functools
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -442,6 +446,19 @@ def test_native_kernel_matches_the_reference_across_chunks(kind):
             )
             np.testing.assert_array_equal(got, want)
             assert int(t2) == int(t) and int(flips) == int(np.sum(want != old)), (k, hint)
+
+
+@pytest.mark.parametrize('isa', ['avx2', 'scalar'])
+def test_native_kernel_matches_the_reference_on_every_instruction_set(isa):
+    # the test above runs the kernel's widest pass for this CPU (AVX-512 where it has it);
+    # LJAX_TOPK_ISA makes a fresh process take a narrower one, which CPUs without it run
+    done = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
+         'native_kernel_matches_the_reference_across_chunks'],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
+        env={**os.environ, 'LJAX_TOPK_ISA': isa},
+    )
+    assert done.returncode == 0 and '3 passed' in done.stdout, done.stdout[-3000:]
 
 
 def test_the_search_steps_mask_update_is_the_native_kernel_on_cpu():
