@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from flax import jax_utils
 
+from ljax import cpumem
+
 AXIS_NAME = 'batch'
 
 
@@ -59,7 +61,11 @@ def _on_one_device(fn, sharding, donate=()):
 
     # outputs placed as `replicate` and `put` place the inputs: the next call's inputs then have
     # the same sharding, and the program is compiled once
-    return jax.jit(one, donate_argnums=donate, out_shardings=sharding)
+    options = None
+    if sharding.mesh.devices.flat[0].platform == 'cpu':  # temporaries kept paged in: ljax.cpumem
+        cpumem.keep_freed_memory()
+        options = cpumem.compiler_options()
+    return jax.jit(one, donate_argnums=donate, out_shardings=sharding, compiler_options=options)
 
 
 class Parallel:
