@@ -22,7 +22,6 @@ Measured with `python benchmarks/speed.py --parts plain` (docs/RESULTS.md, Speed
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 ENV_SWITCH = 'LJAX_MALLOPT'
@@ -36,6 +35,7 @@ _applied: bool | None = None
 
 
 def enabled() -> bool:
+    """Whether the settings apply (`LJAX_MALLOPT` is not '0')."""
     return os.environ.get(ENV_SWITCH, '1') != '0'
 
 
@@ -49,15 +49,12 @@ def keep_freed_memory() -> bool:
     `LJAX_MALLOPT=0` or the C library is not glibc)."""
     global _applied
     if _applied is None:
-        _applied = False
-        if enabled():
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-                version = libc.gnu_get_libc_version  # glibc only
-            except (OSError, AttributeError):
-                version = None
-            if version is not None:
-                mallopt = libc.mallopt
-                mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-                _applied = all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+        try:
+            libc = ctypes.CDLL(None)  # the C library this process already runs on
+        except (OSError, TypeError):  # Windows: no such handle
+            libc = None
+        _applied = enabled() and hasattr(libc, 'gnu_get_libc_version')  # glibc's mallopt only
+        if _applied:
+            libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _applied = all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS)
     return _applied
