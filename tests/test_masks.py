@@ -429,23 +429,28 @@ def test_stacked_selection_matches_the_per_row_selection(seed):
 
 @pytest.mark.parametrize('kind', ['normal', 'few', 'zeros'])
 def test_native_kernel_matches_the_reference_across_chunks(kind):
-    # 200,003 weights: four chunks of the kernel's pass and its write (run on XLA's thread pool)
-    # and a short last block; ties spread over every chunk ('few', 'zeros': -0.0 ranks as +0.0)
+    # 1,200,003 weights: 19 chunks of the kernel's pass and its write (run on XLA's thread pool)
+    # and a short last block; ties spread over every chunk ('few', 'zeros': -0.0 ranks as +0.0).
+    # The old mask donated too: the kernel then writes only the chunks and blocks that can change.
     rng = np.random.default_rng(11)
-    s = layer_scores(rng, (200_003,), kind)
+    s = layer_scores(rng, (1_200_003,), kind)
     old = rng.random(s.shape) < 0.2
-    for k in (0, 1, 12_345, 100_000, 200_002, 200_003):
+    keys = np.asarray(masks.order_keys(jnp.asarray(s)))
+    ranked = np.sort(keys)[::-1]
+    fresh = jax.jit(masks.native_topk_mask)
+    in_place = jax.jit(masks.native_topk_mask, donate_argnums=3)
+    for k in (0, 1, 12_345, 600_000, 1_200_002, 1_200_003):
         want = reference.topk(s, k)
         _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
-        keys = np.asarray(masks.order_keys(jnp.asarray(s)))
-        ranked = np.sort(keys)[::-1]  # hints a few dozen keys off: the kernel's heap of blocks
-        near = [int(ranked[np.clip(k - 1 + d, 0, s.size - 1)]) for d in (-40, 40)]
+        # hints a few keys off (the chunks' nearest blocks bound the search) and a few dozen
+        near = [int(ranked[np.clip(k - 1 + d, 0, s.size - 1)]) for d in (-40, -3, 3, 40)]
         for hint in (None, t, int(keys[rng.integers(0, s.size)]), 1, 0xFFFFFFFF, *near):
-            got, t2, flips = jax.jit(masks.native_topk_mask)(
-                jnp.asarray(s), k, None if hint is None else jnp.uint32(hint), jnp.asarray(old)
-            )
-            np.testing.assert_array_equal(got, want)
-            assert int(t2) == int(t) and int(flips) == int(np.sum(want != old)), (k, hint)
+            for step in (fresh, in_place):
+                got, t2, flips = step(
+                    jnp.asarray(s), k, None if hint is None else jnp.uint32(hint), jnp.array(old)
+                )
+                np.testing.assert_array_equal(got, want)
+                assert int(t2) == int(t) and int(flips) == int(np.sum(want != old)), (k, hint)
 
 
 @pytest.mark.parametrize('isa', ['avx2', 'scalar'])

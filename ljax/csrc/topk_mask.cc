@@ -13,11 +13,14 @@
 //    the (-e)-th largest key below h (e < 0). The |e|+1 blocks whose nearest key on that side is
 //    nearest to h (with ties: all blocks as near as the (|e|+1)-th) hold every key between h and
 //    the threshold and all its ties, so a selection over their few keys (nth_element) gives the
-//    threshold, the count of keys above it and the indices of its ties exactly;
+//    threshold, the count of keys above it and the indices of its ties exactly. The pass also
+//    sums each chunk of blocks (below): the serial selection visits only the chunks whose
+//    nearest block is among the |e|+1 nearest chunks', which hold those blocks;
 // 2. the new mask written over the old (XLA aliases the two buffers), and compared with it, in
 //    those candidate blocks and in the blocks where (key >= h) differs from the old bit: in every
-//    other block the new bits are (key >= h), which are the old ones. Loads run 1,024 keys ahead
-//    of use (prefetched: the scores stream from memory, and the stalls at page ends dominated).
+//    other block (and every chunk without such a block) the new bits are (key >= h), which are
+//    the old ones. Loads run 1,024 keys ahead of use (prefetched: the scores stream from memory,
+//    and the stalls at page ends dominated).
 // A far hint only makes the selection's share larger (all blocks at worst), never the result
 // different. Hint 0: estimated from 4,096 evenly spaced keys. Passes run on XLA's intra-op thread
 // pool in chunks of 1,024 blocks; the calling thread takes chunks too, and waits only for chunks
@@ -296,10 +299,35 @@ inline bool Nearest(const BlockStats& b, bool up, uint32_t h, uint32_t* d) {
   return true;
 }
 
+// A chunk's blocks summed up in the first pass, so that the serial selection and the write visit
+// only the chunks that can hold a candidate or a changed bit: per side (0: keys < h, 1: keys >= h)
+// the blocks with a key there and the distance to h of the nearest of them (kMax: none).
+struct ChunkStats {
+  int64_t count = 0;  // keys >= h
+  int64_t diff = 0;   // positions where (key >= h) differs from the old mask
+  int64_t blocks[2] = {0, 0};
+  uint32_t nearest[2] = {kMax, kMax};
+};
+
+ChunkStats Summarise(const BlockStats* stats, int64_t first, int64_t stop, uint32_t h) {
+  ChunkStats c;
+  for (int64_t b = first; b < stop; ++b) {
+    c.count += stats[b].count;
+    c.diff += stats[b].diff;
+    for (int up = 0; up < 2; ++up) {
+      uint32_t d;
+      if (!Nearest(stats[b], up, h, &d)) continue;
+      ++c.blocks[up];
+      c.nearest[up] = std::min(c.nearest[up], d);
+    }
+  }
+  return c;
+}
+
 // The threshold of a layer whose keys >= h number `count` (> 0 away from k), from the blocks'
 // statistics: see the file's comment.
 Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
-                 const BlockStats* stats, int64_t nb) {
+                 const BlockStats* stats, int64_t nb, const std::vector<ChunkStats>& chunks) {
   const int64_t e = count - k;
   const bool up = e >= 0;  // the threshold is >= h
   const int64_t j = up ? e + 1 : -e;  // it is the j-th nearest key to h on its side
@@ -307,14 +335,33 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
   // the j-th smallest: a heap of the j nearest for a near hint, else a selection over all
   auto nearest = [&](const BlockStats& b, uint32_t* d) { return Nearest(b, up, h, d); };
   uint32_t bound = kMax;  // blocks at most this far hold every key between h and the threshold
+  // Only chunks whose nearest block is at most the j-th smallest of the chunks' nearest can hold
+  // one of the j nearest blocks (those j chunks hold j blocks at most that far): visit those.
   std::vector<uint32_t> near;
   int64_t blocks = 0;  // blocks with a key on that side
-  if (j <= kHeap) {
+  for (const ChunkStats& c : chunks) {
+    blocks += c.blocks[up];
+    if (c.blocks[up]) near.push_back(c.nearest[up]);
+  }
+  uint32_t reach = kMax;
+  if (static_cast<int64_t>(near.size()) >= j) {
+    std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
+    reach = near[j - 1];
+  }
+  std::vector<int64_t> spans;  // [first, stop) block ranges of those chunks
+  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c) {
+    if (!chunks[c].blocks[up] || chunks[c].nearest[up] > reach) continue;
+    spans.push_back(c * kChunkBlocks);
+    spans.push_back(std::min(nb, (c + 1) * kChunkBlocks));
+  }
+  near.clear();
+  if (blocks <= j) {
+    // every block on that side is a candidate: bound stays kMax
+  } else if (j <= kHeap) {
     near.reserve(j);
-    for (int64_t b = 0; b < nb; ++b) {
+    for (size_t s = 0; s < spans.size(); s += 2) for (int64_t b = spans[s]; b < spans[s + 1]; ++b) {
       uint32_t d;
       if (!nearest(stats[b], &d)) continue;
-      ++blocks;
       if (static_cast<int64_t>(near.size()) < j) {
         near.push_back(d);
         std::push_heap(near.begin(), near.end());
@@ -324,20 +371,18 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
         std::push_heap(near.begin(), near.end());
       }
     }
-    if (blocks > j) bound = near.front();
+    bound = near.front();
   } else {
-    near.reserve(nb);
-    for (int64_t b = 0; b < nb; ++b) {
+    for (size_t s = 0; s < spans.size(); s += 2) for (int64_t b = spans[s]; b < spans[s + 1]; ++b) {
       uint32_t d;
       if (nearest(stats[b], &d)) near.push_back(d);
     }
-    if (static_cast<int64_t>(near.size()) > j) {
-      std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
-      bound = near[j - 1];
-    }
+    std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
+    bound = near[j - 1];
   }
+  if (bound == kMax) spans = {0, nb};  // (blocks <= j) all of them
   std::vector<std::pair<uint32_t, int32_t>> keys;  // (distance from h, index) of those keys
-  for (int64_t b = 0; b < nb; ++b) {
+  for (size_t s = 0; s < spans.size(); s += 2) for (int64_t b = spans[s]; b < spans[s + 1]; ++b) {
     uint32_t d;
     if (!nearest(stats[b], &d) || d > bound) continue;
     int64_t stop = std::min(n, (b + 1) * kBlock);
@@ -392,33 +437,38 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   Selection sel{kMax, -1};
   uint32_t h = 0;
   std::unique_ptr<BlockStats[]> stats;
+  std::vector<ChunkStats> summary(chunks);
   if (k > 0) {
     h = hint_buf.typed_data()[0];
     if (h == 0) h = EstimateHint(x, n, k);
     h = std::max(h, 1u);
     stats.reset(new BlockStats[nb]);  // every entry written below
-    std::vector<int64_t> counts(chunks, 0);
     Parallel(pool, chunks, [&](int64_t c) {
       const int64_t begin = c * chunk, end = std::min(n, begin + chunk);
       Stats(x, was, begin, end, h, stats.get());
-      int64_t sum = 0;
-      for (int64_t b = begin / kBlock; b < (end + kBlock - 1) / kBlock; ++b) sum += stats[b].count;
-      counts[c] = sum;
+      summary[c] = Summarise(stats.get(), begin / kBlock, (end + kBlock - 1) / kBlock, h);
     });
     int64_t count = 0;
-    for (int64_t c : counts) count += c;
-    sel = Select(x, n, k, h, count, stats.get(), nb);
+    for (const ChunkStats& c : summary) count += c.count;
+    sel = Select(x, n, k, h, count, stats.get(), nb, summary);
   }
   std::vector<int64_t> changed(chunks, 0);
   if (stats && out == before) {
     // In place (the old mask's buffer is the new one's): a block can change only where a key
     // lies between h and the threshold (a candidate block of Select) or where (key >= h)
-    // differs from the old bit; every other block keeps its bits and is not touched.
+    // differs from the old bit; every other block keeps its bits and is not touched, nor is a
+    // chunk without such a block.
     auto dirty = [&](int64_t b) {
       uint32_t d;
       return stats[b].diff || (Nearest(stats[b], sel.up, h, &d) && d <= sel.bound);
     };
-    Parallel(pool, chunks, [&](int64_t c) {
+    std::vector<int64_t> visit;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const ChunkStats& cs = summary[c];
+      if (cs.diff || (cs.blocks[sel.up] && cs.nearest[sel.up] <= sel.bound)) visit.push_back(c);
+    }
+    Parallel(pool, static_cast<int64_t>(visit.size()), [&](int64_t v) {
+      const int64_t c = visit[v];
       const int64_t first = c * kChunkBlocks, stop = std::min(nb, first + kChunkBlocks);
       int64_t sum = 0;
       for (int64_t b = first; b < stop;) {
