@@ -327,12 +327,14 @@ def breakdown_models(quick: bool) -> list[tuple]:
 def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, warm: int = 30) -> dict:
     """One search step of a model (90% sparsity) in parts, each
     jitted alone on the state after `warm` search steps (the mask update: the next step's scores
-    under that state's hints and mask), interleaved: the plain flax step, the
+    under that state's hints and mask), interleaved: the plain flax step (the faster of donated
+    and not), the
     dense forward/backward (the plain step without its update), the masked forward/backward (the
     search's: w * ste(scores, mask), gradients with respect to the masked weights), the score
     update (STE product and SGD on scores and momentum), the mask update (`topk_masks` with hints
-    and flips) and the guard's check of the gradients; beside the floor: the bytes a search step
-    must move beyond a dense step, at `bandwidth` (bytes/s, this machine's measured)."""
+    and flips, over the old mask in place) and the guard's check of the gradients; beside the
+    floor: the bytes a search step must move beyond a dense step, at `bandwidth` (bytes/s, this
+    machine's measured)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch,) + shape).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
@@ -349,8 +351,7 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
     replicated, _ = par.train(replicated, x, y)
     after = jax.device_put(par.unreplicate(replicated), device)  # the scores the next update sees
     run_search = _ljax_step(par, replicated, x, y)
-    plain = benchlib.PlainStep(model, v, [device])
-    run_plain = functools.partial(plain, *plain.put(x, y))
+    plains = [benchlib.PlainStep(model, v, [device], donate=d) for d in (True, False)]
     names, kept, tx = search.names, search.kept, search.optimizer()
     params = jax.device_put(search.params, device)
     xd, yd = jax.device_put((x, y), device)
@@ -380,28 +381,36 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
         updates, opt_state = tx.update({n: g[n] * f[n] for n in names}, opt_state, scores)
         return optax.apply_updates(scores, updates), opt_state
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(3,))
     def mask_update(scores, thresholds, previous, old):
         hints = {n: masks.extrapolate(thresholds[n], previous[n]) for n in names}
         return masks.topk_masks(scores, kept, hints, old=old)
 
     check = jax.jit(lambda g: loop_lib.finite(jnp.float32(0), g))
-    box = jax.tree.map(jnp.copy, [state.scores, state.opt_state])  # donated by the update
+    # donated by the updates; the mask update writes over the old mask, as in the step (the first
+    # call flips the next step's bits, later ones find them flipped)
+    box = jax.tree.map(jnp.copy, [state.scores, state.opt_state, state.mask])
 
     def run_update():
         box[0], box[1] = score_update(box[0], box[1], g, params)
         return box[0]
 
+    def run_mask_update():
+        box[2], _, flips = mask_update(after.scores, state.thresholds, state.previous, box[2])
+        return flips
+
     runs = {
-        'plain step': run_plain,
+        'plain step': functools.partial(plains[0], *plains[0].put(x, y)),
+        'plain step, not donated': functools.partial(plains[1], *plains[1].put(x, y)),
         'search step': run_search,
         'dense forward/backward': lambda: dense_fwd_bwd(params, state.batch_stats),
         'masked forward/backward': lambda: masked_fwd_bwd(params, state.scores, state.mask, state.batch_stats),
         'score update': run_update,
-        'mask update': lambda: mask_update(after.scores, state.thresholds, state.previous, state.mask),
+        'mask update': run_mask_update,
         'finite check of the gradients': lambda: check(g),
     }
     med = benchlib.interleaved(runs, steps)
+    med['plain step'] = min(med['plain step'], med.pop('plain step, not donated'))  # the faster
     prunable = sum(int(np.size(search.magnitude[n])) for n in names)
     # beyond a dense step: masked weights made for the forward (read w and mask, write w * m,
     # read back by the forward: 4 + 1 + 4 + 4 - 4 (the dense forward reads w) = 9 bytes), the
