@@ -8,6 +8,9 @@ Wanda init (its one-shot rows are those of the run above):
   --config.score_init=wanda --config.baselines=False --workdir runs/minilm_wordnet_wanda_init
 Per-layer hidden-state matching (1 - cosine of the embedding and of every layer's token states):
   --config.distill=hidden --config.baselines=False --workdir runs/minilm_wordnet_hidden
+An in-sample ceiling, not a result (the mask fit to the scored held-out glosses themselves):
+  --config.score_init=wanda --config.baselines=False --config.search_glosses=held_out
+  --config.epochs=10 --workdir runs/minilm_wordnet_ceiling
 """
 
 from ljax.config import base

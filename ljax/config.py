@@ -27,6 +27,7 @@ DTYPES = ('float32', 'bfloat16')
 RESTRICTIONS = ('none', 'cosine', 'poly4', 'linear', 'constant:R')
 TEACHERS = ('', 'dense')
 DISTILLS = ('kl', 'cosine', 'hidden')
+SEARCH_GLOSSES = ('search', 'held_out')  # text: the glosses the search learns from
 
 # (name, default, one-line description). A default that is a type T means "unset" (a None
 # placeholder that only takes a T).
@@ -53,6 +54,9 @@ FIELDS = (
      'tokens that calibrate Wanda and SparseGPT (>= 1)'),
     ('baselines', True, 'text: also score one-shot magnitude, Wanda and SparseGPT (N:M and '
      'unstructured at the same sparsity)'),
+    ('search_glosses', 'search', "text: what the search learns from: 'search' (its own split) or "
+     "'held_out' (the scored glosses themselves, eval_examples of them: an in-sample ceiling of "
+     "the held-out scores, not a result)"),
     ('sync_bn', True, "BatchNorm statistics over the global batch (axis 'batch'), as on 1 device"),
     # multi-host: the same command on every host with these three, or distributed=True alone
     ('coordinator_address', str, "multi-host: 'HOST:PORT' of process 0 (with num_processes, process_id)"),
@@ -173,6 +177,7 @@ def validate(config) -> None:
     one_of('dtype', DTYPES)
     one_of('teacher', TEACHERS)
     one_of('distill', DISTILLS)
+    one_of('search_glosses', SEARCH_GLOSSES)
     expect('temperature', lambda v: _is_number(v) and v > 0, 'a number > 0')
     expect('nm', _nm_ok, "'' or 'N:M' with integers 0 < N < M, e.g. '2:4'")
     expect('process_id', lambda v: v is None or (_is_int(v) and v >= 0), 'unset or an integer >= 0')

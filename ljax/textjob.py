@@ -4,7 +4,9 @@ checkpoints), as for the image models.
 
 `TextJob(config)` loads the encoder (`ljax.models.bert`) and the glosses (`ljax.glossdata`):
 - `train`: search-split glosses (`train_examples` of them), label-free batches;
-- `test`: held-out glosses (`eval_examples`), never seen by the search;
+- `test`: held-out glosses (`eval_examples`), never seen by the search (but with
+  `search_glosses='held_out'`, a diagnostic: the search then learns from them, an in-sample
+  ceiling of their scores);
 - `calibration`: `calibration_examples` packed search-split sequences of `max_seq_length` tokens,
   for Wanda (the search's one-shot baseline and Wanda init) and SparseGPT.
 `prepare(search)` embeds the held-out glosses with the dense model and fits the supersense probe
@@ -68,11 +70,14 @@ class TextJob:
             tokenizer, max_len, path=config_lib.get(config, 'data_dir'), seed=config.seed
         )
         search = glosses.search
+        self.held_out = glosses.held_out.take(config_lib.get(config, 'eval_examples'))
+        # search_glosses='held_out': the scored glosses themselves (an in-sample ceiling)
+        self.in_sample = config_lib.get(config, 'search_glosses') == 'held_out'
+        learn = search.take(config_lib.get(config, 'train_examples'))
         self.train = glossdata.batches(
-            search.take(config_lib.get(config, 'train_examples')),
+            self.held_out if self.in_sample else learn,
             config.batch_size, self.widths, train=True, seed=config.seed,
         )
-        self.held_out = glosses.held_out.take(config_lib.get(config, 'eval_examples'))
         if len(self.held_out.ids) <= NEIGHBOURS:
             raise ValueError(
                 f'eval_examples: {len(self.held_out.ids)} held-out glosses; the neighbour '

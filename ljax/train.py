@@ -482,6 +482,7 @@ def _finish_text(config, workdir, job, par, search_: Search, final, meta, wall) 
     form = nm if nm else f'{100 * config.sparsity:g}% unstructured'
     distill = config_lib.get(config, 'distill')
     how = f'{config.score_init} init' + (', hidden states' if distill == 'hidden' else '')
+    how += ', fit to the held-out glosses: in-sample' if job.in_sample else ''
     jackpot_row = {
         'name': f'lottery jackpot {form} ({how})',
         'method': 'jackpot',
@@ -508,6 +509,7 @@ def _finish_text(config, workdir, job, par, search_: Search, final, meta, wall) 
         'target_sparsity': 1 - int(nm.split(':')[0]) / int(nm.split(':')[1]) if nm else config.sparsity,
         'prunable_weights': sum(int(m.size) for m in mask.values()),
         'search_glosses': job.train.num_examples,
+        'search_split': config_lib.get(config, 'search_glosses'),
         'held_out_glosses': len(job.held_out.ids),
         'probe_glosses': len(job.probe_split.ids),
         'calibration_sequences': sum(len(b) for b in job.calibration),

@@ -114,3 +114,17 @@ def test_hidden_state_distillation_runs_the_same_job(tmp_path):
     assert dense['cosine'] == pytest.approx(1.0, abs=1e-5)
     assert 0.0 < jackpot['cosine'] < 1.0 and jackpot['sparsity'] == pytest.approx(0.5)
     assert results['history'][0]['jackpot_cosine'] == jackpot['cosine']
+
+
+def test_the_in_sample_ceiling_learns_from_the_held_out_glosses(tmp_path):
+    """--config.search_glosses=held_out: the search learns from the scored glosses themselves,
+    and its row and results.json say so."""
+    workdir = str(tmp_path / 'ceiling')
+    proc = run(workdir, '--config.search_glosses=held_out')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, 'results.json')) as f:
+        results = json.load(f)
+    assert results['search_split'] == 'held_out'
+    assert results['search_glosses'] == results['held_out_glosses'] == 40
+    assert results['steps'] == 2  # 40 glosses: two full batches of 16 (one width), one epoch
+    assert results['rows'][-1]['name'].endswith('in-sample)')

@@ -32,6 +32,7 @@ def test_a_text_config_validates_and_is_recognised(distill):
         (dict(max_seq_length=1), 'max_seq_length: expected an integer in [2, 512]'),
         (dict(probe_examples=0), 'probe_examples: expected an integer >= 1'),
         (dict(calibration_examples=0), 'calibration_examples: expected an integer >= 1'),
+        (dict(search_glosses='test'), "search_glosses: expected one of 'search', 'held_out'"),
     ],
 )
 def test_bad_text_configs_name_the_field(overrides, message):
