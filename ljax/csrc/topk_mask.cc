@@ -348,16 +348,18 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
     std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
     reach = near[j - 1];
   }
-  std::vector<int64_t> spans;  // [first, stop) block ranges of those chunks
-  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c) {
+  // [first, stop) block ranges to visit: those chunks, or every block when each block with a key
+  // on that side is a candidate (at most j of them: bound stays kMax)
+  const bool all = blocks <= j;
+  std::vector<int64_t> spans;
+  if (all) spans = {0, nb};
+  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()) && !all; ++c) {
     if (!chunks[c].blocks[up] || chunks[c].nearest[up] > reach) continue;
     spans.push_back(c * kChunkBlocks);
     spans.push_back(std::min(nb, (c + 1) * kChunkBlocks));
   }
   near.clear();
-  if (blocks <= j) {
-    // every block on that side is a candidate: bound stays kMax
-  } else if (j <= kHeap) {
+  if (!all && j <= kHeap) {
     near.reserve(j);
     for (size_t s = 0; s < spans.size(); s += 2) for (int64_t b = spans[s]; b < spans[s + 1]; ++b) {
       uint32_t d;
@@ -372,7 +374,7 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
       }
     }
     bound = near.front();
-  } else {
+  } else if (!all) {
     for (size_t s = 0; s < spans.size(); s += 2) for (int64_t b = spans[s]; b < spans[s + 1]; ++b) {
       uint32_t d;
       if (nearest(stats[b], &d)) near.push_back(d);
@@ -380,7 +382,6 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
     std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
     bound = near[j - 1];
   }
-  if (bound == kMax) spans = {0, nb};  // (blocks <= j) all of them
   std::vector<std::pair<uint32_t, int32_t>> keys;  // (distance from h, index) of those keys
   for (size_t s = 0; s < spans.size(); s += 2) for (int64_t b = spans[s]; b < spans[s + 1]; ++b) {
     uint32_t d;
