@@ -5,8 +5,9 @@
 
 XLA:CPU rewrites a reduction over more than 32 elements into reduce-windows over a materialised
 copy of its input; `ljax.reductions` reduces over rows of 32, then over the row results. Prints ms
-per jitted call (mean of --calls after one warm-up) for the flip count, the finiteness check and
-the max of a `where`, the ratio, and whether the results agree. Results: docs/RESULTS.md, Speed.
+per jitted call (mean of --calls after one warm-up) for the flip count, the finiteness check (the
+rows trick, and the train steps' `tree_all_finite`: ljax's C++ kernel where it is built) and the
+max of a `where`, the ratio, and whether the results agree. Results: docs/RESULTS.md, Speed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main(argv=None):
          lambda a, b: jnp.sum(a != b, dtype=jnp.int32), lambda a, b: reductions.count(a != b)),
         ('finite: all(isfinite(g))', (g,),
          lambda g: jnp.all(jnp.isfinite(g)), reductions.all_finite),
+        ('finite: tree_all_finite (native kernel where built)', (g,),
+         lambda g: jnp.all(jnp.isfinite(g)), reductions.tree_all_finite),
         ('max(where(a, index, -1))', (a, index),
          lambda a, i: jnp.max(jnp.where(a, i, -1)), lambda a, i: reductions.total(jnp.where(a, i, -1), jnp.max)),
     ]

@@ -29,17 +29,14 @@ from jax import lax
 from tqdm import tqdm
 
 from ljax.parallel import Parallel, first
-from ljax.reductions import all_finite
+from ljax.reductions import tree_all_finite
 
 EpochBatches = Callable[[int, int], Iterator]  # (epoch, start_step) -> iterator of (x, y, ...)
 
 
 def finite(loss, grads) -> jax.Array:
     """Whether the loss and every gradient are finite (bool scalar)."""
-    ok = jnp.isfinite(loss)
-    for g in jax.tree.leaves(grads):
-        ok = ok & all_finite(g)
-    return ok
+    return jnp.isfinite(loss) & tree_all_finite(grads)
 
 
 GUARDS = ('cond', 'select')

@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from ljax import selection as sel
-from ljax.reductions import count
+from ljax.reductions import count, native_kernels
 from ljax.selection import MAX, chosen, order_keys
 
 __all__ = [
@@ -390,9 +390,7 @@ SELECTIONS = ('native', 'hinted', 'segmented')
 
 
 def _native_available() -> bool:
-    from ljax.models import onednn  # the library that holds the kernel, built on first use
-
-    return onednn.available()
+    return native_kernels()
 
 
 def default_selection() -> str:

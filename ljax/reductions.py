@@ -9,6 +9,8 @@ the row results, with an optimization barrier between them so that XLA does not 
 into one reduction. On GPU and TPU the barrier costs one small intermediate (1/32 of the input).
 Arrays under `_LARGE` elements keep one reduction: their copy is small, and the barrier's extra
 operations measured slower there (the selections count many small rows per pass).
+The train steps' finite check (`tree_all_finite`) runs on ljax's C++ kernel on CPU where it is
+built: one call for all the gradients, at memory speed.
 Measured in docs/RESULTS.md, Speed.
 """
 
@@ -47,3 +49,35 @@ def count(pred: jax.Array) -> jax.Array:
 def all_finite(x: jax.Array) -> jax.Array:
     """Whether every element of `x` is finite (bool scalar)."""
     return total(jnp.isfinite(x), jnp.all)
+
+
+def native_all_finite(arrays) -> jax.Array:
+    """Whether every element of some float32 arrays is finite (bool scalar), from one call of
+    ljax's C++ kernel (XLA:CPU only, `ljax/csrc/all_finite.cc`): at memory speed, where XLA's
+    reductions here run at a third of it."""
+    return jax.ffi.ffi_call(
+        'ljax_all_finite', jax.ShapeDtypeStruct((), jnp.bool_), vmap_method='sequential'
+    )(*arrays)
+
+
+def tree_all_finite(tree) -> jax.Array:
+    """Whether every element of every array of `tree` is finite (bool scalar): on CPU, where
+    ljax's C++ kernels are built, the float32 arrays of at least `_LARGE` elements are checked by
+    `native_all_finite` in one call; every other array by `all_finite`."""
+    leaves = [jnp.asarray(a) for a in jax.tree.leaves(tree)]
+    large = [a.dtype == jnp.float32 and a.size >= _LARGE for a in leaves]
+    ok = jnp.bool_(True)
+    if any(large) and jax.default_backend() == 'cpu' and native_kernels():
+        ok = native_all_finite([a for a, big in zip(leaves, large) if big])
+        leaves = [a for a, big in zip(leaves, large) if not big]
+    for a in leaves:
+        ok = ok & all_finite(a)
+    return ok
+
+
+def native_kernels() -> bool:
+    """Whether ljax's C++ kernels for XLA:CPU are built here (`ljax.models.onednn.available()`,
+    which builds them on first use)."""
+    from ljax.models import onednn
+
+    return onednn.available()

@@ -6,8 +6,10 @@ on ResNet-32's 3x3 layers its forward, input gradient and weight gradient took 1
 runs the convolution itself on oneDNN through XLA's FFI and leaves every other op to XLA.
 
 - `available()`: whether the oneDNN kernels can run here. On first use the C++ sources
-  (`ljax/csrc/onednn_conv.cc`, and `ljax/csrc/topk_mask.cc`: the exact top-k mask of one layer,
-  `ljax.masks`' 'native' selection, which needs no oneDNN but ships in the same library) are
+  (`ljax/csrc/onednn_conv.cc`; `ljax/csrc/topk_mask.cc`, the exact top-k mask of one layer,
+  `ljax.masks`' 'native' selection; `ljax/csrc/all_finite.cc`, the train steps' finite check of
+  their gradients, `ljax.reductions.native_all_finite`: the last two need no oneDNN but ship in
+  the same library) are
   compiled with the system C++ compiler (`$CXX`, else g++) against
   the oneDNN headers and library of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (`pip
   install 'ljax[cpu]'`) and jaxlib's FFI headers, into ljax's cache; later processes load the
@@ -71,8 +73,9 @@ from ljax import cache
 import numpy as np
 
 _CSRC = Path(__file__).resolve().parent.parent / 'csrc'
-# the library: the convolutions, and the top-k mask of `ljax.masks` (its 'native' selection)
-SOURCES = (_CSRC / 'onednn_conv.cc', _CSRC / 'topk_mask.cc')
+# the library: the convolutions, the top-k mask of `ljax.masks` (its 'native' selection) and the
+# finite check of `ljax.reductions`
+SOURCES = (_CSRC / 'onednn_conv.cc', _CSRC / 'topk_mask.cc', _CSRC / 'all_finite.cc')
 ENV_SWITCH = 'LJAX_ONEDNN'
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 _TARGETS = {
@@ -80,6 +83,7 @@ _TARGETS = {
     'dx': ('ljax_onednn_conv_backward_data', 'LjaxOnednnConvBackwardData'),
     'dw': ('ljax_onednn_conv_backward_weights', 'LjaxOnednnConvBackwardWeights'),
     'topk': ('ljax_topk_mask', 'LjaxTopkMask'),
+    'finite': ('ljax_all_finite', 'LjaxAllFinite'),
 }
 _FLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC', '-w')
 _BUILD_TIMEOUT_S = 600
