@@ -40,7 +40,8 @@ from ljax.selection import MAX, chosen, order_keys
 __all__ = [
     'order_keys', 'kth_largest_key', 'topk_mask', 'topk_mask_with_threshold', 'host_topk_mask',
     'extrapolate', 'Tuning', 'Plan', 'plan', 'wide_blocks', 'second_try', 'TOPK', 'update_masks',
-    'topk_masks', 'SELECTIONS', 'default_selection', 'resolve_selection', 'native_topk_mask', 'ste',
+    'topk_masks', 'masked_weights', 'SELECTIONS', 'default_selection', 'resolve_selection',
+    'native_topk_mask', 'ste', 'masked_ste',
 ]
 
 
@@ -293,12 +294,34 @@ def _row(pairs, i):
     return tuple((t[i], c[i]) for t, c in pairs)
 
 
+def masked_weights(mask, weights):
+    """`where(mask, weights, +0.0)` of every layer of a dict: the weights as the masked model
+    sees them (pruned ones exactly +0.0, kept ones untouched)."""
+    return {n: jnp.where(mask[n], weights[n], jnp.zeros((), weights[n].dtype)) for n in mask}
+
+
 def update_masks(scores, kept, hints=None, *, rule=TOPK, old=None, count_flips=False,
-                 selection=None, tuning: Tuning = TUNING):
+                 selection=None, tuning: Tuning = TUNING, weights=None, masked=None):
     """The new masks of every layer of a dict under `rule` (`TOPK` or the restriction's): (masks,
     thresholds), plus with `count_flips` the count of positions whose bit differs from `old`
-    (int32; for a layer whose blocks were gathered, counted from the plan and those blocks).
+    (int32; for a layer whose blocks were gathered, counted from the plan and those blocks), plus
+    with `weights` the new `masked_weights` (the native kernel writes float32 ones over `masked`,
+    the old masks' masked weights, in the blocks that change).
     Call it inside jit (`topk_masks`, `restriction.restrict_masks`)."""
+    if weights is not None:
+        native = (resolve_selection(selection) == 'native' and rule is TOPK
+                  and all(w.dtype == jnp.float32 for w in weights.values()))
+        if not native or masked is None or old is None:
+            got = update_masks(scores, kept, hints, rule=rule, old=old, count_flips=count_flips,
+                               selection=selection, tuning=tuning)
+            return got + (masked_weights(got[0], weights),)
+        names = list(scores)
+        got = [native_topk_mask(scores[n], kept[n], None if hints is None else hints[n],
+                                old[n], weights[n], masked[n]) for n in names]
+        out = ({n: g[0] for n, g in zip(names, got)}, {n: g[1] for n, g in zip(names, got)})
+        if count_flips:
+            out += (sum((g[2] for g in got), jnp.int32(0)),)
+        return out + ({n: g[3] for n, g in zip(names, got)},)
     selection = resolve_selection(selection)
     names = list(scores)
     ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
@@ -422,21 +445,32 @@ def resolve_selection(selection: str | None) -> str:
     return selection
 
 
-def native_topk_mask(scores: jax.Array, k, hint=None, old=None):
+def native_topk_mask(scores: jax.Array, k, hint=None, old=None, weights=None, masked=None):
     """(mask, threshold key, flips) of one layer from ljax's C++ kernel (XLA:CPU only): the same
     top-k and threshold as `topk_mask_with_threshold`, and the count of positions where the mask
     differs from `old` (bool, scores' shape; None: all False). `hint`: the previous threshold key
     or its `extrapolate` (None or 0: estimated from a sample of the keys); it only changes the
-    cost."""
+    cost. With `weights` (float32, scores' shape) a fourth output, the masked weights
+    `where(mask, weights, +0.0)`, written over `masked` (the old mask's masked weights; None:
+    zeros) in the blocks that change only: `masked` must equal `where(old, weights, +0.0)`."""
     old = jnp.zeros(scores.shape, bool) if old is None else old.reshape(scores.shape)
     hint = jnp.uint32(0) if hint is None else jnp.asarray(hint, jnp.uint32)
-    return jax.ffi.ffi_call(
-        'ljax_topk_mask',
-        (jax.ShapeDtypeStruct(scores.shape, jnp.bool_), jax.ShapeDtypeStruct((), jnp.uint32),
-         jax.ShapeDtypeStruct((), jnp.int32)),
-        vmap_method='sequential',
-        input_output_aliases={1: 0},  # the new mask over the old: the kernel writes changed blocks
-    )(jnp.asarray(scores, jnp.float32), old, jnp.asarray(k, jnp.int32), hint)
+    args = (jnp.asarray(scores, jnp.float32), old, jnp.asarray(k, jnp.int32), hint)
+    result = (jax.ShapeDtypeStruct(scores.shape, jnp.bool_), jax.ShapeDtypeStruct((), jnp.uint32),
+              jax.ShapeDtypeStruct((), jnp.int32))
+    if weights is None:
+        return jax.ffi.ffi_call(
+            'ljax_topk_mask', result, vmap_method='sequential',
+            input_output_aliases={1: 0},  # the new mask over the old: the kernel writes changed blocks
+        )(*args)
+    weights = jnp.asarray(weights, jnp.float32).reshape(scores.shape)
+    masked = (jnp.where(old, weights, jnp.float32(0)) if masked is None
+              else masked.reshape(scores.shape))
+    mask, got, t, flips = jax.ffi.ffi_call(
+        'ljax_topk_mask_weights', (result[0], jax.ShapeDtypeStruct(scores.shape, jnp.float32))
+        + result[1:], vmap_method='sequential', input_output_aliases={1: 0, 5: 1},
+    )(*args, weights, jnp.asarray(masked, jnp.float32))
+    return mask, t, flips, got
 
 
 @functools.partial(jax.jit, static_argnames=('selection', 'count_flips', 'tuning'))
@@ -448,10 +482,14 @@ def topk_masks(
     old: dict[str, jax.Array] | None = None,
     count_flips: bool | None = None,
     tuning: Tuning = TUNING,
+    weights: dict[str, jax.Array] | None = None,
+    masked: dict[str, jax.Array] | None = None,
 ):
     """`topk_mask_with_threshold` for every layer of a dict in one call: (masks, thresholds), and
     with `count_flips` a third output, the count of positions whose bit differs from `old` (the
-    masks these replace; all layers, int32). count_flips None: counted when `old` is given.
+    masks these replace; all layers, int32). count_flips None: counted when `old` is given. With
+    `weights` a last output, the new masks' `masked_weights`; `masked` (those of `old`, donated
+    with it) lets the native kernel write them in the blocks that change only.
 
     Same masks and threshold keys as the per-layer function, whichever `selection` (None: the
     backend's `default_selection()`); `hints` (last step's thresholds, or their `extrapolate`)
@@ -459,7 +497,7 @@ def topk_masks(
     """
     count_flips = old is not None if count_flips is None else count_flips
     return update_masks(scores, kept, hints, old=old, count_flips=count_flips,
-                        selection=selection, tuning=tuning)
+                        selection=selection, tuning=tuning, weights=weights, masked=masked)
 
 
 @jax.custom_vjp
@@ -477,3 +515,24 @@ def _ste_bwd(_, g):
 
 
 ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+@jax.custom_vjp
+def masked_ste(scores: jax.Array, masked: jax.Array, weights: jax.Array) -> jax.Array:
+    """`weights * ste(scores, mask)` of a mask whose `masked_weights` are carried (`masked`):
+    returns `masked`, and the gradient goes to `scores` times `weights`, cast to scores' dtype,
+    as through `ste`; none goes to `masked` or `weights`. The search's step reads the masked
+    weights it carries instead of multiplying them out at every step."""
+    return masked
+
+
+def _masked_ste_fwd(scores, masked, weights):
+    return masked, (jnp.zeros((), scores.dtype), weights)
+
+
+def _masked_ste_bwd(res, g):
+    like, weights = res
+    return (g * weights).astype(like.dtype), None, None
+
+
+masked_ste.defvjp(_masked_ste_fwd, _masked_ste_bwd)

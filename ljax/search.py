@@ -1,7 +1,8 @@
 """The jackpot search: state, one pmapped step, evaluation, and `search_jackpot`.
 
 Only the scores train. The pre-trained params are replicated once and never updated or donated;
-the forward pass uses `w * ste(scores, mask)`, so d loss / d scores = d loss / d(w * m) * w.
+the forward pass uses `w * ste(scores, mask)`, so d loss / d scores = d loss / d(w * m) * w; the
+state carries `w * m` (`SearchState.weights`), rewritten where the mask changes (`masks.masked_ste`).
 After each optax update the mask moves by the short restriction (`ljax.restriction`), which keeps
 each layer's count exactly k_l.
 
@@ -140,12 +141,19 @@ class SearchState(struct.PyTreeNode):
     opt_state: Any
     batch_stats: Any
     rng: jax.Array
+    # the prunable weights as the model sees them, `masks.masked_weights` of the mask in the
+    # search's dtype: carried so that the step reads them as a plain step reads its parameters,
+    # and rewritten only where the mask changes. Derived from the mask: not checkpointed
+    # (`Search.checkpointed`, `Search.resumed`).
+    weights: dict
 
     @classmethod
-    def start(cls, scores, mask, thresholds, opt_state, batch_stats, rng, xp=jnp) -> 'SearchState':
+    def start(cls, scores, mask, thresholds, opt_state, batch_stats, rng, weights,
+              xp=jnp) -> 'SearchState':
         """The state at step 0 (`xp`: jnp inside a program, np on the host)."""
         return cls(step=xp.zeros((), xp.int32), scores=scores, mask=mask, thresholds=thresholds,
-                   previous=thresholds, opt_state=opt_state, batch_stats=batch_stats, rng=rng)
+                   previous=thresholds, opt_state=opt_state, batch_stats=batch_stats, rng=rng,
+                   weights=weights)
 
 
 def _check_options(o: 'SearchOptions') -> None:
@@ -378,7 +386,8 @@ class Search:
         # SGD with momentum: every leaf of its state starts at zero
         opt_state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                                  jax.eval_shape(self.optimizer().init, scores))
-        return SearchState.start(scores, mask, thresholds, opt_state, batch_stats, keys[1], np)
+        return SearchState.start(scores, mask, thresholds, opt_state, batch_stats, keys[1],
+                                 self.masked_weights(mask, np), np)
 
     def _random_state(self, batch_stats, keys) -> SearchState:
         """The state at step 0 from random scores (keys[0] draws them), as one program."""
@@ -391,7 +400,25 @@ class Search:
         else:
             mask, thresholds = masks.topk_masks(scores, self.kept, selection=self.selection)
         opt_state = self.optimizer().init(scores)
-        return SearchState.start(scores, mask, thresholds, opt_state, batch_stats, jnp.asarray(keys[1]))
+        return SearchState.start(scores, mask, thresholds, opt_state, batch_stats,
+                                 jnp.asarray(keys[1]), self.masked_weights(mask))
+
+    def masked_weights(self, mask, xp=jnp) -> dict:
+        """The prunable weights as the search's model sees them under `mask`: in its dtype,
+        pruned ones exactly +0.0 (`SearchState.weights`). xp: jnp, or np on the host."""
+        dtype = DTYPES[self.options.dtype]
+        flat = sparsity_lib.flatten(self.params)
+        return {n: xp.where(xp.asarray(mask[n]), xp.asarray(flat[n]).astype(dtype),
+                            xp.zeros((), dtype)) for n in self.names}
+
+    @staticmethod
+    def checkpointed(state: SearchState) -> SearchState:
+        """`state` as checkpoints hold it: without its masked weights, which `resumed` derives."""
+        return state.replace(weights={})
+
+    def resumed(self, state: SearchState) -> SearchState:
+        """A `checkpointed` state made whole again (on the host)."""
+        return state.replace(weights=self.masked_weights(state.mask, np))
 
     @property
     def _nm_axes(self) -> dict:
@@ -477,9 +504,6 @@ class Search:
         x = _cast(x, dtype)
         teacher = self.teacher_outputs(sparsity_lib.unflatten(f), x)
 
-        def masked(scores):  # the prunable weights as the model sees them
-            return {n: f[n] * masks.ste(scores[n], state.mask[n]).astype(f[n].dtype) for n in self.names}
-
         def loss_fn(weights, biases):
             logits, batch_stats = self.apply(
                 sparsity_lib.unflatten({**f, **biases, **weights}), state.batch_stats, x,
@@ -487,6 +511,11 @@ class Search:
             )
             loss, score = self.losses(_cast(logits, jnp.float32), y, teacher)
             return loss.mean(), (score, batch_stats)
+
+        prunable = {n: f[n] for n in self.names}
+
+        def masked(scores):  # the prunable weights as the model sees them, carried in the state
+            return {n: masks.masked_ste(scores[n], state.weights[n], f[n]) for n in self.names}
 
         weights, ste_vjp = jax.vjp(masked, state.scores)
         biases = {n: f[n] for n in self.biases}
@@ -509,6 +538,7 @@ class Search:
             updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
             scores = optax.apply_updates(state.scores, updates)
             hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}
+            weights = None  # the new masked weights, where the top-k does not write them
             if self.options.nm is not None:
                 if restriction.is_plain_topk(self.options.restriction):
                     # rate 1: the N:M top of every group, without the restriction's candidates
@@ -524,19 +554,23 @@ class Search:
             elif restriction.is_plain_topk(self.options.restriction):
                 # rate 1 at every step: the top-k alone, without the restriction's look at the old
                 # mask (whose changed blocks would all have to be gathered); flips counted on the way
-                mask, thresholds, flips = masks.topk_masks(
+                # the masked weights too: the native kernel rewrites them where the mask changes
+                mask, thresholds, flips, weights = masks.topk_masks(
                     scores, self.kept, hints, old=state.mask, count_flips=True,
-                    selection=self.selection,
+                    selection=self.selection, weights=prunable, masked=state.weights,
                 )
             else:
                 mask, thresholds, flips = restriction.restrict_masks(
                     state.mask, scores, self.kept, rate, hints, count_flips=True,
                     selection=self.selection,
                 )
+            if weights is None:  # one pass over the new mask
+                weights = masks.masked_weights(mask, prunable)
             new = state.replace(
                 step=state.step + 1,
                 scores=scores,
                 mask=mask,
+                weights=weights,
                 thresholds=thresholds,
                 previous=state.thresholds,
                 opt_state=opt_state,

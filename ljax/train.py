@@ -287,9 +287,10 @@ def search(config, workdir: str) -> dict:
     state = search_.init_state()
     layout = _layout(train)
     meta: dict[str, Any] = {'wall_seconds': 0.0, 'history': [], 'layout': layout}
-    restored = ckpt.restore(state)
+    restored = ckpt.restore(search_.checkpointed(state))
     if restored is not None:
         step, state, meta = restored
+        state = search_.resumed(state)
         _check_layout(meta.get('layout'), layout, config.sync_bn, workdir)
         meta['layout'] = layout
         done = os.path.join(workdir, RESULTS_FILE)
@@ -326,7 +327,7 @@ def search(config, workdir: str) -> dict:
     def save(step, state_r):
         meta['wall_seconds'] = time.time() - started
         meta['epoch_sums'] = dataclasses.asdict(loop.sums)
-        ckpt.save(step, par.unreplicate(state_r), meta)
+        ckpt.save(step, search_.checkpointed(par.unreplicate(state_r)), meta)
 
     def on_log(step, metrics):
         if writer is None:

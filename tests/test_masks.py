@@ -437,18 +437,28 @@ def test_native_kernel_matches_the_reference_across_chunks(kind):
     old = rng.random(s.shape) < 0.2
     keys = np.asarray(masks.order_keys(jnp.asarray(s)))
     ranked = np.sort(keys)[::-1]
+    # with weights, the masked weights too: written where the mask changes over the old ones
+    # (donated with it), or all of them into a buffer of their own
+    w = rng.normal(size=s.shape).astype(np.float32)
+    w_old = np.where(old, w, np.float32(0))
     fresh = jax.jit(masks.native_topk_mask)
-    in_place = jax.jit(masks.native_topk_mask, donate_argnums=3)
+    in_place = jax.jit(masks.native_topk_mask, donate_argnums=(3, 5))
+    weights_apart = jax.jit(masks.native_topk_mask, donate_argnums=3)
     for k in (0, 1, 12_345, 600_000, 1_200_002, 1_200_003):
         want = reference.topk(s, k)
+        want_w = np.where(want, w, np.float32(0)).view(np.uint32)  # +0.0 where pruned
         _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
         # hints a few keys off (the chunks' nearest blocks bound the search) and a few dozen
         near = [int(ranked[np.clip(k - 1 + d, 0, s.size - 1)]) for d in (-40, -3, 3, 40)]
         for hint in (None, t, int(keys[rng.integers(0, s.size)]), 1, 0xFFFFFFFF, *near):
-            for step in (fresh, in_place):
-                got, t2, flips = step(
-                    jnp.asarray(s), k, None if hint is None else jnp.uint32(hint), jnp.array(old)
-                )
+            h = None if hint is None else jnp.uint32(hint)
+            for step in (fresh, in_place, weights_apart):
+                args = (jnp.asarray(s), k, h, jnp.array(old))
+                if step is fresh:
+                    got, t2, flips = step(*args)
+                else:
+                    got, t2, flips, got_w = step(*args, jnp.asarray(w), jnp.array(w_old))
+                    np.testing.assert_array_equal(np.asarray(got_w).view(np.uint32), want_w)
                 np.testing.assert_array_equal(got, want)
                 assert int(t2) == int(t) and int(flips) == int(np.sum(want != old)), (k, hint)
 

@@ -181,8 +181,19 @@ def test_flips_metric_counts_the_mask_bits_each_step_changed(restriction, select
         state, metrics = par.train(state, *batches[step % 3])
         changed = sum(int(np.sum(before[n][0] != np.asarray(state.mask[n][0]))) for n in search.names)
         assert np.all(np.asarray(metrics['flips']) == changed), (step, metrics['flips'], changed)
+        assert_carried_weights(search, Parallel.unreplicate(state))
         seen.append(changed)
     assert sum(seen) > 0
+
+
+def assert_carried_weights(search, state):
+    """The state's masked weights, which the kernel rewrites only where the mask changed, are
+    those of its mask bit for bit: kept weights untouched, pruned ones +0.0 (not -0.0)."""
+    want = search.masked_weights(state.mask, np)
+    for n in search.names:
+        got = np.asarray(state.weights[n])
+        assert got.dtype == want[n].dtype
+        np.testing.assert_array_equal(got.view(np.uint32), want[n].view(np.uint32), err_msg=n)
 
 
 def test_state_keeps_the_last_two_thresholds_for_the_hint():
@@ -228,6 +239,7 @@ def test_initial_mask_and_thresholds_are_the_top_k_of_the_initial_scores(score_i
         calibration=data() if score_init == 'wanda' else None,
     )
     state = search.init_state()
+    assert_carried_weights(search, jax.device_get(state))
     mask, thresholds = masks.topk_masks(dict(state.scores), search.kept)
     for n in search.names:
         assert state.mask[n].dtype == bool

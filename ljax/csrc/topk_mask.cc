@@ -27,6 +27,10 @@
 // another thread has started.
 // The first pass runs with AVX-512 or AVX2 where the CPU has them (`LJAX_TOPK_ISA=avx2` or `scalar`
 // caps it: the tests run each).
+// A second handler (ljax_topk_mask_weights, for the search's step) also takes the layer's weights
+// and their masked copy under the old mask (aliased to its output), and writes the masked weights
+// (the weight where the bit is set, +0.0 elsewhere) in the same blocks as the mask: elsewhere they
+// are the old ones.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -39,6 +43,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -247,10 +252,12 @@ void Stats(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, uint32
 }
 #endif
 
-// keep: key > t, or key >= t (at or before the last kept tie); the count of changed bits
-LJAX_CLONES
-uint32_t WriteSpan(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t size, uint32_t t,
-                   uint32_t ties) {
+// keep: key > t, or key >= t (at or before the last kept tie); the count of changed bits. With
+// `w`: the masked weights written too, `w[i]` = keep ? `f[i]` : +0.0.
+template <bool kWeights>
+inline __attribute__((always_inline)) uint32_t WriteBody(const Bits* x, const uint8_t* old,
+                                                         uint8_t* mask, int64_t size, uint32_t t,
+                                                         uint32_t ties, const float* f, float* w) {
   uint32_t flips = 0;
   for (int64_t s = 0; s < size; s += 256) {
     for (int l = 0; l < 16; ++l) __builtin_prefetch(x + s + kPrefetch + 16 * l);
@@ -260,19 +267,46 @@ uint32_t WriteSpan(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t siz
       uint32_t key = Key(x[i]);
       uint8_t keep = (key > t) | ((key == t) & ties), was = old[i];
       mask[i] = keep;  // in place: `old` may be `mask`
+      if constexpr (kWeights) w[i] = keep ? f[i] : 0.0f;
       flips += keep ^ was;
     }
   }
   return flips;
 }
 
+LJAX_CLONES
+uint32_t WriteSpan(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t size, uint32_t t,
+                   uint32_t ties) {
+  return WriteBody<false>(x, old, mask, size, t, ties, nullptr, nullptr);
+}
+
+LJAX_CLONES
+uint32_t WriteSpanWeights(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t size,
+                          uint32_t t, uint32_t ties, const float* f, float* w) {
+  return WriteBody<true>(x, old, mask, size, t, ties, f, w);
+}
+
+// The masked weights of a layer, when the call writes them: the weights `f`, and the old and new
+// masked weights (the same buffer when XLA aliases them).
+struct Masked {
+  const float* f = nullptr;
+  const float* old = nullptr;
+  float* out = nullptr;
+};
+
 int64_t Write(const Bits* x, const bool* old, bool* mask, int64_t begin, int64_t end, uint32_t t,
-              int64_t last) {
+              int64_t last, const Masked& m) {
   auto* o = reinterpret_cast<const uint8_t*>(old);
-  auto* m = reinterpret_cast<uint8_t*>(mask);
+  auto* k = reinterpret_cast<uint8_t*>(mask);
   int64_t split = std::clamp<int64_t>(last + 1, begin, end);  // ties before it are kept
-  return int64_t{WriteSpan(x + begin, o + begin, m + begin, split - begin, t, 1)} +
-         WriteSpan(x + split, o + split, m + split, end - split, t, 0);
+  if (m.out) {
+    return int64_t{WriteSpanWeights(x + begin, o + begin, k + begin, split - begin, t, 1,
+                                    m.f + begin, m.out + begin)} +
+           WriteSpanWeights(x + split, o + split, k + split, end - split, t, 0, m.f + split,
+                            m.out + split);
+  }
+  return int64_t{WriteSpan(x + begin, o + begin, k + begin, split - begin, t, 1)} +
+         WriteSpan(x + split, o + split, k + split, end - split, t, 0);
 }
 
 uint32_t EstimateHint(const Bits* x, int64_t n, int64_t k) {
@@ -418,7 +452,7 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
                              ffi::Buffer<ffi::PRED> old, ffi::Buffer<ffi::S32> k_buf,
                              ffi::Buffer<ffi::U32> hint_buf, ffi::ResultBuffer<ffi::PRED> mask,
                              ffi::ResultBuffer<ffi::U32> threshold,
-                             ffi::ResultBuffer<ffi::S32> flips) {
+                             ffi::ResultBuffer<ffi::S32> flips, const Masked& m) {
   const Bits* x = reinterpret_cast<const Bits*>(scores.typed_data());
   const int64_t n = static_cast<int64_t>(scores.element_count());
   if (static_cast<int64_t>(old.element_count()) != n) {
@@ -454,7 +488,8 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
     sel = Select(x, n, k, h, count, stats.get(), nb, summary);
   }
   std::vector<int64_t> changed(chunks, 0);
-  if (stats && out == before) {
+  // (masked weights written to another buffer than the old ones': all written)
+  if (stats && out == before && m.out == m.old) {
     // In place (the old mask's buffer is the new one's): a block can change only where a key
     // lies between h and the threshold (a candidate block of Select) or where (key >= h)
     // differs from the old bit; every other block keeps its bits and is not touched, nor is a
@@ -476,7 +511,8 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
         if (!dirty(b)) { ++b; continue; }
         int64_t e = b + 1;
         while (e < stop && dirty(e)) ++e;  // a run of dirty blocks, written in one span
-        sum += Write(x, before, out, b * kBlock, std::min(n, e * kBlock), sel.threshold, sel.last);
+        sum += Write(x, before, out, b * kBlock, std::min(n, e * kBlock), sel.threshold, sel.last,
+                     m);
         b = e;
       }
       changed[c] = sum;
@@ -485,7 +521,7 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
     Parallel(pool, chunks, [&](int64_t c) {
       int64_t begin = c * chunk;
       changed[c] =
-          Write(x, before, out, begin, std::min(n, begin + chunk), sel.threshold, sel.last);
+          Write(x, before, out, begin, std::min(n, begin + chunk), sel.threshold, sel.last, m);
     });
   }
   int64_t total = 0;
@@ -495,17 +531,41 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   return ffi::Error::Success();
 }
 
-ffi::Error TopkMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::PRED> old,
-                    ffi::Buffer<ffi::S32> k, ffi::Buffer<ffi::U32> hint,
-                    ffi::ResultBuffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::U32> threshold,
-                    ffi::ResultBuffer<ffi::S32> flips) {
+template <typename... Args>
+ffi::Error Guarded(Args&&... args) {
   try {
-    return TopkMaskUnguarded(pool, scores, old, k, hint, mask, threshold, flips);
+    return TopkMaskUnguarded(std::forward<Args>(args)...);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("ljax topk_mask: ") + e.what());
   } catch (...) {
     return ffi::Error::Internal("ljax topk_mask: unknown C++ exception");
   }
+}
+
+ffi::Error TopkMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::PRED> old,
+                    ffi::Buffer<ffi::S32> k, ffi::Buffer<ffi::U32> hint,
+                    ffi::ResultBuffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::U32> threshold,
+                    ffi::ResultBuffer<ffi::S32> flips) {
+  return Guarded(pool, scores, old, k, hint, mask, threshold, flips, Masked{});
+}
+
+// The same, and the masked weights where(new mask, weights, +0.0) written over the old ones (XLA
+// aliases the two buffers), in the same blocks as the mask: those are the old masked weights'
+// elsewhere.
+ffi::Error TopkMaskWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
+                           ffi::Buffer<ffi::PRED> old, ffi::Buffer<ffi::S32> k,
+                           ffi::Buffer<ffi::U32> hint, ffi::Buffer<ffi::F32> weights,
+                           ffi::Buffer<ffi::F32> old_masked, ffi::ResultBuffer<ffi::PRED> mask,
+                           ffi::ResultBuffer<ffi::F32> masked,
+                           ffi::ResultBuffer<ffi::U32> threshold,
+                           ffi::ResultBuffer<ffi::S32> flips) {
+  if (weights.element_count() != scores.element_count() ||
+      old_masked.element_count() != scores.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "ljax topk_mask: the weights, the masked weights and the scores differ in size");
+  }
+  return Guarded(pool, scores, old, k, hint, mask, threshold, flips,
+                 Masked{weights.typed_data(), old_masked.typed_data(), masked->typed_data()});
 }
 
 }  // namespace
@@ -518,5 +578,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LjaxTopkMask, TopkMask,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LjaxTopkMaskWeights, TopkMaskWeights,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
