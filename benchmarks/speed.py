@@ -16,7 +16,8 @@ steps of a small MLP and 94 of a small BN-CNN as a plain Python loop of the plai
 `search_jackpot`, wall time of the whole call, JAX's caches cleared before each. `--parts breakdown`: one search step of the
 ResNet-50 stand-in in parts (dense and masked forward/backward, score update, mask update, the
 guard's check) beside its floor, the bytes a search step must move beyond a dense step at this
-machine's measured memory bandwidth. CSV: speed_plain.csv, speed_api.csv, speed_breakdown.csv.
+machine's measured memory bandwidth. Both time the search past its first steps (`--warm`, 8
+random batches in turn). CSV: speed_plain.csv, speed_api.csv, speed_breakdown.csv.
 
 0. Steady state through the one loop (`--parts loop`): `search_jackpot` timed by its per-epoch
    callback against dense training on the same loop; the same search with the last threshold as
@@ -37,8 +38,8 @@ machine's measured memory bandwidth. CSV: speed_plain.csv, speed_api.csv, speed_
    from those that chose the previous mask and hints (as during a search); also the update without
    hints, one counting pass over all keys (the unit of cost) and `lax.top_k` + scatter. Median of
    --repeats, interleaved; the results are checked equal to the per-layer loop's.
-3. Memory: bytes of `SearchState` (scores f32, mask bool, threshold keys, SGD momentum,
-   batch_stats, step, RNG) against the bytes of the frozen params: the params' shapes from
+3. Memory: bytes of `SearchState` (scores f32, mask bool, masked weights, threshold keys, SGD
+   momentum, batch_stats, step, RNG) against the bytes of the frozen params: the params' shapes from
    `jax.eval_shape`, the initial state made on the host from zeros (ResNet-50: about 300 MB).
 
 Prints markdown tables; writes CSV to --results-dir (default docs/results) and PNG plots to
@@ -90,17 +91,23 @@ _TOPK_MASKS = masks.topk_masks
 
 
 @functools.partial(jax.jit, static_argnames=('count_flips', 'selection'))
-def one_pass_masks(scores, kept, hints=None, old=None, count_flips=None, selection=None):
+def one_pass_masks(scores, kept, hints=None, old=None, count_flips=None, selection=None,
+                   weights=None, masked=None):
     """The floor of any mask update, standing in for `masks.topk_masks` in the 'floor' run: one
     elementwise pass (read the scores, write the mask `key >= hint`). Not a top-k: the count kept
     drifts; it times what an exact selection cannot go below (it must read every score and write
     every mask bit), everything else in the search step unchanged. With `old`, the flips it
-    reports are 0 (not counted: a floor)."""
+    reports are 0 (not counted: a floor); with `weights`, the masked weights are `masked` as they
+    were (a floor: not rewritten)."""
     if hints is None:  # the initial mask: exact
-        return _TOPK_MASKS(scores, kept, old=old, count_flips=count_flips, selection=selection)
+        return _TOPK_MASKS(scores, kept, old=old, count_flips=count_flips, selection=selection,
+                           weights=weights, masked=masked)
     new = {n: masks.order_keys(s) >= hints[n] for n, s in scores.items()}
     flips = old is not None if count_flips is None else count_flips
-    return (new, hints) + ((jnp.int32(0),) if flips else ())
+    out = (new, hints) + ((jnp.int32(0),) if flips else ())
+    if weights is not None:
+        out += (masked if masked is not None else masks.masked_weights(new, weights),)
+    return out
 
 
 def loop_times(label, model, shape, batch, target, steps_per_epoch, epochs, rounds):
@@ -179,47 +186,76 @@ def plain_models(quick: bool):
     ]
 
 
-def _ljax_step(par, state, x, y):
-    """An argument-less callable running `par.train` on (x, y) (placed once), state carried."""
-    box = [state]
-    xs, ys = par.put(x, y)
+def _ljax_step(par, state, batches, warm: int = 0, seen: list | None = None):
+    """An argument-less callable running `par.train` on `batches` in turn (placed once), state
+    carried, after `warm` untimed steps; each call's metrics appended to `seen` if given."""
+    box = [state, 0]
+    placed = [par.put(x, y) for x, y in batches]
 
     def run():
-        box[0], metrics = par.train(box[0], xs, ys)
+        box[0], metrics = par.train(box[0], *placed[box[1] % len(placed)])
+        box[1] += 1
+        if seen is not None:
+            seen.append(metrics)
         return metrics
+
+    for _ in range(warm):
+        jax.block_until_ready(run())
+    if seen is not None:
+        seen.clear()
+    return run
+
+
+def _cycled(step, placed):
+    """An argument-less callable calling `step(x, y)` on `placed` batches in turn."""
+    box = [0]
+
+    def run():
+        box[0] += 1
+        return step(*placed[(box[0] - 1) % len(placed)])
 
     return run
 
 
-def plain_times(label, model, shape, batch, target, dense_target, steps, with_pmap=False):
+def plain_times(label, model, shape, batch, target, dense_target, steps, with_pmap=False,
+                warm: int = 50, n_batches: int = 8):
     """Median step times, interleaved step by step on one device in one process: the plain flax
     train step (`benchlib.PlainStep`: TrainState, `jax.jit(train_step)`, `optax.sgd(0.1, 0.9)`,
     train-mode BN; state donated, and not donated), ljax's dense step (`DenseTraining` with the same
     optimizer: it differs by ljax's step machinery alone) and ljax's
     search step (90% sparsity, plain top-k), each through `Parallel` on that device; with_pmap
-    adds the search step pmapped over the one device (the path before issue 34). Ratios are to
-    the faster of the two plain steps."""
+    adds the search step pmapped over the one device (the path before issue 34). Every step takes
+    `n_batches` random batches in turn. The search is timed as it runs most of its steps: after
+    `warm` untimed steps, past the first ones, which flip tens of thousands of bits each (its
+    median flips per timed step are reported). `steps` timed steps of each, or as many as 2 s of
+    plain steps if more. Ratios are to the faster of the two plain steps."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch,) + shape).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int32)
-    v = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
+    batches = [(rng.normal(size=(batch,) + shape).astype(np.float32),
+                rng.integers(0, 10, batch).astype(np.int32)) for _ in range(n_batches)]
+    v = jax.device_get(model.init(jax.random.key(0), batches[0][0][:1], train=False))
     device = jax.local_devices()[0]
     runs = {}
     for key, donate in (('plain', True), ('plain_not_donated', False)):
         plain = benchlib.PlainStep(model, v, [device], donate=donate)
-        runs[key] = functools.partial(plain, *plain.put(x, y))
+        runs[key] = _cycled(plain, [plain.put(x, y) for x, y in batches])
     # the plain step's optimizer: the two differ by ljax's step machinery alone
     dense = DenseTraining(model, lr=0.1, weight_decay=0.0, total_steps=1, tx=optax.sgd(0.1, 0.9))
     par = Parallel(dense, [device])
-    runs['dense'] = _ljax_step(par, par.replicate(dense.init_state(v)), x, y)
-    search = Search.create(model, v, x[:1], sparsity=0.9, total_steps=10**6)
+    runs['dense'] = _ljax_step(par, par.replicate(dense.init_state(v)), batches)
+    search = Search.create(model, v, batches[0][0][:1], sparsity=0.9, total_steps=10**6)
     par = Parallel(search, [device])
-    runs['search'] = _ljax_step(par, par.replicate(search.init_state()), x, y)
+    seen: list = []
+    runs['search'] = _ljax_step(par, par.replicate(search.init_state()), batches, warm, seen)
     if with_pmap:
         par = Parallel(search, [device], pmap=True)
-        runs['search_pmap'] = _ljax_step(par, par.replicate(search.init_state()), x, y)
+        runs['search_pmap'] = _ljax_step(par, par.replicate(search.init_state()), batches, warm)
+    # at least 2 s of plain steps: a step of a few ms swings more than the ratios' margins
+    t = time.perf_counter()
+    jax.block_until_ready(runs['plain']())
+    steps = max(steps, int(2.0 / (time.perf_counter() - t)))
     med = benchlib.interleaved(runs, steps)
     plain = min(med['plain'], med['plain_not_donated'])
+    flips = np.median([int(np.asarray(m['flips']).reshape(-1)[0]) for m in seen])
     row = {
         'model': label,
         'batch': batch,
@@ -231,6 +267,8 @@ def plain_times(label, model, shape, batch, target, dense_target, steps, with_pm
         'target_search': target,
         'target_dense': dense_target,
         'steps': steps,
+        'warm': warm,
+        'search_flips_per_step': flips,
     }
     if with_pmap:
         row['search_pmap_over_plain'] = med['search_pmap'] / plain
@@ -324,33 +362,36 @@ def breakdown_models(quick: bool) -> list[tuple]:
     ]
 
 
-def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, warm: int = 30) -> dict:
+def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, warm: int = 50,
+                    n_batches: int = 8) -> dict:
     """One search step of a model (90% sparsity) in parts, each
-    jitted alone on the state after `warm` search steps (the mask update: the next step's scores
-    under that state's hints and mask), interleaved: the plain flax step (the faster of donated
-    and not), the
+    jitted alone on the state after `warm` search steps on `n_batches` random batches in turn
+    (the mask update: the next step's scores under that state's hints and mask), interleaved: the
+    plain flax step (the faster of donated and not), the
     dense forward/backward (the plain step without its update), the masked forward/backward (the
-    search's: w * ste(scores, mask), gradients with respect to the masked weights), the score
-    update (STE product and SGD on scores and momentum), the mask update (`topk_masks` with hints
-    and flips, over the old mask in place) and the guard's check of the gradients; beside the
-    floor: the bytes a search step must move beyond a dense step, at `bandwidth` (bytes/s, this
-    machine's measured)."""
+    search's: over the masked weights its state carries, gradients with respect to them), the
+    score update (STE product and SGD on scores and momentum), the mask update (`topk_masks` with
+    hints and flips, over the old mask and masked weights in place) and the guard's check of the
+    gradients; beside the floor: the bytes a search step must move beyond a dense step, at
+    `bandwidth` (bytes/s, this machine's measured)."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch,) + shape).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int32)
+    batches = [(rng.normal(size=(batch,) + shape).astype(np.float32),
+                rng.integers(0, 10, batch).astype(np.int32)) for _ in range(n_batches)]
+    x, y = batches[0]
     v = jax.device_get(model.init(jax.random.key(0), x[:1], train=False))
     device = jax.local_devices()[0]
     search = Search.create(model, v, x[:1], sparsity=0.9, total_steps=10**6)
     par = Parallel(search, [device])
     replicated = par.replicate(search.init_state())
-    # a state as during a search, past the first steps, where momentum builds up and thresholds
-    # jump far from their hints (most layers' candidates miss then, a rare one later)
-    for _ in range(warm):
-        replicated, _ = par.train(replicated, x, y)
+    # a state as during a search, past the first steps (which flip tens of thousands of bits each
+    # while the thresholds jump far from their hints)
+    for i in range(warm):
+        replicated, _ = par.train(replicated, *batches[i % n_batches])
     state = jax.device_put(par.unreplicate(replicated), device)  # a copy: the step donates
-    replicated, _ = par.train(replicated, x, y)
+    replicated, _ = par.train(replicated, *batches[warm % n_batches])
     after = jax.device_put(par.unreplicate(replicated), device)  # the scores the next update sees
-    run_search = _ljax_step(par, replicated, x, y)
+    nxt = (warm + 1) % n_batches
+    run_search = _ljax_step(par, replicated, batches[nxt:] + batches[:nxt])
     plains = [benchlib.PlainStep(model, v, [device], donate=d) for d in (True, False)]
     names, kept, tx = search.names, search.kept, search.optimizer()
     params = jax.device_put(search.params, device)
@@ -366,14 +407,13 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
         return jax.value_and_grad(loss_of, has_aux=True)(params, batch_stats)
 
     @jax.jit
-    def masked_fwd_bwd(params, scores, mask, batch_stats):
+    def masked_fwd_bwd(params, weights, batch_stats):
         f = sparsity_lib.flatten(params)
-        weights = {n: f[n] * masks.ste(scores[n], mask[n]) for n in names}
         return jax.value_and_grad(
             lambda w: loss_of(sparsity_lib.unflatten({**f, **w}), batch_stats), has_aux=True
         )(weights)
 
-    (_, _), g = masked_fwd_bwd(params, state.scores, state.mask, state.batch_stats)
+    (_, _), g = masked_fwd_bwd(params, state.weights, state.batch_stats)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def score_update(scores, opt_state, g, params):
@@ -381,22 +421,25 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
         updates, opt_state = tx.update({n: g[n] * f[n] for n in names}, opt_state, scores)
         return optax.apply_updates(scores, updates), opt_state
 
-    @functools.partial(jax.jit, donate_argnums=(3,))
-    def mask_update(scores, thresholds, previous, old):
+    @functools.partial(jax.jit, donate_argnums=(3, 4))
+    def mask_update(scores, thresholds, previous, old, masked, params):
+        f = sparsity_lib.flatten(params)
         hints = {n: masks.extrapolate(thresholds[n], previous[n]) for n in names}
-        return masks.topk_masks(scores, kept, hints, old=old)
+        return masks.topk_masks(scores, kept, hints, old=old, weights={n: f[n] for n in names},
+                                masked=masked)
 
     check = jax.jit(lambda g: loop_lib.finite(jnp.float32(0), g))
-    # donated by the updates; the mask update writes over the old mask, as in the step (the first
-    # call flips the next step's bits, later ones find them flipped)
-    box = jax.tree.map(jnp.copy, [state.scores, state.opt_state, state.mask])
+    # donated by the updates; the mask update writes over the old mask and masked weights, as in
+    # the step (the first call flips the next step's bits, later ones find them flipped)
+    box = jax.tree.map(jnp.copy, [state.scores, state.opt_state, state.mask, state.weights])
 
     def run_update():
         box[0], box[1] = score_update(box[0], box[1], g, params)
         return box[0]
 
     def run_mask_update():
-        box[2], _, flips = mask_update(after.scores, state.thresholds, state.previous, box[2])
+        box[2], _, flips, box[3] = mask_update(after.scores, state.thresholds, state.previous,
+                                               box[2], box[3], params)
         return flips
 
     runs = {
@@ -404,7 +447,7 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
         'plain step, not donated': functools.partial(plains[1], *plains[1].put(x, y)),
         'search step': run_search,
         'dense forward/backward': lambda: dense_fwd_bwd(params, state.batch_stats),
-        'masked forward/backward': lambda: masked_fwd_bwd(params, state.scores, state.mask, state.batch_stats),
+        'masked forward/backward': lambda: masked_fwd_bwd(params, state.weights, state.batch_stats),
         'score update': run_update,
         'mask update': run_mask_update,
         'finite check of the gradients': lambda: check(g),
@@ -412,11 +455,11 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
     med = benchlib.interleaved(runs, steps)
     med['plain step'] = min(med['plain step'], med.pop('plain step, not donated'))  # the faster
     prunable = sum(int(np.size(search.magnitude[n])) for n in names)
-    # beyond a dense step: masked weights made for the forward (read w and mask, write w * m,
-    # read back by the forward: 4 + 1 + 4 + 4 - 4 (the dense forward reads w) = 9 bytes), the
-    # weights read again by the score update (STE product: 4), the new scores read by the
-    # selection (4), the old mask read and the new one written (1 + 1): 19 bytes a weight
-    extra = 19 * prunable
+    # beyond a dense step (whose forward reads the weights as the search's reads the masked ones
+    # it carries): the weights read again by the score update (STE product: 4 bytes), the new
+    # scores read by the selection (4), the old mask read and the new one written (1 + 1): 10
+    # bytes a weight (the masked weights are rewritten only where the mask changes)
+    extra = 10 * prunable
     floor = extra / bandwidth
     return {
         'model': label,
@@ -687,6 +730,7 @@ def memory_row(label, model, shape):
     parts = {
         'scores': nbytes(state.scores),
         'mask': nbytes(state.mask),
+        'masked_weights': nbytes(state.weights),
         'thresholds': nbytes(state.thresholds) + nbytes(state.previous),
         'optimizer': nbytes(state.opt_state),
         'batch_stats': nbytes(state.batch_stats),
@@ -729,6 +773,10 @@ def main(argv=None):
     )
     ap.add_argument('--rounds', type=int, default=None, help='api part: runs each (default 3; quick 1)')
     ap.add_argument(
+        '--warm', type=int, default=None,
+        help='plain and breakdown parts: untimed search steps first (default 50; quick 2)',
+    )
+    ap.add_argument(
         '--plain-models', default=None,
         help='plain part: only the models whose label starts so (e.g. resnet-50,shipped)',
     )
@@ -742,6 +790,7 @@ def main(argv=None):
     )
     steps = args.steps or (2 if args.quick else 30)
     repeats = args.repeats or (1 if args.quick else 7)
+    warm = args.warm if args.warm is not None else (2 if args.quick else 50)
     parts = args.parts.split(',')
     plt = benchlib.pyplot()
     os.makedirs(figures_dir, exist_ok=True)
@@ -755,24 +804,26 @@ def main(argv=None):
     if 'plain' in parts:
         chosen = args.plain_models.split(',') if args.plain_models else None
         rows = [
-            plain_times(*m, steps, args.with_pmap)
+            plain_times(*m, steps, args.with_pmap, warm)
             for m in plain_models(args.quick)
             if chosen is None or any(m[0].lower().startswith(c.lower()) for c in chosen)
         ]
         benchlib.write_csv(os.path.join(results_dir, 'speed_plain.csv'), rows)
         print(
-            f'## Against the plain flax train step (median of {steps} interleaved steps, one '
-            f'device, float32; load average after: {benchlib.load_average()})\n'
+            f'## Against the plain flax train step (median of {steps} interleaved steps or 2 s, one '
+            f'device, float32, 8 batches in turn, the search after {warm} steps; load average '
+            f'after: {benchlib.load_average()})\n'
         )
         pm = args.with_pmap
         print(
             benchlib.markdown_table(
                 ['model', 'batch', 'plain ms (donated)', 'plain ms (not donated)', 'ljax dense ms',
-                 'ljax search ms'] + (['search, pmap ms', 'pmap / plain'] if pm else [])
+                 'ljax search ms', 'search flips / step']
+                + (['search, pmap ms', 'pmap / plain'] if pm else [])
                 + ['dense / plain', 'search / plain', 'targets (search, dense)'],
                 [
                     [r['model'], r['batch'], f"{r['plain_ms']:.1f}", f"{r['plain_not_donated_ms']:.1f}",
-                     f"{r['dense_ms']:.1f}", f"{r['search_ms']:.1f}"]
+                     f"{r['dense_ms']:.1f}", f"{r['search_ms']:.1f}", f"{r['search_flips_per_step']:.0f}"]
                     + ([f"{r['search_pmap_ms']:.1f}", f"{r['search_pmap_over_plain']:.3f}"] if pm else [])
                     + [f"**{r['dense_over_plain']:.3f}**", f"**{r['search_over_plain']:.3f}**",
                        f"<= {r['target_search']}, <= {r['target_dense']}" if r['target_search'] else '']
@@ -802,11 +853,11 @@ def main(argv=None):
 
     if 'breakdown' in parts:
         bandwidth = memory_bandwidth(1 << 22 if args.quick else 1 << 25)
-        rows = [breakdown_times(*m, steps, bandwidth) for m in breakdown_models(args.quick)]
+        rows = [breakdown_times(*m, steps, bandwidth, warm) for m in breakdown_models(args.quick)]
         benchlib.write_csv(os.path.join(results_dir, 'speed_breakdown.csv'), rows)
         print(
-            f"## One search step in parts (median of {steps} interleaved calls; load average "
-            f"after: {benchlib.load_average()})\n"
+            f"## One search step in parts (median of {steps} interleaved calls, on the state after "
+            f"{warm} search steps; load average after: {benchlib.load_average()})\n"
         )
         labels = [k[: -len(' (ms)')] for k in rows[0] if k.endswith(' (ms)') and k != 'floor (ms)']
         print(
@@ -974,6 +1025,7 @@ def main(argv=None):
                     'state / params',
                     'scores',
                     'mask',
+                    'masked weights',
                     'optimizer (momentum)',
                     'batch_stats',
                     'thresholds + step + rng (bytes)',
@@ -988,6 +1040,7 @@ def main(argv=None):
                         f'{r["state_over_params"]:.2f}',
                         mib(r['scores_bytes']),
                         mib(r['mask_bytes']),
+                        mib(r['masked_weights_bytes']),
                         mib(r['optimizer_bytes']),
                         mib(r['batch_stats_bytes']),
                         f'{r["thresholds_bytes"] + r["step_rng_bytes"]:,}',
@@ -1012,6 +1065,7 @@ def main(argv=None):
             ('scores', 'tab:blue'),
             ('optimizer', 'tab:orange'),
             ('mask', 'tab:green'),
+            ('masked_weights', 'tab:red'),
             ('batch_stats', 'tab:purple'),
         ):
             w = np.array([r[f'{part}_bytes'] / r['params_bytes'] for r in rows])

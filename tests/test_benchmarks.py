@@ -159,6 +159,11 @@ def test_speed_quick(tmp_path):
     assert len(api) == 1 and int(api[0]['steps']) == 16
     plain, ours = float(api[0]['plain_loop_s']), float(api[0]['search_jackpot_s'])
     assert plain > 0 and ours > 0 and abs(float(api[0]['ratio']) - ours / plain) < 1e-9
+    plain = _csv(tmp_path / 'speed_plain.csv')
+    assert len(plain) == 1 and int(plain[0]['warm']) == 2
+    assert int(plain[0]['steps']) >= 2 and float(plain[0]['search_flips_per_step']) >= 0
+    assert float(plain[0]['search_over_plain']) == float(plain[0]['search_ms']) / min(
+        float(plain[0]['plain_ms']), float(plain[0]['plain_not_donated_ms']))
     parts = _csv(tmp_path / 'speed_breakdown.csv')
     assert len(parts) == 1 and int(parts[0]['prunable']) > 0
     floor = int(parts[0]['bytes_beyond_dense']) / (1e9 * float(parts[0]['bandwidth_GB_s']))
@@ -168,9 +173,11 @@ def test_speed_quick(tmp_path):
     assert all(r['identical_to_lax_top_k'] == 'True' for r in updates)
     memory = _csv(tmp_path / 'speed_memory.csv')
     mlp = memory[0]
-    # scores f32 + momentum f32 + mask bool per prunable weight, BN statistics, a few scalars
+    # scores f32 + momentum f32 + mask bool + masked weights f32 per prunable weight, BN
+    # statistics, a few scalars
     prunable = int(mlp['prunable'])
     assert int(mlp['scores_bytes']) == 4 * prunable and int(mlp['mask_bytes']) == prunable
+    assert int(mlp['masked_weights_bytes']) == 4 * prunable
     assert (
         4 * prunable <= int(mlp['optimizer_bytes']) <= 4 * prunable + 64
     )  # momentum + a step count
