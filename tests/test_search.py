@@ -450,3 +450,35 @@ def test_the_initial_state_from_a_mask_is_made_on_the_host(score_init, nm):
         state.rng, jax.random.key_data(jax.random.split(jax.random.key(7))[1])
     )
     assert int(state.step) == 0 and state.step.dtype == np.int32
+
+
+def test_checkpoints_leave_out_the_masked_weights_and_a_resume_rebuilds_them(tmp_path):
+    from ljax import checkpoints
+
+    model, v = Net(), pretrained()
+    batches = data(3)
+    search = Search.create(model, v, batches[0][0][:1], sparsity=0.7, total_steps=6,
+                           options=SearchOptions(lr=1.0))
+    par = Parallel(search)
+    state = par.replicate(search.init_state())
+    for step in range(3):
+        state, _ = par.train(state, *batches[step])
+    state = Parallel.unreplicate(state)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), 2)
+    ckpt.save(3, search.checkpointed(state), {'wall_seconds': 0.0})
+    ckpt.wait()
+    abstract = search.checkpointed(search.init_state())
+    assert not jax.tree.leaves(abstract.weights)  # 4 bytes a weight not written to disk
+    step, restored, _ = ckpt.restore(abstract)
+    ckpt.close()
+    assert step == 3
+    resumed = search.resumed(restored)
+    assert jax.tree.structure(resumed) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_carried_weights(search, resumed)
+    # and the search goes on from there as from the state it was saved from
+    one = par.train(par.replicate(resumed), *batches[0])[0]
+    two = par.train(par.replicate(state), *batches[0])[0]
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
