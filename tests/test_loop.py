@@ -13,7 +13,7 @@ from ljax.parallel import Parallel
 from ljax.pretrain import DenseTraining
 from ljax.search import Search, SearchOptions
 from tests import staging
-from tests.test_search import Net, data, pretrained
+from tests.test_search import Net, assert_carried_weights, data, pretrained
 
 
 def test_no_device_to_host_read_between_log_points(monkeypatch):
@@ -242,6 +242,9 @@ def test_bfloat16_search_keeps_float32_state_and_exact_counts():
             assert int(final.mask[n].sum()) == k
         assert all(a.dtype == np.float32 for a in jax.tree.leaves(final.scores))
         assert all(a.dtype == np.float32 for a in jax.tree.leaves(final.batch_stats))
+        # the masked weights the step reads are in the search's dtype, and follow its mask
+        assert all(a.dtype == np.dtype(dtype) for a in jax.tree.leaves(final.weights))
+        assert_carried_weights(search, final)
         runs[dtype] = losses
     # Same first step up to bfloat16 rounding; then the masks drift apart a little.
     np.testing.assert_allclose(runs['bfloat16'][0], runs['float32'][0], rtol=0.01)

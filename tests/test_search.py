@@ -193,7 +193,8 @@ def assert_carried_weights(search, state):
     for n in search.names:
         got = np.asarray(state.weights[n])
         assert got.dtype == want[n].dtype
-        np.testing.assert_array_equal(got.view(np.uint32), want[n].view(np.uint32), err_msg=n)
+        bits = f'u{got.dtype.itemsize}'  # compared as bits: -0.0 is not +0.0
+        np.testing.assert_array_equal(got.view(bits), want[n].view(bits), err_msg=n)
 
 
 def test_state_keeps_the_last_two_thresholds_for_the_hint():
