@@ -810,7 +810,8 @@ def main(argv=None):
         ]
         benchlib.write_csv(os.path.join(results_dir, 'speed_plain.csv'), rows)
         print(
-            f'## Against the plain flax train step (median of {steps} interleaved steps or 2 s, one '
+            f'## Against the plain flax train step (median of {steps} interleaved steps or '
+            '2 s, one '
             f'device, float32, 8 batches in turn, the search after {warm} steps; load average '
             f'after: {benchlib.load_average()})\n'
         )
@@ -823,7 +824,8 @@ def main(argv=None):
                 + ['dense / plain', 'search / plain', 'targets (search, dense)'],
                 [
                     [r['model'], r['batch'], f"{r['plain_ms']:.1f}", f"{r['plain_not_donated_ms']:.1f}",
-                     f"{r['dense_ms']:.1f}", f"{r['search_ms']:.1f}", f"{r['search_flips_per_step']:.0f}"]
+                     f"{r['dense_ms']:.1f}", f"{r['search_ms']:.1f}",
+                     f"{r['search_flips_per_step']:.0f}"]
                     + ([f"{r['search_pmap_ms']:.1f}", f"{r['search_pmap_over_plain']:.3f}"] if pm else [])
                     + [f"**{r['dense_over_plain']:.3f}**", f"**{r['search_over_plain']:.3f}**",
                        f"<= {r['target_search']}, <= {r['target_dense']}" if r['target_search'] else '']

@@ -461,7 +461,8 @@ def native_topk_mask(scores: jax.Array, k, hint=None, old=None, weights=None, ma
     if weights is None:
         return jax.ffi.ffi_call(
             'ljax_topk_mask', result, vmap_method='sequential',
-            input_output_aliases={1: 0},  # the new mask over the old: the kernel writes changed blocks
+            # the new mask over the old: the kernel writes the changed blocks
+            input_output_aliases={1: 0},
         )(*args)
     weights = jnp.asarray(weights, jnp.float32).reshape(scores.shape)
     masked = (jnp.where(old, weights, jnp.float32(0)) if masked is None

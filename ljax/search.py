@@ -2,7 +2,8 @@
 
 Only the scores train. The pre-trained params are replicated once and never updated or donated;
 the forward pass uses `w * ste(scores, mask)`, so d loss / d scores = d loss / d(w * m) * w; the
-state carries `w * m` (`SearchState.weights`), rewritten where the mask changes (`masks.masked_ste`).
+state carries `w * m` (`SearchState.weights`, read through `masks.masked_ste`), rewritten where
+the mask changes.
 After each optax update the mask moves by the short restriction (`ljax.restriction`), which keeps
 each layer's count exactly k_l.
 
