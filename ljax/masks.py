@@ -294,10 +294,11 @@ def _row(pairs, i):
     return tuple((t[i], c[i]) for t, c in pairs)
 
 
-def masked_weights(mask, weights):
-    """`where(mask, weights, +0.0)` of every layer of a dict: the weights as the masked model
-    sees them (pruned ones exactly +0.0, kept ones untouched)."""
-    return {n: jnp.where(mask[n], weights[n], jnp.zeros((), weights[n].dtype)) for n in mask}
+def masked_weights(mask, weights, xp=jnp):
+    """`where(mask, weights, +0.0)` of every layer of the dict `mask`: the weights as the masked
+    model sees them (pruned ones exactly +0.0, kept ones untouched). xp: jnp, or np on the host."""
+    return {n: xp.where(xp.asarray(m), weights[n], xp.zeros((), weights[n].dtype))
+            for n, m in mask.items()}
 
 
 def update_masks(scores, kept, hints=None, *, rule=TOPK, old=None, count_flips=False,
@@ -308,31 +309,28 @@ def update_masks(scores, kept, hints=None, *, rule=TOPK, old=None, count_flips=F
     with `weights` the new `masked_weights` (the native kernel writes float32 ones over `masked`,
     the old masks' masked weights, in the blocks that change).
     Call it inside jit (`topk_masks`, `restriction.restrict_masks`)."""
-    if weights is not None:
-        native = (resolve_selection(selection) == 'native' and rule is TOPK
-                  and all(w.dtype == jnp.float32 for w in weights.values()))
-        if not native or masked is None or old is None:
-            got = update_masks(scores, kept, hints, rule=rule, old=old, count_flips=count_flips,
-                               selection=selection, tuning=tuning)
-            return got + (masked_weights(got[0], weights),)
-        names = list(scores)
-        got = [native_topk_mask(scores[n], kept[n], None if hints is None else hints[n],
-                                old[n], weights[n], masked[n]) for n in names]
-        out = ({n: g[0] for n, g in zip(names, got)}, {n: g[1] for n, g in zip(names, got)})
-        if count_flips:
-            out += (sum((g[2] for g in got), jnp.int32(0)),)
-        return out + ({n: g[3] for n, g in zip(names, got)},)
     selection = resolve_selection(selection)
+    native = selection == 'native' and rule is TOPK
+    if weights is not None and not (
+        native and old is not None and masked is not None
+        and all(w.dtype == jnp.float32 for w in weights.values())
+    ):  # the masked weights from the new masks, in one pass
+        got = update_masks(scores, kept, hints, rule=rule, old=old, count_flips=count_flips,
+                           selection=selection, tuning=tuning)
+        return got + (masked_weights(got[0], weights),)
     names = list(scores)
     ks = [jnp.asarray(kept[n], jnp.int32) for n in names]
     olds = [None if old is None else old[n].reshape(-1) for n in names]
     if count_flips and old is None:
         raise ValueError('counting flips needs the old masks (old=)')
-    if selection == 'native' and rule is TOPK:
-        got = [native_topk_mask(scores[n], k, None if hints is None else hints[n], o)
+    if native:  # the C++ kernel, a call per layer (with weights: they are rewritten too)
+        got = [native_topk_mask(scores[n], k, None if hints is None else hints[n], o,
+                                *(() if weights is None else (weights[n], masked[n])))
                for n, k, o in zip(names, ks, olds)]
         result = ({n: g[0] for n, g in zip(names, got)}, {n: g[1] for n, g in zip(names, got)})
-        return result + (sum((g[2] for g in got), jnp.int32(0)),) if count_flips else result
+        if count_flips:
+            result += (sum((g[2] for g in got), jnp.int32(0)),)
+        return result if weights is None else result + ({n: g[3] for n, g in zip(names, got)},)
     if selection == 'native':  # the restriction's rule: its XLA program
         selection = 'hinted'
 
@@ -451,8 +449,8 @@ def native_topk_mask(scores: jax.Array, k, hint=None, old=None, weights=None, ma
     differs from `old` (bool, scores' shape; None: all False). `hint`: the previous threshold key
     or its `extrapolate` (None or 0: estimated from a sample of the keys); it only changes the
     cost. With `weights` (float32, scores' shape) a fourth output, the masked weights
-    `where(mask, weights, +0.0)`, written over `masked` (the old mask's masked weights; None:
-    zeros) in the blocks that change only: `masked` must equal `where(old, weights, +0.0)`."""
+    `where(mask, weights, +0.0)`, written over `masked` in the blocks that change only: `masked`
+    must be the old mask's, `where(old, weights, +0.0)` (None: made so here)."""
     old = jnp.zeros(scores.shape, bool) if old is None else old.reshape(scores.shape)
     hint = jnp.uint32(0) if hint is None else jnp.asarray(hint, jnp.uint32)
     args = (jnp.asarray(scores, jnp.float32), old, jnp.asarray(k, jnp.int32), hint)

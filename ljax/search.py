@@ -409,8 +409,8 @@ class Search:
         pruned ones exactly +0.0 (`SearchState.weights`). xp: jnp, or np on the host."""
         dtype = DTYPES[self.options.dtype]
         flat = sparsity_lib.flatten(self.params)
-        return {n: xp.where(xp.asarray(mask[n]), xp.asarray(flat[n]).astype(dtype),
-                            xp.zeros((), dtype)) for n in self.names}
+        weights = {n: xp.asarray(flat[n]).astype(dtype) for n in self.names}
+        return masks.masked_weights({n: mask[n] for n in self.names}, weights, xp)
 
     @staticmethod
     def checkpointed(state: SearchState) -> SearchState:
@@ -451,8 +451,7 @@ class Search:
         """Pruned weights exactly +0.0, every other value untouched. xp: jnp (in the steps) or
         np (the final jackpot, made on the host: no program to compile)."""
         flat = sparsity_lib.flatten(params)
-        for n in self.names:
-            flat[n] = xp.where(xp.asarray(mask[n]), flat[n], xp.zeros((), flat[n].dtype))
+        flat.update(masks.masked_weights({n: mask[n] for n in self.names}, flat, xp))
         return sparsity_lib.unflatten(flat)
 
     def apply(self, params, batch_stats, x, *, train: bool, rng=None):
