@@ -186,26 +186,6 @@ def plain_models(quick: bool):
     ]
 
 
-def _ljax_step(par, state, batches, warm: int = 0, seen: list | None = None):
-    """An argument-less callable running `par.train` on `batches` in turn (placed once), state
-    carried, after `warm` untimed steps; each call's metrics appended to `seen` if given."""
-    box = [state, 0]
-    placed = [par.put(x, y) for x, y in batches]
-
-    def run():
-        box[0], metrics = par.train(box[0], *placed[box[1] % len(placed)])
-        box[1] += 1
-        if seen is not None:
-            seen.append(metrics)
-        return metrics
-
-    for _ in range(warm):
-        jax.block_until_ready(run())
-    if seen is not None:
-        seen.clear()
-    return run
-
-
 def _cycled(step, placed):
     """An argument-less callable calling `step(x, y)` on `placed` batches in turn."""
     box = [0]
@@ -214,6 +194,25 @@ def _cycled(step, placed):
         box[0] += 1
         return step(*placed[(box[0] - 1) % len(placed)])
 
+    return run
+
+
+def _ljax_step(par, state, batches, warm: int = 0, seen: list | None = None):
+    """An argument-less callable running `par.train` on `batches` in turn (placed once), state
+    carried, after `warm` untimed steps; each call's metrics appended to `seen` if given."""
+    box = [state]
+
+    def step(x, y):
+        box[0], metrics = par.train(box[0], x, y)
+        if seen is not None:
+            seen.append(metrics)
+        return metrics
+
+    run = _cycled(step, [par.put(x, y) for x, y in batches])
+    for _ in range(warm):
+        jax.block_until_ready(run())
+    if seen is not None:
+        seen.clear()
     return run
 
 
