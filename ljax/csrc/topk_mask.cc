@@ -56,8 +56,10 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "thread_pool.h"
 
 namespace ffi = xla::ffi;
+using ljax::Parallel;
 
 namespace {
 
@@ -75,49 +77,6 @@ inline uint32_t Key(uint32_t bits) {
   // negative: all bits flipped; positive: the sign bit set (branch-free, so loops vectorise)
   uint32_t sign = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
   return bits ^ (sign | 0x80000000u);
-}
-
-// Runs body(chunk) for chunk in [0, chunks) on the pool and the calling thread.
-struct Shared {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t chunks = 0;
-  std::function<void(int64_t)> body;
-  std::mutex mutex;
-  std::condition_variable cv;
-  std::exception_ptr error;
-};
-
-void Work(const std::shared_ptr<Shared>& s) {
-  for (;;) {
-    int64_t c = s->next.fetch_add(1);
-    if (c >= s->chunks) return;
-    try {
-      s->body(c);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(s->mutex);
-      if (!s->error) s->error = std::current_exception();
-    }
-    if (s->done.fetch_add(1) + 1 == s->chunks) {
-      std::lock_guard<std::mutex> lock(s->mutex);
-      s->cv.notify_all();
-    }
-  }
-}
-
-void Parallel(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> body) {
-  if (chunks <= 0) return;
-  auto s = std::make_shared<Shared>();
-  s->chunks = chunks;
-  s->body = std::move(body);
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { Work(s); });
-  Work(s);
-  {
-    std::unique_lock<std::mutex> lock(s->mutex);
-    s->cv.wait(lock, [&] { return s->done.load() == s->chunks; });
-  }
-  s->body = nullptr;  // a helper that starts late finds no chunk and never calls it
-  if (s->error) std::rethrow_exception(s->error);
 }
 
 struct BlockStats {

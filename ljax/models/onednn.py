@@ -76,6 +76,7 @@ _CSRC = Path(__file__).resolve().parent.parent / 'csrc'
 # the library: the convolutions, the top-k mask of `ljax.masks` (its 'native' selection) and the
 # finite check of `ljax.reductions`
 SOURCES = (_CSRC / 'onednn_conv.cc', _CSRC / 'topk_mask.cc', _CSRC / 'all_finite.cc')
+HEADERS = (_CSRC / 'thread_pool.h',)  # included by the sources: part of the cache key
 ENV_SWITCH = 'LJAX_ONEDNN'
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 _TARGETS = {
@@ -159,7 +160,7 @@ def _onednn_version(include: Path) -> str:
 def _key(cxx: str, include: Path, lib_dir: Path) -> str:
     """The library's name in the cache: anything that changes the binary changes it."""
     parts = [
-        *(source.read_bytes() for source in SOURCES),
+        *(source.read_bytes() for source in SOURCES + HEADERS),
         ' '.join(_FLAGS),
         jax.__version__,
         jaxlib.version.__version__,  # the FFI headers (jax.ffi.include_dir()) come with it
