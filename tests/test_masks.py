@@ -463,6 +463,43 @@ def test_native_kernel_matches_the_reference_across_chunks(kind):
                 assert int(t2) == int(t) and int(flips) == int(np.sum(want != old)), (k, hint)
 
 
+def test_native_kernel_in_place_writes_every_block_that_changes():
+    # As during a search: the old mask is nearly the new one (a few dozen scattered bits differ),
+    # so in place the kernel skips most groups of blocks and writes only those that change. Every
+    # changed bit and masked weight must still land, with any hint, near or far.
+    rng = np.random.default_rng(5)
+    s = layer_scores(rng, (1_200_003,), 'normal')
+    w = rng.normal(size=s.shape).astype(np.float32)
+    keys = np.asarray(masks.order_keys(jnp.asarray(s)))
+    ranked = np.sort(keys)[::-1]
+    in_place = jax.jit(masks.native_topk_mask, donate_argnums=(3, 5))
+    for k in (12_345, 600_000):
+        want = reference.topk(s, k)
+        want_w = np.where(want, w, np.float32(0)).view(np.uint32)
+        _, t = masks.topk_mask_with_threshold(jnp.asarray(s), k)
+        for changed in (1, 37, 500):
+            old = want.copy()
+            flip = rng.choice(s.size, changed, replace=False)
+            old[flip] = ~old[flip]
+            w_old = np.where(old, w, np.float32(0))
+            for hint in (t, int(ranked[k - 1 + 3]), int(ranked[k - 1 - 40]), 1):
+                got, t2, flips, got_w = in_place(jnp.asarray(s), k, jnp.uint32(hint),
+                                                 jnp.array(old), jnp.asarray(w), jnp.array(w_old))
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(np.asarray(got_w).view(np.uint32), want_w)
+                assert int(t2) == int(t) and int(flips) == changed, (k, changed, hint)
+        # the old mask exactly (key >= hint): it differs from the new one only between the hint
+        # and the threshold, in blocks that only the selection's candidates reveal
+        for hint in (int(ranked[k - 1 + 3]), int(ranked[k - 1 - 40])):
+            old = keys >= hint
+            w_old = np.where(old, w, np.float32(0))
+            got, t2, flips, got_w = in_place(jnp.asarray(s), k, jnp.uint32(hint), jnp.array(old),
+                                             jnp.asarray(w), jnp.array(w_old))
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(np.asarray(got_w).view(np.uint32), want_w)
+            assert int(t2) == int(t) and int(flips) == int(np.sum(want != old)) > 0, (k, hint)
+
+
 @pytest.mark.parametrize('isa', ['avx2', 'scalar'])
 def test_native_kernel_matches_the_reference_on_every_instruction_set(isa):
     # the test above runs the kernel's widest pass for this CPU (AVX-512 where it has it);

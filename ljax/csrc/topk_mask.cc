@@ -14,11 +14,11 @@
 //    nearest to h (with ties: all blocks as near as the (|e|+1)-th) hold every key between h and
 //    the threshold and all its ties, so a selection over their few keys (nth_element) gives the
 //    threshold, the count of keys above it and the indices of its ties exactly. The pass also
-//    sums each chunk of blocks (below): the serial selection visits only the chunks whose
-//    nearest block is among the |e|+1 nearest chunks', which hold those blocks;
+//    sums each group of 64 blocks (below): the serial selection visits only the groups whose
+//    nearest block is among the |e|+1 nearest groups', which hold those blocks;
 // 2. the new mask written over the old (XLA aliases the two buffers), and compared with it, in
 //    those candidate blocks and in the blocks where (key >= h) differs from the old bit: in every
-//    other block (and every chunk without such a block) the new bits are (key >= h), which are
+//    other block (and every group without such a block) the new bits are (key >= h), which are
 //    the old ones. Loads run 1,024 keys ahead of use (prefetched: the scores stream from memory,
 //    and the stalls at page ends dominated).
 // A far hint only makes the selection's share larger (all blocks at worst), never the result
@@ -64,7 +64,8 @@ using ljax::Parallel;
 namespace {
 
 constexpr int64_t kBlock = 64;
-constexpr int64_t kChunkBlocks = 1024;
+constexpr int64_t kChunkBlocks = 1024;  // the unit of work on the thread pool
+constexpr int64_t kGroupBlocks = 64;  // the unit of the summaries: 16 to a chunk
 constexpr int64_t kHeap = 4096;  // Select: a heap up to this many nearest blocks
 constexpr int64_t kPrefetch = 1024;  // keys ahead
 constexpr uint32_t kMax = 0xFFFFFFFFu;
@@ -292,18 +293,18 @@ inline bool Nearest(const BlockStats& b, bool up, uint32_t h, uint32_t* d) {
   return true;
 }
 
-// A chunk's blocks summed up in the first pass, so that the serial selection and the write visit
-// only the chunks that can hold a candidate or a changed bit: per side (0: keys < h, 1: keys >= h)
+// A group's blocks summed up in the first pass, so that the serial selection and the write visit
+// only the groups that can hold a candidate or a changed bit: per side (0: keys < h, 1: keys >= h)
 // the blocks with a key there and the distance to h of the nearest of them (kMax: none).
-struct ChunkStats {
+struct GroupStats {
   int64_t count = 0;  // keys >= h
   int64_t diff = 0;   // positions where (key >= h) differs from the old mask
   int64_t blocks[2] = {0, 0};
   uint32_t nearest[2] = {kMax, kMax};
 };
 
-ChunkStats Summarise(const BlockStats* stats, int64_t first, int64_t stop, uint32_t h) {
-  ChunkStats c;
+GroupStats Summarise(const BlockStats* stats, int64_t first, int64_t stop, uint32_t h) {
+  GroupStats c;
   for (int64_t b = first; b < stop; ++b) {
     c.count += stats[b].count;
     c.diff += stats[b].diff;
@@ -320,7 +321,7 @@ ChunkStats Summarise(const BlockStats* stats, int64_t first, int64_t stop, uint3
 // The threshold of a layer whose keys >= h number `count` (> 0 away from k), from the blocks'
 // statistics: see the file's comment.
 Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
-                 const BlockStats* stats, int64_t nb, const std::vector<ChunkStats>& chunks) {
+                 const BlockStats* stats, int64_t nb, const std::vector<GroupStats>& groups) {
   const int64_t e = count - k;
   const bool up = e >= 0;  // the threshold is >= h
   const int64_t j = up ? e + 1 : -e;  // it is the j-th nearest key to h on its side
@@ -328,11 +329,11 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
   // the j-th smallest: a heap of the j nearest for a near hint, else a selection over all
   auto nearest = [&](const BlockStats& b, uint32_t* d) { return Nearest(b, up, h, d); };
   uint32_t bound = kMax;  // blocks at most this far hold every key between h and the threshold
-  // Only chunks whose nearest block is at most the j-th smallest of the chunks' nearest can hold
-  // one of the j nearest blocks (those j chunks hold j blocks at most that far): visit those.
+  // Only groups whose nearest block is at most the j-th smallest of the groups' nearest can hold
+  // one of the j nearest blocks (those j groups hold j blocks at most that far): visit those.
   std::vector<uint32_t> near;
   int64_t blocks = 0;  // blocks with a key on that side
-  for (const ChunkStats& c : chunks) {
+  for (const GroupStats& c : groups) {
     blocks += c.blocks[up];
     if (c.blocks[up]) near.push_back(c.nearest[up]);
   }
@@ -341,15 +342,20 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
     std::nth_element(near.begin(), near.begin() + (j - 1), near.end());
     reach = near[j - 1];
   }
-  // [first, stop) block ranges to visit: those chunks, or every block when each block with a key
+  // [first, stop) block ranges to visit: those groups, or every block when each block with a key
   // on that side is a candidate (at most j of them: bound stays kMax)
   const bool all = blocks <= j;
   std::vector<int64_t> spans;
   if (all) spans = {0, nb};
-  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()) && !all; ++c) {
-    if (!chunks[c].blocks[up] || chunks[c].nearest[up] > reach) continue;
-    spans.push_back(c * kChunkBlocks);
-    spans.push_back(std::min(nb, (c + 1) * kChunkBlocks));
+  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()) && !all; ++g) {
+    if (!groups[g].blocks[up] || groups[g].nearest[up] > reach) continue;
+    const int64_t first = g * kGroupBlocks, stop = std::min(nb, first + kGroupBlocks);
+    if (!spans.empty() && spans.back() == first) {
+      spans.back() = stop;  // adjacent groups: one range
+    } else {
+      spans.push_back(first);
+      spans.push_back(stop);
+    }
   }
   near.clear();
   if (!all && j <= kHeap) {
@@ -431,7 +437,7 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   Selection sel{kMax, -1};
   uint32_t h = 0;
   std::unique_ptr<BlockStats[]> stats;
-  std::vector<ChunkStats> summary(chunks);
+  std::vector<GroupStats> summary((nb + kGroupBlocks - 1) / kGroupBlocks);
   if (k > 0) {
     h = hint_buf.typed_data()[0];
     if (h == 0) h = EstimateHint(x, n, k);
@@ -440,10 +446,13 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
     Parallel(pool, chunks, [&](int64_t c) {
       const int64_t begin = c * chunk, end = std::min(n, begin + chunk);
       Stats(x, was, begin, end, h, stats.get());
-      summary[c] = Summarise(stats.get(), begin / kBlock, (end + kBlock - 1) / kBlock, h);
+      const int64_t stop = (end + kBlock - 1) / kBlock;
+      for (int64_t b = begin / kBlock; b < stop; b += kGroupBlocks) {
+        summary[b / kGroupBlocks] = Summarise(stats.get(), b, std::min(stop, b + kGroupBlocks), h);
+      }
     });
     int64_t count = 0;
-    for (const ChunkStats& c : summary) count += c.count;
+    for (const GroupStats& c : summary) count += c.count;
     sel = Select(x, n, k, h, count, stats.get(), nb, summary);
   }
   std::vector<int64_t> changed(chunks, 0);
@@ -452,21 +461,29 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
     // In place (the old mask's buffer is the new one's): a block can change only where a key
     // lies between h and the threshold (a candidate block of Select) or where (key >= h)
     // differs from the old bit; every other block keeps its bits and is not touched, nor is a
-    // chunk without such a block.
+    // group or a chunk without such a block.
     auto dirty = [&](int64_t b) {
       uint32_t d;
       return stats[b].diff || (Nearest(stats[b], sel.up, h, &d) && d <= sel.bound);
     };
-    std::vector<int64_t> visit;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const ChunkStats& cs = summary[c];
-      if (cs.diff || (cs.blocks[sel.up] && cs.nearest[sel.up] <= sel.bound)) visit.push_back(c);
+    auto dirty_group = [&](int64_t g) {
+      const GroupStats& gs = summary[g];
+      return gs.diff || (gs.blocks[sel.up] && gs.nearest[sel.up] <= sel.bound);
+    };
+    std::vector<int64_t> visit;  // the chunks with a dirty group
+    for (int64_t g = 0; g < static_cast<int64_t>(summary.size()); ++g) {
+      const int64_t c = g * kGroupBlocks / kChunkBlocks;
+      if ((visit.empty() || visit.back() != c) && dirty_group(g)) visit.push_back(c);
     }
     Parallel(pool, static_cast<int64_t>(visit.size()), [&](int64_t v) {
       const int64_t c = visit[v];
       const int64_t first = c * kChunkBlocks, stop = std::min(nb, first + kChunkBlocks);
       int64_t sum = 0;
       for (int64_t b = first; b < stop;) {
+        if (b % kGroupBlocks == 0 && !dirty_group(b / kGroupBlocks)) {
+          b += kGroupBlocks;  // a clean group
+          continue;
+        }
         if (!dirty(b)) { ++b; continue; }
         int64_t e = b + 1;
         while (e < stop && dirty(e)) ++e;  // a run of dirty blocks, written in one span
