@@ -217,7 +217,7 @@ def _ljax_step(par, state, batches, warm: int = 0, seen: list | None = None):
 
 
 def plain_times(label, model, shape, batch, target, dense_target, steps, with_pmap=False,
-                warm: int = 50, n_batches: int = 8):
+                warm: int = 50, n_batches: int = 8, min_seconds: float = 2.0):
     """Median step times, interleaved step by step on one device in one process: the plain flax
     train step (`benchlib.PlainStep`: TrainState, `jax.jit(train_step)`, `optax.sgd(0.1, 0.9)`,
     train-mode BN; state donated, and not donated), ljax's dense step (`DenseTraining` with the same
@@ -226,8 +226,8 @@ def plain_times(label, model, shape, batch, target, dense_target, steps, with_pm
     adds the search step pmapped over the one device (the path before issue 34). Every step takes
     `n_batches` random batches in turn. The search is timed as it runs most of its steps: after
     `warm` untimed steps, past the first ones, which flip tens of thousands of bits each (its
-    median flips per timed step are reported). `steps` timed steps of each, or as many as 2 s of
-    plain steps if more. Ratios are to the faster of the two plain steps."""
+    median flips per timed step are reported). `steps` timed steps of each, or as many as
+    `min_seconds` of plain steps if more. Ratios are to the faster of the two plain steps."""
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(batch,) + shape).astype(np.float32),
                 rng.integers(0, 10, batch).astype(np.int32)) for _ in range(n_batches)]
@@ -248,10 +248,14 @@ def plain_times(label, model, shape, batch, target, dense_target, steps, with_pm
     if with_pmap:
         par = Parallel(search, [device], pmap=True)
         runs['search_pmap'] = _ljax_step(par, par.replicate(search.init_state()), batches, warm)
-    # at least 2 s of plain steps: a step of a few ms swings more than the ratios' margins
-    t = time.perf_counter()
+    # at least min_seconds of plain steps: a step of a few ms swings more than the ratios' margins
+    # (timed once compiled: timed with its compilation, the shipped MLP's took 20 steps, and its
+    # ratio ranged 1.09-1.22 over runs)
     jax.block_until_ready(runs['plain']())
-    steps = max(steps, int(2.0 / (time.perf_counter() - t)))
+    t = time.perf_counter()
+    for _ in range(3):
+        jax.block_until_ready(runs['plain']())
+    steps = max(steps, int(min_seconds / ((time.perf_counter() - t) / 3)))
     med = benchlib.interleaved(runs, steps)
     plain = min(med['plain'], med['plain_not_donated'])
     flips = np.median([int(np.asarray(m['flips']).reshape(-1)[0]) for m in seen])
@@ -803,7 +807,7 @@ def main(argv=None):
     if 'plain' in parts:
         chosen = args.plain_models.split(',') if args.plain_models else None
         rows = [
-            plain_times(*m, steps, args.with_pmap, warm)
+            plain_times(*m, steps, args.with_pmap, warm, min_seconds=0.0 if args.quick else 2.0)
             for m in plain_models(args.quick)
             if chosen is None or any(m[0].lower().startswith(c.lower()) for c in chosen)
         ]

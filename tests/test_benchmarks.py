@@ -145,6 +145,15 @@ def test_study_quick_beyond_and_seeds(tmp_path):
         ('dense', ''), ('magnitude_init', 'True'), ('magnitude_init_distill', 'False')]
     assert float(table[2]['test_accuracy']) == kd['final_accuracy']
 
+def test_speed_plain_times_at_least_min_seconds_of_compiled_steps():
+    # A step of a few ms is timed over enough steps to fill min_seconds, counted from a compiled
+    # step: timed with its compilation, the shipped MLP's step count stayed at 20.
+    label, model, shape, batch, _, _ = speed.plain_models(True)[0]
+    row = speed.plain_times(label, model, shape, batch, None, None, 2, warm=2, min_seconds=0.3)
+    plain = min(row['plain_ms'], row['plain_not_donated_ms'])
+    assert row['steps'] >= 100 and row['steps'] * plain / 1e3 >= 0.1, row
+
+
 def test_speed_quick(tmp_path):
     speed.main(['--quick', '--results-dir', str(tmp_path), '--figures-dir', str(tmp_path)])
     steps = _csv(tmp_path / 'speed_step_time.csv')
