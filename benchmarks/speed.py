@@ -248,9 +248,8 @@ def plain_times(label, model, shape, batch, target, dense_target, steps, with_pm
     if with_pmap:
         par = Parallel(search, [device], pmap=True)
         runs['search_pmap'] = _ljax_step(par, par.replicate(search.init_state()), batches, warm)
-    # at least min_seconds of plain steps: a step of a few ms swings more than the ratios' margins
-    # (timed once compiled: timed with its compilation, the shipped MLP's took 20 steps, and its
-    # ratio ranged 1.09-1.22 over runs)
+    # at least min_seconds of plain steps, counted from compiled ones: a step of a few ms swings
+    # more than the ratios' margins
     jax.block_until_ready(runs['plain']())
     t = time.perf_counter()
     for _ in range(3):

@@ -145,6 +145,7 @@ def test_study_quick_beyond_and_seeds(tmp_path):
         ('dense', ''), ('magnitude_init', 'True'), ('magnitude_init_distill', 'False')]
     assert float(table[2]['test_accuracy']) == kd['final_accuracy']
 
+
 def test_speed_plain_times_at_least_min_seconds_of_compiled_steps():
     # A step of a few ms is timed over enough steps to fill min_seconds, counted from a compiled
     # step: timed with its compilation, the shipped MLP's step count stayed at 20.
