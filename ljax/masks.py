@@ -41,7 +41,7 @@ __all__ = [
     'order_keys', 'kth_largest_key', 'topk_mask', 'topk_mask_with_threshold', 'host_topk_mask',
     'extrapolate', 'Tuning', 'Plan', 'plan', 'wide_blocks', 'second_try', 'TOPK', 'update_masks',
     'topk_masks', 'masked_weights', 'SELECTIONS', 'default_selection', 'resolve_selection',
-    'native_topk_mask', 'ste', 'masked_ste',
+    'native_topk_mask', 'native_topk_masks', 'ste', 'masked_ste',
 ]
 
 
@@ -323,14 +323,15 @@ def update_masks(scores, kept, hints=None, *, rule=TOPK, old=None, count_flips=F
     olds = [None if old is None else old[n].reshape(-1) for n in names]
     if count_flips and old is None:
         raise ValueError('counting flips needs the old masks (old=)')
-    if native:  # the C++ kernel, a call per layer (with weights: they are rewritten too)
-        got = [native_topk_mask(scores[n], k, None if hints is None else hints[n], o,
-                                *(() if weights is None else (weights[n], masked[n])))
-               for n, k, o in zip(names, ks, olds)]
-        result = ({n: g[0] for n, g in zip(names, got)}, {n: g[1] for n, g in zip(names, got)})
+    if native:  # the C++ kernel, one call for every layer (with weights: they are rewritten too)
+        got = native_topk_masks(
+            [scores[n] for n in names], ks, None if hints is None else [hints[n] for n in names],
+            olds, *(() if weights is None else ([weights[n] for n in names],
+                                                [masked[n] for n in names])))
+        result = (dict(zip(names, got[0])), {n: got[1][i] for i, n in enumerate(names)})
         if count_flips:
-            result += (sum((g[2] for g in got), jnp.int32(0)),)
-        return result if weights is None else result + ({n: g[3] for n, g in zip(names, got)},)
+            result += (jnp.sum(got[2]),)
+        return result if weights is None else result + (dict(zip(names, got[3])),)
     if selection == 'native':  # the restriction's rule: its XLA program
         selection = 'hinted'
 
@@ -443,33 +444,47 @@ def resolve_selection(selection: str | None) -> str:
     return selection
 
 
-def native_topk_mask(scores: jax.Array, k, hint=None, old=None, weights=None, masked=None):
-    """(mask, threshold key, flips) of one layer from ljax's C++ kernel (XLA:CPU only): the same
-    top-k and threshold as `topk_mask_with_threshold`, and the count of positions where the mask
-    differs from `old` (bool, scores' shape; None: all False). `hint`: the previous threshold key
-    or its `extrapolate` (None or 0: estimated from a sample of the keys); it only changes the
-    cost. With `weights` (float32, scores' shape) a fourth output, the masked weights
+def native_topk_masks(scores, ks, hints=None, olds=None, weights=None, masked=None):
+    """(masks, threshold keys, flips) of several layers (lists) from one call of ljax's C++ kernel
+    (XLA:CPU only): per layer the same top-k and threshold as `topk_mask_with_threshold`, and the
+    count of positions where the mask differs from its `olds` entry (bool, scores' shape; None:
+    all False); thresholds uint32[L] and flips int32[L]. `hints`: per layer the previous threshold
+    key or its `extrapolate` (None or 0: estimated from a sample of the keys); they only change
+    the cost. With `weights` (float32, scores' shapes) a fourth output, the masked weights
     `where(mask, weights, +0.0)`, written over `masked` in the blocks that change only: `masked`
-    must be the old mask's, `where(old, weights, +0.0)` (None: made so here)."""
-    old = jnp.zeros(scores.shape, bool) if old is None else old.reshape(scores.shape)
-    hint = jnp.uint32(0) if hint is None else jnp.asarray(hint, jnp.uint32)
-    args = (jnp.asarray(scores, jnp.float32), old, jnp.asarray(k, jnp.int32), hint)
-    result = (jax.ShapeDtypeStruct(scores.shape, jnp.bool_), jax.ShapeDtypeStruct((), jnp.uint32),
-              jax.ShapeDtypeStruct((), jnp.int32))
-    if weights is None:
-        return jax.ffi.ffi_call(
-            'ljax_topk_mask', result, vmap_method='sequential',
-            # the new mask over the old: the kernel writes the changed blocks
-            input_output_aliases={1: 0},
-        )(*args)
-    weights = jnp.asarray(weights, jnp.float32).reshape(scores.shape)
-    masked = (jnp.where(old, weights, jnp.float32(0)) if masked is None
-              else masked.reshape(scores.shape))
-    mask, got, t, flips = jax.ffi.ffi_call(
-        'ljax_topk_mask_weights', (result[0], jax.ShapeDtypeStruct(scores.shape, jnp.float32))
-        + result[1:], vmap_method='sequential', input_output_aliases={1: 0, 5: 1},
-    )(*args, weights, jnp.asarray(masked, jnp.float32))
-    return mask, t, flips, got
+    must be the old masks', `where(old, weights, +0.0)` (None: made so here). The call runs the
+    layers side by side on XLA's thread pool."""
+    n = len(scores)
+    olds = [None] * n if olds is None else list(olds)
+    olds = [jnp.zeros(s.shape, bool) if o is None else o.reshape(s.shape)
+            for s, o in zip(scores, olds)]
+    hints = [None] * n if hints is None else list(hints)
+    hint = jnp.stack([jnp.asarray(0 if h is None else h, jnp.uint32).reshape(()) for h in hints])
+    k = jnp.stack([jnp.asarray(k, jnp.int32).reshape(()) for k in ks])
+    args = [k, hint, *(jnp.asarray(s, jnp.float32) for s in scores), *olds]
+    result = [jax.ShapeDtypeStruct(s.shape, jnp.bool_) for s in scores]
+    aliases = {2 + n + i: i for i in range(n)}  # the new masks over the old: the kernel writes
+    if weights is not None:  # the blocks that change
+        weights = [jnp.asarray(w, jnp.float32).reshape(s.shape) for w, s in zip(weights, scores)]
+        masked = [None] * n if masked is None else list(masked)
+        args += weights + [jnp.where(o, w, jnp.float32(0)) if m is None
+                           else jnp.asarray(m, jnp.float32).reshape(w.shape)
+                           for o, w, m in zip(olds, weights, masked)]
+        result += [jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in scores]
+        aliases.update({2 + 3 * n + i: n + i for i in range(n)})
+    result += [jax.ShapeDtypeStruct((n,), jnp.uint32), jax.ShapeDtypeStruct((n,), jnp.int32)]
+    got = jax.ffi.ffi_call('ljax_topk_masks', result, vmap_method='sequential',
+                           input_output_aliases=aliases)(*args)
+    out = (list(got[:n]), got[-2], got[-1])
+    return out if weights is None else out + (list(got[n:2 * n]),)
+
+
+def native_topk_mask(scores: jax.Array, k, hint=None, old=None, weights=None, masked=None):
+    """`native_topk_masks` of one layer: (mask, threshold key, flips), and with `weights` the
+    masked weights."""
+    got = native_topk_masks([scores], [k], [hint], [old],
+                            *(() if weights is None else ([weights], [masked])))
+    return (got[0][0], got[1][0], got[2][0]) + (() if weights is None else (got[3][0],))
 
 
 @functools.partial(jax.jit, static_argnames=('selection', 'count_flips', 'tuning'))

@@ -500,6 +500,40 @@ def test_native_kernel_in_place_writes_every_block_that_changes():
             assert int(t2) == int(t) and int(flips) == int(np.sum(want != old)) > 0, (k, hint)
 
 
+def test_native_kernel_runs_every_layer_of_a_step_in_one_call():
+    # One call for all layers (a task each on the pool, the largest first): per layer the same
+    # mask, threshold, flips and masked weights as alone, whatever the sizes (a short last block,
+    # several chunks, one weight), k (0, all) and hints (none, near, far); in place with the
+    # masked weights, the masks alone, and out of place.
+    rng = np.random.default_rng(8)
+    sizes, ks = [(70_001,), (3, 3, 16, 8), (1,), (1_100_000,), (64,)], [9_000, 0, 1, 550_000, 64]
+    scores = [layer_scores(rng, shape, 'normal') for shape in sizes]
+    olds = [rng.random(shape) < 0.3 for shape in sizes]
+    weights = [rng.normal(size=shape).astype(np.float32) for shape in sizes]
+    w_olds = [np.where(o, w, np.float32(0)) for o, w in zip(olds, weights)]
+    wants = [reference.topk(s.reshape(-1), k).reshape(s.shape) for s, k in zip(scores, ks)]
+    thresholds = [int(masks.topk_mask_with_threshold(jnp.asarray(s), k)[1])
+                  for s, k in zip(scores, ks)]
+    hints = [None, jnp.uint32(7), jnp.uint32(1), jnp.uint32(thresholds[3] - 5), None]
+    in_place = jax.jit(masks.native_topk_masks, donate_argnums=(3, 5))
+    masks_only = jax.jit(masks.native_topk_masks, donate_argnums=3)
+    apart = jax.jit(masks.native_topk_masks)
+    for step in (in_place, masks_only, apart):
+        args = ([jnp.asarray(s) for s in scores], ks, hints, [jnp.array(o) for o in olds])
+        if step is masks_only:
+            got, t, flips = step(*args)
+        else:
+            got, t, flips, got_w = step(*args, [jnp.asarray(w) for w in weights],
+                                        [jnp.array(w) for w in w_olds])
+            for g, want, w in zip(got_w, wants, weights):
+                np.testing.assert_array_equal(np.asarray(g).view(np.uint32),
+                                              np.where(want, w, np.float32(0)).view(np.uint32))
+        for g, want in zip(got, wants):
+            np.testing.assert_array_equal(g, want)
+        assert [int(v) for v in t] == thresholds
+        assert [int(v) for v in flips] == [int(np.sum(w != o)) for w, o in zip(wants, olds)]
+
+
 @pytest.mark.parametrize('isa', ['avx2', 'scalar'])
 def test_native_kernel_matches_the_reference_on_every_instruction_set(isa):
     # the test above runs the kernel's widest pass for this CPU (AVX-512 where it has it);
@@ -519,7 +553,7 @@ def test_the_search_steps_mask_update_is_the_native_kernel_on_cpu():
     hints = {n: jnp.uint32(1 << 31) for n in scores}
     old = {n: jnp.zeros(s.shape, bool) for n, s in scores.items()}
     text = masks.topk_masks.lower(scores, kept, hints, old=old).as_text()
-    assert text.count('ljax_topk_mask') == 2  # one call per layer, no XLA selection program
+    assert text.count('ljax_topk_masks') == 1  # one call for every layer, no XLA selection
     assert 'ljax_topk_mask' not in masks.topk_masks.lower(
         scores, kept, hints, old=old, selection='hinted').as_text()
 

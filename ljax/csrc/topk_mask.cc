@@ -1,12 +1,12 @@
-// The exact top-k mask of one layer's scores, for XLA:CPU: an FFI handler that replaces the
-// XLA program of ljax.masks' 'hinted' selection on CPU (ljax/masks.py says when it runs).
+// The exact top-k masks of layers' scores, for XLA:CPU: an FFI handler that replaces the XLA
+// program of ljax.masks' 'hinted' selection on CPU (ljax/masks.py says when it runs).
 //
 // Same ranking as ljax.selection: order keys (uint32, key(a) < key(b) iff a < b, -0.0 == +0.0),
-// the k highest kept, ties at the threshold broken by the lowest flat index. Returns the mask, the
-// threshold key (the k-th largest key; 0xFFFFFFFF for k = 0) and the count of positions whose bit
-// differs from the old mask.
+// the k highest kept, ties at the threshold broken by the lowest flat index. Returns per layer
+// the mask, the threshold key (the k-th largest key; 0xFFFFFFFF for k = 0) and the count of
+// positions whose bit differs from the old mask.
 //
-// One pass over the scores and the old mask, then only the blocks that change, whatever the hint:
+// One pass over the scores and the old mask, then only a few blocks, whatever the hint:
 // 1. per block of 64 keys: the count of keys >= h (the hint), the largest key below h, the
 //    smallest key >= h, and the count of positions where (key >= h) differs from the old bit.
 //    With e = count(keys >= h) - k, the threshold is the (e+1)-th smallest key >= h (e >= 0) or
@@ -16,21 +16,22 @@
 //    threshold, the count of keys above it and the indices of its ties exactly. The pass also
 //    sums each group of 64 blocks (below): the serial selection visits only the groups whose
 //    nearest block is among the |e|+1 nearest groups', which hold those blocks;
-// 2. the new mask written over the old (XLA aliases the two buffers), and compared with it, in
-//    those candidate blocks and in the blocks where (key >= h) differs from the old bit: in every
-//    other block (and every group without such a block) the new bits are (key >= h), which are
-//    the old ones. Loads run 1,024 keys ahead of use (prefetched: the scores stream from memory,
-//    and the stalls at page ends dominated).
+// 2. in place (XLA aliases the new mask to the old), the pass writes (key >= h) where it
+//    differs from the old bit, while the block is in cache: outside the candidate blocks of 1.
+//    those are the new bits, and elsewhere the old bits are. After the selection the candidate
+//    blocks alone are written again, from their old bits, and compared with them. Not in place,
+//    the whole mask is written after the selection. Loads run 1,024 keys ahead of use in long
+//    spans (prefetched: the scores stream from memory, and the stalls at page ends dominated).
 // A far hint only makes the selection's share larger (all blocks at worst), never the result
 // different. Hint 0: estimated from 4,096 evenly spaced keys. Passes run on XLA's intra-op thread
 // pool in chunks of 1,024 blocks; the calling thread takes chunks too, and waits only for chunks
 // another thread has started.
 // The first pass runs with AVX-512 or AVX2 where the CPU has them (`LJAX_TOPK_ISA=avx2` or `scalar`
 // caps it: the tests run each).
-// A second handler (ljax_topk_mask_weights, for the search's step) also takes the layer's weights
-// and their masked copy under the old mask (aliased to its output), and writes the masked weights
-// (the weight where the bit is set, +0.0 elsewhere) in the same blocks as the mask: elsewhere they
-// are the old ones.
+// One call takes every layer of a step (below, `TopkMasks`), and with the search's step also the
+// layers' weights and their masked copy under the old mask (aliased to its output): it writes the
+// masked weights (the weight where the bit is set, +0.0 elsewhere) where the bit changes;
+// elsewhere they are the old ones.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -86,7 +87,21 @@ struct BlockStats {
   uint32_t above;  // smallest key >= h (if count > 0)
   uint32_t size;   // keys in the block (64 but in a layer's last block)
   uint32_t diff;   // positions where (key >= h) differs from the old mask
+  // where diff > 0: bit i is (key >= h) of the block's i-th key, and its old mask bit
+  uint64_t ge_bits, old_bits;
 };
+
+// The bits of BlockStats, one key at a time (the blocks that differ from the old mask are few).
+inline void BlockBits(const Bits* x, const uint8_t* old, int64_t size, uint32_t h,
+                      BlockStats* out) {
+  uint64_t ge = 0, was = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    ge |= uint64_t{Key(x[i]) >= h} << i;
+    was |= uint64_t{old[i] != 0} << i;
+  }
+  out->ge_bits = ge;
+  out->old_bits = was;
+}
 
 inline void Block(const Bits* x, const uint8_t* old, int64_t size, uint32_t h, BlockStats* out) {
   uint32_t count = 0, below = 0, above = kMax, diff = 0;
@@ -99,7 +114,8 @@ inline void Block(const Bits* x, const uint8_t* old, int64_t size, uint32_t h, B
     below = below > b ? below : b;
     above = above < a ? above : a;
   }
-  *out = {count, below, above, static_cast<uint32_t>(size), diff};
+  *out = {count, below, above, static_cast<uint32_t>(size), diff, 0, 0};
+  if (diff) BlockBits(x, old, size, h, out);
 }
 
 void StatsScalar(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, uint32_t h,
@@ -141,13 +157,14 @@ void StatsAvx2(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, ui
     _mm256_store_si256(reinterpret_cast<__m256i*>(df), diff);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lo), below);
     _mm256_store_si256(reinterpret_cast<__m256i*>(hi), above);
-    BlockStats s{0, 0, kMax, kBlock, 0};
+    BlockStats s{0, 0, kMax, kBlock, 0, 0, 0};
     for (int l = 0; l < 8; ++l) {
       s.count += c[l];
       s.diff += df[l];
       s.below = std::max(s.below, lo[l]);
       s.above = std::min(s.above, hi[l]);
     }
+    if (s.diff) BlockBits(x + b, old + b, kBlock, h, &s);
     out[b / kBlock] = s;
   }
   if (b < end) Block(x + b, old + b, end - b, h, out + b / kBlock);
@@ -181,7 +198,7 @@ void StatsAvx512(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, 
     out[b / kBlock] = {static_cast<uint32_t>(__builtin_popcountll(ge)),
                        _mm512_reduce_max_epu32(below), _mm512_reduce_min_epu32(above),
                        static_cast<uint32_t>(kBlock),
-                       static_cast<uint32_t>(__builtin_popcountll(ge ^ bit))};
+                       static_cast<uint32_t>(__builtin_popcountll(ge ^ bit)), ge, bit};
   }
   if (b < end) Block(x + b, old + b, end - b, h, out + b / kBlock);
 }
@@ -212,23 +229,44 @@ void Stats(const Bits* x, const uint8_t* old, int64_t begin, int64_t end, uint32
 }
 #endif
 
-// keep: key > t, or key >= t (at or before the last kept tie); the count of changed bits. With
-// `w`: the masked weights written too, `w[i]` = keep ? `f[i]` : +0.0.
-template <bool kWeights>
-inline __attribute__((always_inline)) uint32_t WriteBody(const Bits* x, const uint8_t* old,
-                                                         uint8_t* mask, int64_t size, uint32_t t,
-                                                         uint32_t ties, const float* f, float* w) {
+// keep: key > t, or key >= t (at or before the last kept tie); the count of changed bits.
+// kWeights: the masked weights `w[i]` = keep ? `f[i]` : +0.0 written too, everywhere (kAll), or
+// only where the bit changes (kChanged: `w` holds those of the old mask; the in-place write of a
+// few scattered blocks then touches the weights' lines of the few bits that change alone).
+// In place (`old` is `mask`), the old bit is read from `mask` itself: with every pointer restrict,
+// the loop vectorises without run-time overlap checks, which two equal pointers fail.
+enum Weights { kNone, kAll, kChanged };
+
+template <Weights kWeights, bool kInPlace>
+inline __attribute__((always_inline)) uint32_t WriteBody(const Bits* __restrict x,
+                                                         const uint8_t* __restrict old,
+                                                         uint8_t* __restrict mask, int64_t size,
+                                                         uint32_t t, uint32_t ties,
+                                                         const float* __restrict f,
+                                                         float* __restrict w) {
+  const uint8_t* was = kInPlace ? mask : old;
   uint32_t flips = 0;
-  for (int64_t s = 0; s < size; s += 256) {
-    for (int l = 0; l < 16; ++l) __builtin_prefetch(x + s + kPrefetch + 16 * l);
-    for (int l = 0; l < 4; ++l) __builtin_prefetch(old + s + kPrefetch + 64 * l);
-    const int64_t stop = std::min<int64_t>(size, s + 256);
-    for (int64_t i = s; i < stop; ++i) {
-      uint32_t key = Key(x[i]);
-      uint8_t keep = (key > t) | ((key == t) & ties), was = old[i];
-      mask[i] = keep;  // in place: `old` may be `mask`
-      if constexpr (kWeights) w[i] = keep ? f[i] : 0.0f;
-      flips += keep ^ was;
+  for (int64_t s = 0; s < size; s += kBlock) {
+    if (s % 256 == 0 && s + kPrefetch < size) {  // a long span: loads ahead
+      for (int l = 0; l < 16; ++l) __builtin_prefetch(x + s + kPrefetch + 16 * l);
+      for (int l = 0; l < 4; ++l) __builtin_prefetch(was + s + kPrefetch + 64 * l);
+    }
+    const int64_t len = std::min<int64_t>(size - s, kBlock);
+    alignas(64) uint8_t before[kBlock];
+    std::memcpy(before, was + s, len);
+    uint32_t changed = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      uint32_t key = Key(x[s + i]);
+      uint8_t keep = (key > t) | ((key == t) & ties);
+      mask[s + i] = keep;
+      if constexpr (kWeights == kAll) w[s + i] = keep ? f[s + i] : 0.0f;
+      changed += keep ^ before[i];
+    }
+    flips += changed;
+    if (kWeights == kChanged && changed) {
+      for (int64_t i = 0; i < len; ++i) {
+        if (mask[s + i] != before[i]) w[s + i] = mask[s + i] ? f[s + i] : 0.0f;
+      }
     }
   }
   return flips;
@@ -237,13 +275,19 @@ inline __attribute__((always_inline)) uint32_t WriteBody(const Bits* x, const ui
 LJAX_CLONES
 uint32_t WriteSpan(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t size, uint32_t t,
                    uint32_t ties) {
-  return WriteBody<false>(x, old, mask, size, t, ties, nullptr, nullptr);
+  if (old == mask) return WriteBody<kNone, true>(x, nullptr, mask, size, t, ties, nullptr, nullptr);
+  return WriteBody<kNone, false>(x, old, mask, size, t, ties, nullptr, nullptr);
 }
 
+// `w` in place (`masked`: it holds the masked weights under the old mask) or not
 LJAX_CLONES
 uint32_t WriteSpanWeights(const Bits* x, const uint8_t* old, uint8_t* mask, int64_t size,
-                          uint32_t t, uint32_t ties, const float* f, float* w) {
-  return WriteBody<true>(x, old, mask, size, t, ties, f, w);
+                          uint32_t t, uint32_t ties, const float* f, float* w, bool masked) {
+  if (old == mask && masked) {
+    return WriteBody<kChanged, true>(x, nullptr, mask, size, t, ties, f, w);
+  }
+  if (old == mask) return WriteBody<kAll, true>(x, nullptr, mask, size, t, ties, f, w);
+  return WriteBody<kAll, false>(x, old, mask, size, t, ties, f, w);
 }
 
 // The masked weights of a layer, when the call writes them: the weights `f`, and the old and new
@@ -260,10 +304,11 @@ int64_t Write(const Bits* x, const bool* old, bool* mask, int64_t begin, int64_t
   auto* k = reinterpret_cast<uint8_t*>(mask);
   int64_t split = std::clamp<int64_t>(last + 1, begin, end);  // ties before it are kept
   if (m.out) {
+    const bool masked = m.out == m.old;
     return int64_t{WriteSpanWeights(x + begin, o + begin, k + begin, split - begin, t, 1,
-                                    m.f + begin, m.out + begin)} +
+                                    m.f + begin, m.out + begin, masked)} +
            WriteSpanWeights(x + split, o + split, k + split, end - split, t, 0, m.f + split,
-                            m.out + split);
+                            m.out + split, masked);
   }
   return int64_t{WriteSpan(x + begin, o + begin, k + begin, split - begin, t, 1)} +
          WriteSpan(x + split, o + split, k + split, end - split, t, 0);
@@ -283,6 +328,7 @@ struct Selection {
   int64_t last;  // the last kept tie's index (kLast: all ties kept; -1: none)
   bool up = true;          // the threshold is >= the hint
   uint32_t bound = kMax;   // the candidate blocks' distance bound (see Select)
+  std::vector<int64_t> blocks;  // the candidate blocks, ascending
 };
 
 // A block's distance to h of its nearest key on one side (up: keys >= h, else keys < h); false
@@ -382,9 +428,11 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
     bound = near[j - 1];
   }
   std::vector<std::pair<uint32_t, int32_t>> keys;  // (distance from h, index) of those keys
+  std::vector<int64_t> candidates;
   for (size_t s = 0; s < spans.size(); s += 2) for (int64_t b = spans[s]; b < spans[s + 1]; ++b) {
     uint32_t d;
     if (!nearest(stats[b], &d) || d > bound) continue;
+    candidates.push_back(b);
     int64_t stop = std::min(n, (b + 1) * kBlock);
     for (int64_t i = b * kBlock; i < stop; ++i) {
       uint32_t key = Key(x[i]);
@@ -408,38 +456,48 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
   }
   const int64_t above = up ? count - nearer - static_cast<int64_t>(ties.size()) : count + nearer;
   const int64_t need = k - above;  // ties kept, >= 1
-  if (need >= static_cast<int64_t>(ties.size())) return {t, kLast, up, bound};
+  if (need >= static_cast<int64_t>(ties.size())) {
+    return {t, kLast, up, bound, std::move(candidates)};
+  }
   std::nth_element(ties.begin(), ties.begin() + (need - 1), ties.end());
-  return {t, ties[need - 1], up, bound};
+  return {t, ties[need - 1], up, bound, std::move(candidates)};
 }
 
-ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
-                             ffi::Buffer<ffi::PRED> old, ffi::Buffer<ffi::S32> k_buf,
-                             ffi::Buffer<ffi::U32> hint_buf, ffi::ResultBuffer<ffi::PRED> mask,
-                             ffi::ResultBuffer<ffi::U32> threshold,
-                             ffi::ResultBuffer<ffi::S32> flips, const Masked& m) {
-  const Bits* x = reinterpret_cast<const Bits*>(scores.typed_data());
-  const int64_t n = static_cast<int64_t>(scores.element_count());
-  if (static_cast<int64_t>(old.element_count()) != n) {
-    return ffi::Error::InvalidArgument("ljax topk_mask: the old mask and the scores differ in size");
-  }
-  if (n >= kLast) {
-    return ffi::Error::InvalidArgument("ljax topk_mask: a layer of 2**31 - 1 or more weights");
-  }
-  const int64_t k = std::clamp<int64_t>(k_buf.typed_data()[0], 0, n);
+// One layer of a call: its buffers, k and hint; the threshold key and flips it finds.
+struct Layer {
+  const Bits* x = nullptr;       // the scores
+  const bool* before = nullptr;  // the old mask
+  bool* out = nullptr;           // the new mask (the old one's buffer when XLA aliases them)
+  Masked m;                      // the masked weights, when the call writes them
+  int64_t n = 0, k = 0;
+  uint32_t hint = 0;
+  uint32_t threshold = kMax;
+  int64_t flips = 0;
+};
+
+// The layer's mask (and masked weights), threshold and flips: see the file's comment.
+void RunLayer(ffi::ThreadPool& pool, Layer& a) {
+  const Bits* x = a.x;
+  const int64_t n = a.n, k = a.k;
+  const Masked& m = a.m;
   const int64_t nb = (n + kBlock - 1) / kBlock;
   const int64_t chunks = (nb + kChunkBlocks - 1) / kChunkBlocks;
   const int64_t chunk = kChunkBlocks * kBlock;
 
-  bool* out = mask->typed_data();
-  const bool* before = old.typed_data();
+  bool* out = a.out;
+  const bool* before = a.before;
   const auto* was = reinterpret_cast<const uint8_t*>(before);
-  Selection sel{kMax, -1};
+  Selection sel{kMax, -1, true, kMax, {}};
   uint32_t h = 0;
   std::unique_ptr<BlockStats[]> stats;
   std::vector<GroupStats> summary((nb + kGroupBlocks - 1) / kGroupBlocks);
+  // In place (the old mask's buffer is the new one's, and the masked weights' too): the pass
+  // writes (key >= h) over the old bits where they differ, and the weights there, while the keys
+  // are in cache. Those are the new bits in every block but Select's candidates (the blocks that
+  // hold a key between h and the threshold), which alone are written again after it.
+  const bool in_place = out == before && m.out == m.old;
   if (k > 0) {
-    h = hint_buf.typed_data()[0];
+    h = a.hint;
     if (h == 0) h = EstimateHint(x, n, k);
     h = std::max(h, 1u);
     stats.reset(new BlockStats[nb]);  // every entry written below
@@ -450,67 +508,161 @@ ffi::Error TopkMaskUnguarded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
       for (int64_t b = begin / kBlock; b < stop; b += kGroupBlocks) {
         summary[b / kGroupBlocks] = Summarise(stats.get(), b, std::min(stop, b + kGroupBlocks), h);
       }
+      if (!in_place) return;
+      auto* bits = reinterpret_cast<uint8_t*>(out);
+      std::vector<int64_t> moved;  // positions whose bit changes: their weights, once prefetched
+      for (int64_t b = begin / kBlock; b < stop; ++b) {
+        const BlockStats& st = stats[b];
+        for (uint64_t flip = st.diff ? st.ge_bits ^ st.old_bits : 0; flip; flip &= flip - 1) {
+          const int i = __builtin_ctzll(flip);
+          const int64_t p = b * kBlock + i;
+          bits[p] = (st.ge_bits >> i) & 1;
+          if (m.out) {
+            __builtin_prefetch(m.f + p);
+            __builtin_prefetch(m.out + p, 1);
+            moved.push_back(p);
+          }
+        }
+      }
+      for (int64_t p : moved) m.out[p] = bits[p] ? m.f[p] : 0.0f;
     });
     int64_t count = 0;
     for (const GroupStats& c : summary) count += c.count;
     sel = Select(x, n, k, h, count, stats.get(), nb, summary);
   }
-  std::vector<int64_t> changed(chunks, 0);
-  // (masked weights written to another buffer than the old ones': all written)
-  if (stats && out == before && m.out == m.old) {
-    // In place (the old mask's buffer is the new one's): a block can change only where a key
-    // lies between h and the threshold (a candidate block of Select) or where (key >= h)
-    // differs from the old bit; every other block keeps its bits and is not touched, nor is a
-    // group or a chunk without such a block.
-    auto dirty = [&](int64_t b) {
-      uint32_t d;
-      return stats[b].diff || (Nearest(stats[b], sel.up, h, &d) && d <= sel.bound);
+  int64_t total = 0;  // flips
+  if (stats && in_place) {
+    // Select's candidate blocks written with the threshold, over their old bits, which the
+    // pass's are turned back to: Write then counts their flips; every other block's are its
+    // `diff`. Runs of adjacent candidates are written as one span.
+    auto restore = [&](int64_t b) {
+      const BlockStats& st = stats[b];
+      auto* bits = reinterpret_cast<uint8_t*>(out);
+      for (uint64_t flip = st.diff ? st.ge_bits ^ st.old_bits : 0; flip; flip &= flip - 1) {
+        const int i = __builtin_ctzll(flip);
+        const int64_t p = b * kBlock + i;
+        bits[p] = (st.old_bits >> i) & 1;
+        if (m.out) m.out[p] = bits[p] ? m.f[p] : 0.0f;
+      }
     };
-    auto dirty_group = [&](int64_t g) {
-      const GroupStats& gs = summary[g];
-      return gs.diff || (gs.blocks[sel.up] && gs.nearest[sel.up] <= sel.bound);
-    };
-    std::vector<int64_t> visit;  // the chunks with a dirty group
-    for (int64_t g = 0; g < static_cast<int64_t>(summary.size()); ++g) {
-      const int64_t c = g * kGroupBlocks / kChunkBlocks;
-      if ((visit.empty() || visit.back() != c) && dirty_group(g)) visit.push_back(c);
-    }
-    Parallel(pool, static_cast<int64_t>(visit.size()), [&](int64_t v) {
-      const int64_t c = visit[v];
-      const int64_t first = c * kChunkBlocks, stop = std::min(nb, first + kChunkBlocks);
+    const std::vector<int64_t>& cand = sel.blocks;
+    auto write = [&](int64_t first, int64_t stop) {  // cand[first:stop]
       int64_t sum = 0;
-      for (int64_t b = first; b < stop;) {
-        if (b % kGroupBlocks == 0 && !dirty_group(b / kGroupBlocks)) {
-          b += kGroupBlocks;  // a clean group
-          continue;
-        }
-        if (!dirty(b)) { ++b; continue; }
+      for (int64_t i = first; i < stop;) {
+        const int64_t b = cand[i];
         int64_t e = b + 1;
-        while (e < stop && dirty(e)) ++e;  // a run of dirty blocks, written in one span
+        for (++i; i < stop && cand[i] == e; ++i) ++e;
+        for (int64_t c = b; c < e; ++c) {
+          restore(c);
+          sum -= stats[c].diff;
+        }
         sum += Write(x, before, out, b * kBlock, std::min(n, e * kBlock), sel.threshold, sel.last,
                      m);
-        b = e;
       }
-      changed[c] = sum;
+      return sum;
+    };
+    for (const GroupStats& g : summary) total += g.diff;
+    const int64_t count = static_cast<int64_t>(cand.size());
+    const int64_t parts = (count + kChunkBlocks - 1) / kChunkBlocks;  // a far hint: many
+    std::vector<int64_t> sums(parts, 0);
+    Parallel(pool, parts, [&](int64_t p) {
+      sums[p] = write(p * kChunkBlocks, std::min(count, (p + 1) * kChunkBlocks));
     });
-  } else {
+    for (int64_t v : sums) total += v;
+  } else {  // (also with the masked weights written to another buffer than the old ones')
+    std::vector<int64_t> changed(chunks, 0);
     Parallel(pool, chunks, [&](int64_t c) {
       int64_t begin = c * chunk;
       changed[c] =
           Write(x, before, out, begin, std::min(n, begin + chunk), sel.threshold, sel.last, m);
     });
+    for (int64_t f : changed) total += f;
   }
-  int64_t total = 0;
-  for (int64_t f : changed) total += f;
-  threshold->typed_data()[0] = sel.threshold;
-  flips->typed_data()[0] = static_cast<int32_t>(total);
+  a.threshold = sel.threshold;
+  a.flips = total;
+}
+
+// Every layer of a step in one call, a layer to a task on the pool (the largest first): the
+// layers' passes, selections and writes run side by side, where one layer at a time would leave
+// the pool idle in its serial selection and in each pass's wait for a helper thread (tens of us
+// to wake on a small machine). A layer's own passes still take any idle thread.
+// Arguments: k and the hints (u32, one per layer), then per layer the scores, then the old masks,
+// then (with weights) the weights, then the old masked weights. Results: per layer the masks, then
+// (with weights) the masked weights (aliased to the old ones), then the thresholds and flips.
+ffi::Error TopkMasksChecked(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> k_buf,
+                            ffi::Buffer<ffi::U32> hint_buf, ffi::RemainingArgs args,
+                            ffi::RemainingRets rets) {
+  const size_t count = k_buf.element_count();
+  if (hint_buf.element_count() != count) {
+    return ffi::Error::InvalidArgument("ljax topk_mask: k and the hints differ in size");
+  }
+  const bool weights = args.size() == 4 * count;
+  if ((!weights && args.size() != 2 * count) || rets.size() != (weights ? 2 : 1) * count + 2) {
+    return ffi::Error::InvalidArgument("ljax topk_mask: wrong number of arguments or results");
+  }
+  auto thresholds = rets.get<ffi::Buffer<ffi::U32>>(rets.size() - 2);
+  auto flips = rets.get<ffi::Buffer<ffi::S32>>(rets.size() - 1);
+  if (thresholds.has_error()) return thresholds.error();
+  if (flips.has_error()) return flips.error();
+  if ((*thresholds)->element_count() != count || (*flips)->element_count() != count) {
+    return ffi::Error::InvalidArgument("ljax topk_mask: thresholds and flips must hold a value "
+                                       "per layer");
+  }
+  std::vector<Layer> layers(count);
+  for (size_t l = 0; l < count; ++l) {
+    Layer& a = layers[l];
+    auto scores = args.get<ffi::Buffer<ffi::F32>>(l);
+    auto old = args.get<ffi::Buffer<ffi::PRED>>(count + l);
+    auto mask = rets.get<ffi::Buffer<ffi::PRED>>(l);
+    if (scores.has_error()) return scores.error();
+    if (old.has_error()) return old.error();
+    if (mask.has_error()) return mask.error();
+    a.n = static_cast<int64_t>(scores->element_count());
+    if (static_cast<int64_t>(old->element_count()) != a.n ||
+        static_cast<int64_t>((*mask)->element_count()) != a.n) {
+      return ffi::Error::InvalidArgument(
+          "ljax topk_mask: the old mask and the scores differ in size");
+    }
+    if (a.n >= kLast) {
+      return ffi::Error::InvalidArgument("ljax topk_mask: a layer of 2**31 - 1 or more weights");
+    }
+    a.x = reinterpret_cast<const Bits*>(scores->typed_data());
+    a.before = old->typed_data();
+    a.out = (*mask)->typed_data();
+    a.k = std::clamp<int64_t>(k_buf.typed_data()[l], 0, a.n);
+    a.hint = hint_buf.typed_data()[l];
+    if (weights) {
+      auto f = args.get<ffi::Buffer<ffi::F32>>(2 * count + l);
+      auto masked_old = args.get<ffi::Buffer<ffi::F32>>(3 * count + l);
+      auto masked = rets.get<ffi::Buffer<ffi::F32>>(count + l);
+      if (f.has_error()) return f.error();
+      if (masked_old.has_error()) return masked_old.error();
+      if (masked.has_error()) return masked.error();
+      if (static_cast<int64_t>(f->element_count()) != a.n ||
+          static_cast<int64_t>(masked_old->element_count()) != a.n ||
+          static_cast<int64_t>((*masked)->element_count()) != a.n) {
+        return ffi::Error::InvalidArgument(
+            "ljax topk_mask: the weights, the masked weights and the scores differ in size");
+      }
+      a.m = Masked{f->typed_data(), masked_old->typed_data(), (*masked)->typed_data()};
+    }
+  }
+  std::vector<size_t> order(count);  // the largest layers first: the last tasks are the shortest
+  for (size_t l = 0; l < count; ++l) order[l] = l;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return layers[a].n > layers[b].n; });
+  Parallel(pool, static_cast<int64_t>(count), [&](int64_t i) { RunLayer(pool, layers[order[i]]); });
+  for (size_t l = 0; l < count; ++l) {
+    (*thresholds)->typed_data()[l] = layers[l].threshold;
+    (*flips)->typed_data()[l] = static_cast<int32_t>(layers[l].flips);
+  }
   return ffi::Error::Success();
 }
 
-template <typename... Args>
-ffi::Error Guarded(Args&&... args) {
+ffi::Error TopkMasks(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> k, ffi::Buffer<ffi::U32> hint,
+                     ffi::RemainingArgs args, ffi::RemainingRets rets) {
   try {
-    return TopkMaskUnguarded(std::forward<Args>(args)...);
+    return TopkMasksChecked(pool, k, hint, args, rets);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("ljax topk_mask: ") + e.what());
   } catch (...) {
@@ -518,55 +670,12 @@ ffi::Error Guarded(Args&&... args) {
   }
 }
 
-ffi::Error TopkMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::PRED> old,
-                    ffi::Buffer<ffi::S32> k, ffi::Buffer<ffi::U32> hint,
-                    ffi::ResultBuffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::U32> threshold,
-                    ffi::ResultBuffer<ffi::S32> flips) {
-  return Guarded(pool, scores, old, k, hint, mask, threshold, flips, Masked{});
-}
-
-// The same, and the masked weights where(new mask, weights, +0.0) written over the old ones (XLA
-// aliases the two buffers), in the same blocks as the mask: those are the old masked weights'
-// elsewhere.
-ffi::Error TopkMaskWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
-                           ffi::Buffer<ffi::PRED> old, ffi::Buffer<ffi::S32> k,
-                           ffi::Buffer<ffi::U32> hint, ffi::Buffer<ffi::F32> weights,
-                           ffi::Buffer<ffi::F32> old_masked, ffi::ResultBuffer<ffi::PRED> mask,
-                           ffi::ResultBuffer<ffi::F32> masked,
-                           ffi::ResultBuffer<ffi::U32> threshold,
-                           ffi::ResultBuffer<ffi::S32> flips) {
-  if (weights.element_count() != scores.element_count() ||
-      old_masked.element_count() != scores.element_count()) {
-    return ffi::Error::InvalidArgument(
-        "ljax topk_mask: the weights, the masked weights and the scores differ in size");
-  }
-  return Guarded(pool, scores, old, k, hint, mask, threshold, flips,
-                 Masked{weights.typed_data(), old_masked.typed_data(), masked->typed_data()});
-}
-
-// The arguments both handlers share: the scores, the old mask, k and the hint.
-auto TopkArgs() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::PRED>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Arg<ffi::Buffer<ffi::U32>>();
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LjaxTopkMask, TopkMask,
-                              TopkArgs()
-                                  .Ret<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LjaxTopkMaskWeights, TopkMaskWeights,
-                              TopkArgs()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LjaxTopkMasks, TopkMasks,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());

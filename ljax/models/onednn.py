@@ -83,8 +83,7 @@ _TARGETS = {
     'fwd': ('ljax_onednn_conv_forward', 'LjaxOnednnConvForward'),
     'dx': ('ljax_onednn_conv_backward_data', 'LjaxOnednnConvBackwardData'),
     'dw': ('ljax_onednn_conv_backward_weights', 'LjaxOnednnConvBackwardWeights'),
-    'topk': ('ljax_topk_mask', 'LjaxTopkMask'),
-    'topk_weights': ('ljax_topk_mask_weights', 'LjaxTopkMaskWeights'),
+    'topk': ('ljax_topk_masks', 'LjaxTopkMasks'),
     'finite': ('ljax_all_finite', 'LjaxAllFinite'),
 }
 _FLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC', '-w')
