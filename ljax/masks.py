@@ -10,10 +10,10 @@ computed once (magnitude masks at set-up): no program to compile, one partition 
 one driver (`update_masks`) and a rule saying how the new mask follows from the selections
 (`TOPK` here, the restriction's swaps there). `selection` picks the strategy (`default_selection`):
 - 'native' (CPU, where ljax's C++ kernels are built: `ljax.models.onednn.available()`): the
-  top-k of each layer is one FFI call (`ljax/csrc/topk_mask.cc`): the same candidate blocks around
-  the hint as 'hinted', found in one vectorised pass over the scores and the old mask, a
-  selection over their keys, and only the blocks that change written, over the old mask, their
-  flips counted. The restriction's rule runs 'hinted'.
+  top-k of every layer is one FFI call (`ljax/csrc/topk_mask.cc`), a task per layer: the same
+  candidate blocks around the hint as 'hinted', found in one vectorised pass over the scores and
+  the old mask, a selection over their keys, and only the bits that change written, over the old
+  mask, their flips counted. The restriction's rule runs 'hinted'.
 - 'hinted' (CPU): one pass over each layer narrows it to a few candidate blocks around its hint
   (`plan`), the selections run on those, stacked by size and warm-started in the hints' windows,
   and a layer whose candidates miss retries alone (`second_try`). A hint is the previous threshold
