@@ -455,6 +455,9 @@ def native_topk_masks(scores, ks, hints=None, olds=None, weights=None, masked=No
     must be the old masks', `where(old, weights, +0.0)` (None: made so here). The call runs the
     layers side by side on XLA's thread pool."""
     n = len(scores)
+    if n == 0:  # no layer: no call
+        none = ([], jnp.zeros((0,), jnp.uint32), jnp.zeros((0,), jnp.int32))
+        return none if weights is None else none + ([],)
     olds = [None] * n if olds is None else list(olds)
     olds = [jnp.zeros(s.shape, bool) if o is None else o.reshape(s.shape)
             for s, o in zip(scores, olds)]

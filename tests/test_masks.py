@@ -532,6 +532,8 @@ def test_native_kernel_runs_every_layer_of_a_step_in_one_call():
             np.testing.assert_array_equal(g, want)
         assert [int(v) for v in t] == thresholds
         assert [int(v) for v in flips] == [int(np.sum(w != o)) for w, o in zip(wants, olds)]
+    # no layer at all: nothing to call, nothing flipped
+    assert masks.topk_masks({}, {}, old={}, count_flips=True)[2] == 0
 
 
 @pytest.mark.parametrize('isa', ['avx2', 'scalar'])
