@@ -451,7 +451,7 @@ def native_topk_masks(scores, ks, hints=None, olds=None, weights=None, masked=No
     all False); thresholds uint32[L] and flips int32[L]. `hints`: per layer the previous threshold
     key or its `extrapolate` (None or 0: estimated from a sample of the keys); they only change
     the cost. With `weights` (float32, scores' shapes) a fourth output, the masked weights
-    `where(mask, weights, +0.0)`, written over `masked` in the blocks that change only: `masked`
+    `where(mask, weights, +0.0)`, written over `masked` only where the bit changes: `masked`
     must be the old masks', `where(old, weights, +0.0)` (None: made so here). The call runs the
     layers side by side on XLA's thread pool."""
     n = len(scores)

@@ -339,9 +339,9 @@ inline bool Nearest(const BlockStats& b, bool up, uint32_t h, uint32_t* d) {
   return true;
 }
 
-// A group's blocks summed up in the first pass, so that the serial selection and the write visit
-// only the groups that can hold a candidate or a changed bit: per side (0: keys < h, 1: keys >= h)
-// the blocks with a key there and the distance to h of the nearest of them (kMax: none).
+// A group's blocks summed up in the first pass, so that the serial selection visits only the
+// groups that can hold a candidate: per side (0: keys < h, 1: keys >= h) the blocks with a key
+// there and the distance to h of the nearest of them (kMax: none); and the group's counts.
 struct GroupStats {
   int64_t count = 0;  // keys >= h
   int64_t diff = 0;   // positions where (key >= h) differs from the old mask
@@ -463,6 +463,26 @@ Selection Select(const Bits* x, int64_t n, int64_t k, uint32_t h, int64_t count,
   return {t, ties[need - 1], up, bound, std::move(candidates)};
 }
 
+// Block b's bits where `flip` is set, made those of `value` (bit i: the block's i-th key), and the
+// masked weights there; with `moved`, the weights' lines are prefetched and their positions
+// appended, for the caller to write once the lines are in.
+inline void SetBits(uint8_t* bits, const Masked& m, int64_t b, uint64_t flip, uint64_t value,
+                    std::vector<int64_t>* moved) {
+  for (; flip; flip &= flip - 1) {
+    const int i = __builtin_ctzll(flip);
+    const int64_t p = b * kBlock + i;
+    bits[p] = (value >> i) & 1;
+    if (!m.out) continue;
+    if (moved) {
+      __builtin_prefetch(m.f + p);
+      __builtin_prefetch(m.out + p, 1);
+      moved->push_back(p);
+    } else {
+      m.out[p] = bits[p] ? m.f[p] : 0.0f;
+    }
+  }
+}
+
 // One layer of a call: its buffers, k and hint; the threshold key and flips it finds.
 struct Layer {
   const Bits* x = nullptr;       // the scores
@@ -513,16 +533,7 @@ void RunLayer(ffi::ThreadPool& pool, Layer& a) {
       std::vector<int64_t> moved;  // positions whose bit changes: their weights, once prefetched
       for (int64_t b = begin / kBlock; b < stop; ++b) {
         const BlockStats& st = stats[b];
-        for (uint64_t flip = st.diff ? st.ge_bits ^ st.old_bits : 0; flip; flip &= flip - 1) {
-          const int i = __builtin_ctzll(flip);
-          const int64_t p = b * kBlock + i;
-          bits[p] = (st.ge_bits >> i) & 1;
-          if (m.out) {
-            __builtin_prefetch(m.f + p);
-            __builtin_prefetch(m.out + p, 1);
-            moved.push_back(p);
-          }
-        }
+        if (st.diff) SetBits(bits, m, b, st.ge_bits ^ st.old_bits, st.ge_bits, &moved);
       }
       for (int64_t p : moved) m.out[p] = bits[p] ? m.f[p] : 0.0f;
     });
@@ -535,16 +546,6 @@ void RunLayer(ffi::ThreadPool& pool, Layer& a) {
     // Select's candidate blocks written with the threshold, over their old bits, which the
     // pass's are turned back to: Write then counts their flips; every other block's are its
     // `diff`. Runs of adjacent candidates are written as one span.
-    auto restore = [&](int64_t b) {
-      const BlockStats& st = stats[b];
-      auto* bits = reinterpret_cast<uint8_t*>(out);
-      for (uint64_t flip = st.diff ? st.ge_bits ^ st.old_bits : 0; flip; flip &= flip - 1) {
-        const int i = __builtin_ctzll(flip);
-        const int64_t p = b * kBlock + i;
-        bits[p] = (st.old_bits >> i) & 1;
-        if (m.out) m.out[p] = bits[p] ? m.f[p] : 0.0f;
-      }
-    };
     const std::vector<int64_t>& cand = sel.blocks;
     auto write = [&](int64_t first, int64_t stop) {  // cand[first:stop]
       int64_t sum = 0;
@@ -553,8 +554,11 @@ void RunLayer(ffi::ThreadPool& pool, Layer& a) {
         int64_t e = b + 1;
         for (++i; i < stop && cand[i] == e; ++i) ++e;
         for (int64_t c = b; c < e; ++c) {
-          restore(c);
-          sum -= stats[c].diff;
+          const BlockStats& st = stats[c];
+          if (!st.diff) continue;
+          SetBits(reinterpret_cast<uint8_t*>(out), m, c, st.ge_bits ^ st.old_bits, st.old_bits,
+                  nullptr);
+          sum -= st.diff;
         }
         sum += Write(x, before, out, b * kBlock, std::min(n, e * kBlock), sel.threshold, sel.last,
                      m);
