@@ -13,7 +13,9 @@ one driver (`update_masks`) and a rule saying how the new mask follows from the 
   top-k of every layer is one FFI call (`ljax/csrc/topk_mask.cc`), a task per layer: the same
   candidate blocks around the hint as 'hinted', found in one vectorised pass over the scores and
   the old mask, a selection over their keys, and only the bits that change written, over the old
-  mask, their flips counted. The restriction's rule runs 'hinted'.
+  mask, their flips counted. The restriction's rule runs 'hinted'. The search's step also hands
+  it its score update (`native_topk_masks(..., sgd=)`, `Search.fused_update`), which the pass
+  makes just before ranking, bit for bit optax's.
 - 'hinted' (CPU): one pass over each layer narrows it to a few candidate blocks around its hint
   (`plan`), the selections run on those, stacked by size and warm-started in the hints' windows,
   and a layer whose candidates miss retries alone (`second_try`). A hint is the previous threshold
@@ -444,7 +446,7 @@ def resolve_selection(selection: str | None) -> str:
     return selection
 
 
-def native_topk_masks(scores, ks, hints=None, olds=None, weights=None, masked=None):
+def native_topk_masks(scores, ks, hints=None, olds=None, weights=None, masked=None, sgd=None):
     """(masks, threshold keys, flips) of several layers (lists) from one call of ljax's C++ kernel
     (XLA:CPU only): per layer the same top-k and threshold as `topk_mask_with_threshold`, and the
     count of positions where the mask differs from its `olds` entry (bool, scores' shape; None:
@@ -453,7 +455,15 @@ def native_topk_masks(scores, ks, hints=None, olds=None, weights=None, masked=No
     the cost. With `weights` (float32, scores' shapes) a fourth output, the masked weights
     `where(mask, weights, +0.0)`, written over `masked` only where the bit changes: `masked`
     must be the old masks', `where(old, weights, +0.0)` (None: made so here). The call runs the
-    layers side by side on XLA's thread pool."""
+    layers side by side on XLA's thread pool.
+
+    With `sgd` = (gradients, momentum, (decay, momentum coefficient, step)), which needs
+    `weights`: the masks are those of the scores after the search's score update, made in the
+    same pass (see `SgdBody` in ljax/csrc/topk_mask.cc): per layer, with the gradients `g` of the
+    masked weights and the weights `w`, u = g * w + scores * decay, momentum' = u + momentum *
+    coefficient, scores' = scores + step * momentum', the float operations of optax's
+    add_decayed_weights and sgd with momentum, bit for bit. Two more outputs: the new scores and
+    the new momentum (lists)."""
     n = len(scores)
     if n == 0:  # no layer: no call
         none = ([], jnp.zeros((0,), jnp.uint32), jnp.zeros((0,), jnp.int32))
@@ -475,11 +485,23 @@ def native_topk_masks(scores, ks, hints=None, olds=None, weights=None, masked=No
                            for o, w, m in zip(olds, weights, masked)]
         result += [jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in scores]
         aliases.update({2 + 3 * n + i: n + i for i in range(n)})
+    if sgd is not None:
+        if weights is None:
+            raise ValueError('the score update (sgd=) needs the weights')
+        grads, momentum, coefficients = sgd
+        args += [jnp.asarray(g, jnp.float32).reshape(s.shape) for g, s in zip(grads, scores)]
+        args += [jnp.asarray(m, jnp.float32).reshape(s.shape) for m, s in zip(momentum, scores)]
+        args.append(jnp.stack([jnp.asarray(c, jnp.float32).reshape(()) for c in coefficients]))
+        result += [jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in scores] * 2
+        aliases.update({2 + i: 2 * n + i for i in range(n)})  # the scores and the momentum
+        aliases.update({2 + 5 * n + i: 3 * n + i for i in range(n)})
     result += [jax.ShapeDtypeStruct((n,), jnp.uint32), jax.ShapeDtypeStruct((n,), jnp.int32)]
     got = jax.ffi.ffi_call('ljax_topk_masks', result, vmap_method='sequential',
                            input_output_aliases=aliases)(*args)
     out = (list(got[:n]), got[-2], got[-1])
-    return out if weights is None else out + (list(got[n:2 * n]),)
+    if weights is not None:
+        out += (list(got[n:2 * n]),)
+    return out if sgd is None else out + (list(got[2 * n:3 * n]), list(got[3 * n:4 * n]))
 
 
 def native_topk_mask(scores: jax.Array, k, hint=None, old=None, weights=None, masked=None):

@@ -361,12 +361,52 @@ class Search:
         return self.params
 
     # ---------------------------------------------------------------- state
+    def learning_rate(self) -> optax.Schedule:
+        return optax.cosine_decay_schedule(self.options.lr, max(self.total_steps, 1))
+
     def optimizer(self) -> optax.GradientTransformation:
         o = self.options
-        lr = optax.cosine_decay_schedule(o.lr, max(self.total_steps, 1))
         return optax.chain(
-            optax.add_decayed_weights(o.weight_decay), optax.sgd(lr, momentum=o.momentum)
+            optax.add_decayed_weights(o.weight_decay),
+            optax.sgd(self.learning_rate(), momentum=o.momentum),
         )
+
+    @property
+    def fused_update(self) -> bool:
+        """Whether the step's score update runs in the native top-k kernel's pass (float32 plain
+        top-k on CPU, `masks.native_topk_masks` with `sgd`): the same scores and momentum, bit for
+        bit, as `optimizer()`'s update, without XLA's passes over the scores and the momentum
+        (two a layer) before the kernel's own."""
+        return (
+            masks.resolve_selection(self.selection) == 'native'
+            and self.options.nm is None
+            and restriction.is_plain_topk(self.options.restriction)
+            and DTYPES[self.options.dtype] == jnp.float32
+        )
+
+    def _fused_step(self, state, g, prunable, hints):
+        """`optimizer()`'s update of the scores, the new masks, thresholds, flips and masked
+        weights from one kernel call (`fused_update`); the optimizer's state is its own, with the
+        kernel's momentum as its trace and its count moved on as optax moves it."""
+        o = self.options
+        count_ = optax.tree_utils.tree_get(state.opt_state, 'count')
+        trace = optax.tree_utils.tree_get(state.opt_state, 'trace')
+        step = jnp.array(-1 * self.learning_rate()(count_), jnp.float32)  # as optax scales
+        names = self.names
+        masks_, thresholds, flips, weights, scores, momentum = masks.native_topk_masks(
+            [state.scores[n] for n in names], [self.kept[n] for n in names],
+            [hints[n] for n in names], [state.mask[n] for n in names],
+            [prunable[n] for n in names], [state.weights[n] for n in names],
+            sgd=([g[n] for n in names], [trace[n] for n in names],
+                 (o.weight_decay, o.momentum, step)),
+        )
+        opt_state = optax.tree_utils.tree_set(
+            state.opt_state, trace=dict(zip(names, momentum)),
+            count=optax.safe_increment(count_),
+        )
+        return (dict(zip(names, scores)), opt_state, dict(zip(names, masks_)),
+                {n: thresholds[i] for i, n in enumerate(names)}, jnp.sum(flips),
+                dict(zip(names, weights)))
 
     def init_state(self) -> SearchState:
         """The state at step 0. From a magnitude or Wanda mask it is made on the host (NumPy, the
@@ -534,36 +574,41 @@ class Search:
         batch_stats = lax.pmean(batch_stats, AXIS_NAME)
 
         def update():
-            grads = ste_vjp(g)[0] if dtype == jnp.float32 else checked[0]
-            updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
-            scores = optax.apply_updates(state.scores, updates)
             hints = {n: masks.extrapolate(state.thresholds[n], state.previous[n]) for n in self.names}
             weights = None  # the new masked weights, where the top-k does not write them
-            if self.options.nm is not None:
-                if restriction.is_plain_topk(self.options.restriction):
-                    # rate 1: the N:M top of every group, without the restriction's candidates
-                    # and its per-layer branch (a conditional, which on a GPU waits on the host)
-                    mask = {n: nm_lib.nm_mask(scores[n], *self.options.nm, self._nm_axes[n])
-                            for n in self.names}
-                else:
-                    mask = nm_lib.nm_restrict_all(
-                        state.mask, scores, *self.options.nm, rate, self.input_axes
-                    )
-                thresholds = state.thresholds
-                flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
-            elif restriction.is_plain_topk(self.options.restriction):
-                # rate 1 at every step: the top-k alone, without the restriction's look at the old
-                # mask (whose changed blocks would all have to be gathered); flips counted on the way
-                # the masked weights too: the native kernel rewrites them where the mask changes
-                mask, thresholds, flips, weights = masks.topk_masks(
-                    scores, self.kept, hints, old=state.mask, count_flips=True,
-                    selection=self.selection, weights=prunable, masked=state.weights,
-                )
+            if self.fused_update:  # the scores' update in the top-k kernel's pass
+                scores, opt_state, mask, thresholds, flips, weights = self._fused_step(
+                    state, g, prunable, hints)
             else:
-                mask, thresholds, flips = restriction.restrict_masks(
-                    state.mask, scores, self.kept, rate, hints, count_flips=True,
-                    selection=self.selection,
-                )
+                grads = ste_vjp(g)[0] if dtype == jnp.float32 else checked[0]
+                updates, opt_state = self.optimizer().update(grads, state.opt_state, state.scores)
+                scores = optax.apply_updates(state.scores, updates)
+                if self.options.nm is not None:
+                    if restriction.is_plain_topk(self.options.restriction):
+                        # rate 1: the N:M top of every group, without the restriction's candidates
+                        # and its per-layer branch (a conditional, which on a GPU waits on the host)
+                        mask = {n: nm_lib.nm_mask(scores[n], *self.options.nm, self._nm_axes[n])
+                                for n in self.names}
+                    else:
+                        mask = nm_lib.nm_restrict_all(
+                            state.mask, scores, *self.options.nm, rate, self.input_axes
+                        )
+                    thresholds = state.thresholds
+                    flips = sum(count(mask[n] != state.mask[n]) for n in self.names)
+                elif restriction.is_plain_topk(self.options.restriction):
+                    # rate 1 at every step: the top-k alone, without the restriction's look at the
+                    # old mask (whose changed blocks would all have to be gathered); flips counted
+                    # on the way, the masked weights too: the native kernel rewrites them where the
+                    # mask changes
+                    mask, thresholds, flips, weights = masks.topk_masks(
+                        scores, self.kept, hints, old=state.mask, count_flips=True,
+                        selection=self.selection, weights=prunable, masked=state.weights,
+                    )
+                else:
+                    mask, thresholds, flips = restriction.restrict_masks(
+                        state.mask, scores, self.kept, rate, hints, count_flips=True,
+                        selection=self.selection,
+                    )
             if weights is None:  # one pass over the new mask
                 weights = masks.masked_weights(mask, prunable)
             new = state.replace(

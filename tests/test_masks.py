@@ -536,6 +536,59 @@ def test_native_kernel_runs_every_layer_of_a_step_in_one_call():
     assert masks.topk_masks({}, {}, old={}, count_flips=True)[2] == 0
 
 
+def test_native_kernel_updates_the_scores_as_optax_does_then_ranks_them():
+    # With sgd= the call first moves the scores and momentum as optax's add_decayed_weights then
+    # sgd with momentum do, on the straight-through gradient (the search's update), bit for bit
+    # as XLA computes them, then ranks the new scores: the same masks, thresholds, flips and
+    # masked weights as the kernel called on optax's scores. Sizes: several chunks and groups, a
+    # short last block, one weight; k = 0 (its scores still move) and all; donated or copied.
+    import optax
+
+    assert masks.default_selection() == 'native'  # the kernels built, and registered with XLA
+    rng = np.random.default_rng(9)
+    sizes, ks = [(70_001,), (3, 3, 16, 8), (1,), (300_000,)], [9_000, 0, 1, 150_000]
+    scores = [layer_scores(rng, shape, 'normal') for shape in sizes]
+    grads = [rng.normal(size=shape).astype(np.float32) for shape in sizes]
+    trace = [rng.normal(size=shape).astype(np.float32) for shape in sizes]
+    weights = [rng.normal(size=shape).astype(np.float32) for shape in sizes]
+    olds = [rng.random(shape) < 0.3 for shape in sizes]
+    w_olds = [np.where(o, w, np.float32(0)) for o, w in zip(olds, weights)]
+    lr = optax.cosine_decay_schedule(0.1, 20)
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9))
+    state = optax.tree_utils.tree_set(tx.init(scores), trace=trace, count=jnp.int32(3))
+
+    @jax.jit
+    def reference(scores, state, grads, olds, weights, w_olds):
+        updates, state = tx.update([g * w for g, w in zip(grads, weights)], state, scores)
+        new = optax.apply_updates(scores, updates)
+        return new, optax.tree_utils.tree_get(state, 'trace'), masks.native_topk_masks(
+            new, ks, None, olds, weights, w_olds)
+
+    def fused(scores, state, grads, olds, weights, w_olds):
+        count = optax.tree_utils.tree_get(state, 'count')
+        step = jnp.array(-1 * lr(count), jnp.float32)
+        return masks.native_topk_masks(scores, ks, None, olds, weights, w_olds, sgd=(
+            grads, optax.tree_utils.tree_get(state, 'trace'), (5e-4, 0.9, step)))
+
+    def arrays():
+        return ([jnp.array(s) for s in scores], jax.tree.map(jnp.array, state),
+                [jnp.array(g) for g in grads], [jnp.array(o) for o in olds],
+                [jnp.array(w) for w in weights], [jnp.array(w) for w in w_olds])
+
+    def bits(a):
+        return np.asarray(a).view(np.uint32 if np.asarray(a).dtype == np.float32 else np.uint8)
+
+    new, momentum, want = reference(*arrays())
+    assert any(not np.array_equal(bits(a), bits(b)) for a, b in zip(new, scores))
+    for step in (jax.jit(fused), jax.jit(fused, donate_argnums=(0, 3, 5))):
+        got = step(*arrays())
+        for g, w in zip(jax.tree.leaves(got[:4]) + got[4] + got[5],
+                        jax.tree.leaves(want) + new + momentum):
+            np.testing.assert_array_equal(bits(g), bits(w))
+    with pytest.raises(ValueError, match='needs the weights'):
+        masks.native_topk_masks(scores, ks, sgd=(grads, trace, (0.0, 0.9, -0.1)))
+
+
 @pytest.mark.parametrize('isa', ['avx2', 'scalar'])
 def test_native_kernel_matches_the_reference_on_every_instruction_set(isa):
     # the test above runs the kernel's widest pass for this CPU (AVX-512 where it has it);

@@ -31,7 +31,8 @@
 // One call takes every layer of a step (below, `TopkMasks`), and with the search's step also the
 // layers' weights and their masked copy under the old mask (aliased to its output): it writes the
 // masked weights (the weight where the bit is set, +0.0 elsewhere) where the bit changes;
-// elsewhere they are the old ones.
+// elsewhere they are the old ones. With the search's score update too (`Sgd`, below), the first
+// pass moves each group of 4,096 scores, then ranks them while they are in cache.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -52,8 +53,12 @@
 #include <immintrin.h>
 // the mask write compiled for AVX2, SSE4.1 and baseline x86-64, picked at load time
 #define LJAX_CLONES __attribute__((target_clones("avx2", "sse4.1", "default"), optimize("O3")))
+// the score update with fused multiply-adds in hardware (the default: in software, as exact)
+#define LJAX_FMA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("O3")))
 #else
 #define LJAX_CLONES
+#define LJAX_FMA_CLONES
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -483,9 +488,37 @@ inline void SetBits(uint8_t* bits, const Masked& m, int64_t b, uint64_t flip, ui
   }
 }
 
+// The search's score update, when the call makes the scores it ranks: optax's
+// add_decayed_weights then sgd with momentum, on the straight-through gradient `g * f` (`f`: the
+// weights), as the float operations XLA's fusion of it compiles to on CPUs with fused
+// multiply-adds (a test compares them bit for bit):
+//   u = fma(g, f, s * decay);  m = fma(m, momentum, u);  s = fma(step, m, s)  (step: -lr)
+// The first pass runs it on a group of scores just before ranking them (`x` is then the new
+// scores), instead of passes over the scores and the momentum of their own. In place: XLA
+// aliases the new scores and momentum to the old.
+struct Sgd {
+  const float* g = nullptr;  // the gradients of the masked weights
+  float* m = nullptr;        // the momentum
+  float* s = nullptr;        // the scores: the layer's keys
+  float decay = 0, momentum = 0, step = 0;
+};
+
+LJAX_FMA_CLONES
+void SgdSpan(const Sgd& o, const float* __restrict f, int64_t begin, int64_t end) {
+  const float* __restrict g = o.g;
+  float* __restrict m = o.m;
+  float* __restrict s = o.s;
+  for (int64_t i = begin; i < end; ++i) {
+    const float u = __builtin_fmaf(g[i], f[i], s[i] * o.decay);
+    m[i] = __builtin_fmaf(m[i], o.momentum, u);
+    s[i] = __builtin_fmaf(o.step, m[i], s[i]);
+  }
+}
+
 // One layer of a call: its buffers, k and hint; the threshold key and flips it finds.
 struct Layer {
-  const Bits* x = nullptr;       // the scores
+  const Bits* x = nullptr;       // the scores (with `sgd`: the new ones, which it writes)
+  const Sgd* sgd = nullptr;      // the score update, when the call makes the scores
   const bool* before = nullptr;  // the old mask
   bool* out = nullptr;           // the new mask (the old one's buffer when XLA aliases them)
   Masked m;                      // the masked weights, when the call writes them
@@ -518,12 +551,21 @@ void RunLayer(ffi::ThreadPool& pool, Layer& a) {
   const bool in_place = out == before && m.out == m.old;
   if (k > 0) {
     h = a.hint;
+    // (with `sgd`, from the scores before the update: a hint only changes the cost)
     if (h == 0) h = EstimateHint(x, n, k);
     h = std::max(h, 1u);
     stats.reset(new BlockStats[nb]);  // every entry written below
     Parallel(pool, chunks, [&](int64_t c) {
       const int64_t begin = c * chunk, end = std::min(n, begin + chunk);
-      Stats(x, was, begin, end, h, stats.get());
+      if (!a.sgd) {
+        Stats(x, was, begin, end, h, stats.get());
+      } else {  // a group's keys updated, then ranked while in cache
+        for (int64_t s = begin; s < end; s += kGroupBlocks * kBlock) {
+          const int64_t e = std::min(end, s + kGroupBlocks * kBlock);
+          SgdSpan(*a.sgd, m.f, s, e);
+          Stats(x, was, s, e, h, stats.get());
+        }
+      }
       const int64_t stop = (end + kBlock - 1) / kBlock;
       for (int64_t b = begin / kBlock; b < stop; b += kGroupBlocks) {
         summary[b / kGroupBlocks] = Summarise(stats.get(), b, std::min(stop, b + kGroupBlocks), h);
@@ -540,6 +582,10 @@ void RunLayer(ffi::ThreadPool& pool, Layer& a) {
     int64_t count = 0;
     for (const GroupStats& c : summary) count += c.count;
     sel = Select(x, n, k, h, count, stats.get(), nb, summary);
+  } else if (a.sgd) {  // no key kept: the scores still move
+    Parallel(pool, chunks, [&](int64_t c) {
+      SgdSpan(*a.sgd, m.f, c * chunk, std::min(n, (c + 1) * chunk));
+    });
   }
   int64_t total = 0;  // flips
   if (stats && in_place) {
@@ -591,8 +637,11 @@ void RunLayer(ffi::ThreadPool& pool, Layer& a) {
 // the pool idle in its serial selection and in each pass's wait for a helper thread (tens of us
 // to wake on a small machine). A layer's own passes still take any idle thread.
 // Arguments: k and the hints (u32, one per layer), then per layer the scores, then the old masks,
-// then (with weights) the weights, then the old masked weights. Results: per layer the masks, then
-// (with weights) the masked weights (aliased to the old ones), then the thresholds and flips.
+// then (with weights) the weights, then the old masked weights, then (with the score update,
+// `Sgd`) the masked weights' gradients, then the momentum, then f32[3] (decay, momentum, step).
+// Results: per layer the masks, then (with weights) the masked weights (aliased to the old ones),
+// then (with the update) the new scores and momentum (aliased to the old), then the thresholds
+// and flips.
 ffi::Error TopkMasksChecked(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> k_buf,
                             ffi::Buffer<ffi::U32> hint_buf, ffi::RemainingArgs args,
                             ffi::RemainingRets rets) {
@@ -600,9 +649,21 @@ ffi::Error TopkMasksChecked(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> k_buf,
   if (hint_buf.element_count() != count) {
     return ffi::Error::InvalidArgument("ljax topk_mask: k and the hints differ in size");
   }
-  const bool weights = args.size() == 4 * count;
-  if ((!weights && args.size() != 2 * count) || rets.size() != (weights ? 2 : 1) * count + 2) {
+  const bool sgd = args.size() == 6 * count + 1;
+  const bool weights = sgd || args.size() == 4 * count;
+  if ((!weights && args.size() != 2 * count) ||
+      rets.size() != (sgd ? 4 : weights ? 2 : 1) * count + 2) {
     return ffi::Error::InvalidArgument("ljax topk_mask: wrong number of arguments or results");
+  }
+  std::vector<Sgd> updates(sgd ? count : 0);
+  float coef[3] = {0, 0, 0};  // decay, momentum, step
+  if (sgd) {
+    auto c = args.get<ffi::Buffer<ffi::F32>>(6 * count);
+    if (c.has_error()) return c.error();
+    if (c->element_count() != 3) {
+      return ffi::Error::InvalidArgument("ljax topk_mask: the update takes f32[3] coefficients");
+    }
+    std::copy_n(c->typed_data(), 3, coef);
   }
   auto thresholds = rets.get<ffi::Buffer<ffi::U32>>(rets.size() - 2);
   auto flips = rets.get<ffi::Buffer<ffi::S32>>(rets.size() - 1);
@@ -649,6 +710,32 @@ ffi::Error TopkMasksChecked(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> k_buf,
             "ljax topk_mask: the weights, the masked weights and the scores differ in size");
       }
       a.m = Masked{f->typed_data(), masked_old->typed_data(), (*masked)->typed_data()};
+    }
+    if (sgd) {
+      auto g = args.get<ffi::Buffer<ffi::F32>>(4 * count + l);
+      auto m_old = args.get<ffi::Buffer<ffi::F32>>(5 * count + l);
+      auto s_new = rets.get<ffi::Buffer<ffi::F32>>(2 * count + l);
+      auto m_new = rets.get<ffi::Buffer<ffi::F32>>(3 * count + l);
+      if (g.has_error()) return g.error();
+      if (m_old.has_error()) return m_old.error();
+      if (s_new.has_error()) return s_new.error();
+      if (m_new.has_error()) return m_new.error();
+      if (static_cast<int64_t>(g->element_count()) != a.n ||
+          static_cast<int64_t>(m_old->element_count()) != a.n) {
+        return ffi::Error::InvalidArgument(
+            "ljax topk_mask: the gradients, the momentum and the scores differ in size");
+      }
+      if ((*s_new)->typed_data() != scores->typed_data() ||
+          (*m_new)->typed_data() != m_old->typed_data()) {
+        return ffi::Error::InvalidArgument(
+            "ljax topk_mask: the score update runs in place: alias the new scores and momentum "
+            "to the old");
+      }
+      Sgd& o = updates[l];
+      o = Sgd{g->typed_data(), (*m_new)->typed_data(), (*s_new)->typed_data(), coef[0], coef[1],
+              coef[2]};
+      a.x = reinterpret_cast<const Bits*>(o.s);
+      a.sgd = &o;
     }
   }
   std::vector<size_t> order(count);  // the largest layers first: the last tasks are the shortest
