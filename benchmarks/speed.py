@@ -14,8 +14,8 @@ donating its state. Models: the ResNet-50 stand-in (32x32, batch 16), ResNet-32 
 batch 64), the shipped BN-MLP (batch 256). `--parts api`: the public API with compilation, 160
 steps of a small MLP and 94 of a small BN-CNN as a plain Python loop of the plain step against
 `search_jackpot`, wall time of the whole call, JAX's caches cleared before each. `--parts breakdown`: one search step of the
-ResNet-50 stand-in in parts (dense and masked forward/backward, score update, mask update, the
-guard's check) beside its floor, the bytes a search step must move beyond a dense step at this
+ResNet-50 stand-in in parts (dense and masked forward/backward, score update, mask update, both
+in the one call the step makes on CPU, the guard's check) beside its floor, the bytes a search step must move beyond a dense step at this
 machine's measured memory bandwidth. Both time the search past its first steps (`--warm`, 8
 random batches in turn). CSV: speed_plain.csv, speed_api.csv, speed_breakdown.csv.
 
@@ -54,6 +54,7 @@ import functools
 import os
 import sys
 import time
+import types
 from unittest import mock
 
 import jax
@@ -366,16 +367,16 @@ def breakdown_models(quick: bool) -> list[tuple]:
 
 def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, warm: int = 50,
                     n_batches: int = 8) -> dict:
-    """One search step of a model (90% sparsity) in parts, each
-    jitted alone on the state after `warm` search steps on `n_batches` random batches in turn
-    (the mask update: the next step's scores under that state's hints and mask), interleaved: the
-    plain flax step (the faster of donated and not), the
-    dense forward/backward (the plain step without its update), the masked forward/backward (the
-    search's: over the masked weights its state carries, gradients with respect to them), the
-    score update (STE product and SGD on scores and momentum), the mask update (`topk_masks` with
-    hints and flips, over the old mask and masked weights in place) and the guard's check of the
-    gradients; beside the floor: the bytes a search step must move beyond a dense step, at
-    `bandwidth` (bytes/s, this machine's measured)."""
+    """One search step of a model (90% sparsity) in parts, each jitted alone on the state after
+    `warm` search steps on `n_batches` random batches in turn (the mask update: the next step's
+    scores under that state's hints and mask), interleaved: the plain flax step (the faster of
+    donated and not), the dense forward/backward (the plain step without its update), the masked
+    forward/backward (the search's: over the masked weights its state carries, gradients with
+    respect to them), the score update (STE product and SGD on scores and momentum), the mask
+    update (`topk_masks` with hints and flips, over the old mask and masked weights in place),
+    both as the step makes them where `Search.fused_update` (the score update in the kernel's
+    pass: one call), and the guard's check of the gradients; beside the floor: the bytes a search
+    step must move beyond a dense step, at `bandwidth` (bytes/s, this machine's measured)."""
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(batch,) + shape).astype(np.float32),
                 rng.integers(0, 10, batch).astype(np.int32)) for _ in range(n_batches)]
@@ -430,10 +431,19 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
         return masks.topk_masks(scores, kept, hints, old=old, weights={n: f[n] for n in names},
                                 masked=masked)
 
+    @functools.partial(jax.jit, donate_argnums=0)
+    def fused_update(moving, thresholds, previous, g, params):
+        scores, opt_state, mask, weights = moving
+        f = sparsity_lib.flatten(params)
+        hints = {n: masks.extrapolate(thresholds[n], previous[n]) for n in names}
+        now = types.SimpleNamespace(scores=scores, opt_state=opt_state, mask=mask, weights=weights)
+        return search._fused_step(now, g, {n: f[n] for n in names}, hints)
+
     check = jax.jit(lambda g: loop_lib.finite(jnp.float32(0), g))
     # donated by the updates; the mask update writes over the old mask and masked weights, as in
     # the step (the first call flips the next step's bits, later ones find them flipped)
     box = jax.tree.map(jnp.copy, [state.scores, state.opt_state, state.mask, state.weights])
+    fused_box, hints_of = jax.tree.map(jnp.copy, box), [state.thresholds, state.previous]
 
     def run_update():
         box[0], box[1] = score_update(box[0], box[1], g, params)
@@ -444,6 +454,13 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
                                                box[2], box[3], params)
         return flips
 
+    def run_fused_update():  # the state moves on as in the step, under the same gradients
+        scores, opt_state, mask, thresholds, flips, weights = fused_update(
+            fused_box, *hints_of, g, params)
+        fused_box[:] = [scores, opt_state, mask, weights]
+        hints_of[:] = [thresholds, hints_of[0]]
+        return flips
+
     runs = {
         'plain step': functools.partial(plains[0], *plains[0].put(x, y)),
         'plain step, not donated': functools.partial(plains[1], *plains[1].put(x, y)),
@@ -452,16 +469,18 @@ def breakdown_times(label, model, shape, batch, steps: int, bandwidth: float, wa
         'masked forward/backward': lambda: masked_fwd_bwd(params, state.weights, state.batch_stats),
         'score update': run_update,
         'mask update': run_mask_update,
+        **({'score and mask update, one call': run_fused_update} if search.fused_update else {}),
         'finite check of the gradients': lambda: check(g),
     }
     med = benchlib.interleaved(runs, steps)
     med['plain step'] = min(med['plain step'], med.pop('plain step, not donated'))  # the faster
     prunable = sum(int(np.size(search.magnitude[n])) for n in names)
     # beyond a dense step (whose forward reads the weights as the search's reads the masked ones
-    # it carries): the weights read again by the score update (STE product: 4 bytes), the new
-    # scores read by the selection (4), the old mask read and the new one written (1 + 1): 10
-    # bytes a weight (the masked weights are rewritten only where the mask changes)
-    extra = 10 * prunable
+    # it carries): the weights read again by the score update (STE product: 4 bytes), the old
+    # mask read and the new one written (1 + 1): 6 bytes a weight (the selection ranks the new
+    # scores as the update writes them, and the masked weights are rewritten only where the mask
+    # changes)
+    extra = 6 * prunable
     floor = extra / bandwidth
     return {
         'model': label,

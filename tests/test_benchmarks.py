@@ -178,7 +178,8 @@ def test_speed_quick(tmp_path):
     assert len(parts) == 1 and int(parts[0]['prunable']) > 0
     floor = int(parts[0]['bytes_beyond_dense']) / (1e9 * float(parts[0]['bandwidth_GB_s']))
     assert abs(1e3 * floor - float(parts[0]['floor (ms)'])) < 1e-6
-    assert all(float(parts[0][f'{k} (ms)']) > 0 for k in ('plain step', 'search step', 'mask update'))
+    timed = ('plain step', 'search step', 'mask update', 'score and mask update, one call')
+    assert all(float(parts[0][f'{k} (ms)']) > 0 for k in timed)  # on CPU the last is the step's
     updates = _csv(tmp_path / 'speed_mask_update.csv')
     assert all(r['identical_to_lax_top_k'] == 'True' for r in updates)
     memory = _csv(tmp_path / 'speed_memory.csv')
