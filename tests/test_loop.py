@@ -1,6 +1,7 @@
 """The one loop (`ljax.loop`) and the search step's guards: no host reads between log points,
 non-finite steps skipped and counted, bfloat16, bad batches named."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,23 +210,60 @@ def test_the_gpu_choices_search_as_the_cpu_ones(monkeypatch, request, options):
     jax.tree.map(np.testing.assert_array_equal, finals['cond'], finals['select'])
 
 
-def test_dense_training_keeps_its_input_state_on_cpu():
-    """On CPU the dense step does not donate its state (`DenseTraining.donate`): the state passed
-    in is still readable after the step, unchanged, and the step moved on from it."""
+@pytest.mark.parametrize('checked', [True, False])
+def test_dense_training_donates_its_state_where_it_checks_the_gradients(checked, monkeypatch):
+    """On a CPU with ljax's kernels the dense step checks its gradients before the update and
+    donates its state (`DenseTraining.checks_gradients`, `donate`); without them it decides on
+    the loss with the backward inside the update and keeps the state passed in, unchanged."""
     model, v = Net(), pretrained()
     task = DenseTraining(model, lr=0.1, weight_decay=5e-4, total_steps=4)
-    assert task.donate is (jax.default_backend() != 'cpu')
+    cpu = jax.default_backend() == 'cpu'
+    assert task.checks_gradients is cpu
+    assert task.donate
+    if not checked:
+        monkeypatch.setattr(DenseTraining, 'checks_gradients', False)
+        assert task.donate is (not cpu)
     par = Parallel(task, jax.devices()[:1])
     state = par.replicate(task.init_state(v))
-    before = jax.device_get(state)
+    # a copy on the device: a host view of a CPU buffer would keep it from being donated
+    before = jax.device_get(jax.tree.map(jnp.copy, state))
     (x, y), = data(1)
     new, m = par.train(state, x, y)
     after = jax.device_get(new)
-    if not task.donate:  # reading a donated buffer would raise
+    if task.donate:  # the input's buffers were given to the step
+        assert all(a.is_deleted() for a in jax.tree.leaves(state['params']))
+    else:
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), before)
     assert int(m['finite'][0]) == 1 and int(after['step'][0]) == int(before['step'][0]) + 1
     assert any(not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(after['params']), jax.tree.leaves(before['params'])))
+
+
+class _Sqrt(nn.Module):
+    """A finite loss whose gradient is not: d sqrt(w)/dw at w = 0 is inf."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        w = self.param('w', nn.initializers.zeros, (x.shape[-1], 5))
+        return x @ jnp.sqrt(w) + nn.Dense(5)(x)
+
+
+@pytest.mark.parametrize('checked', [True, False])
+def test_dense_training_skips_non_finite_gradients_where_it_checks_them(checked, monkeypatch):
+    if not checked:
+        monkeypatch.setattr(DenseTraining, 'checks_gradients', False)
+    model = _Sqrt()
+    (x, y), = data(1)
+    v = jax.tree.map(np.asarray, model.init(jax.random.key(0), x[:1], train=False))
+    task = DenseTraining(model, lr=0.1, weight_decay=0.0, total_steps=4)
+    par = Parallel(task, jax.devices()[:1])
+    new, m = par.train(par.replicate(task.init_state(v)), x, y)
+    assert np.isfinite(float(m['loss'][0]))
+    w = np.asarray(new['params']['w'][0])
+    if task.checks_gradients:  # skipped: nothing written
+        assert int(m['finite'][0]) == 0 and np.all(w == 0)
+    else:  # decided on the finite loss: applied, and the loop's end-of-epoch check stops it
+        assert int(m['finite'][0]) == 1 and not np.all(np.isfinite(w))
 
 
 def test_bfloat16_search_keeps_float32_state_and_exact_counts():
