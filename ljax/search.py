@@ -376,12 +376,14 @@ class Search:
         """Whether the step's score update runs in the native top-k kernel's pass (float32 plain
         top-k on CPU, `masks.native_topk_masks` with `sgd`): the same scores and momentum, bit for
         bit, as `optimizer()`'s update, without XLA's passes over the scores and the momentum
-        (two a layer) before the kernel's own."""
+        (two a layer) before the kernel's own. Not without weight decay: XLA then drops its term
+        and fuses the multiply-adds otherwise (0.5-1% of the scores differed in their last bit)."""
         return (
             masks.resolve_selection(self.selection) == 'native'
             and self.options.nm is None
             and restriction.is_plain_topk(self.options.restriction)
             and DTYPES[self.options.dtype] == jnp.float32
+            and self.options.weight_decay > 0
         )
 
     def _fused_step(self, state, g, prunable, hints):

@@ -197,11 +197,13 @@ def assert_carried_weights(search, state):
         np.testing.assert_array_equal(got.view(bits), want[n].view(bits), err_msg=n)
 
 
-def test_the_cpu_step_moves_the_scores_in_the_kernel_bit_for_bit_as_optax(monkeypatch):
+@pytest.mark.parametrize('momentum', [0.9, 0.0])
+def test_the_cpu_step_moves_the_scores_in_the_kernel_bit_for_bit_as_optax(momentum, monkeypatch):
     # With ljax's kernels (CPU), the float32 top-k step updates the scores inside the kernel's
     # pass (`Search.fused_update`): after steps that flip bits, every leaf of the state (scores,
     # optimizer state, masks, masked weights, thresholds) is bit for bit that of optax's update
-    # followed by the kernel's top-k. N:M, the restriction and bfloat16 keep optax's update.
+    # followed by the kernel's top-k. N:M, the restriction, bfloat16 and no weight decay keep
+    # optax's update.
     model, v = Net(hidden=48), pretrained(Net(hidden=48))
     batches = data(3)
     x = batches[0][0][:1]
@@ -209,7 +211,8 @@ def test_the_cpu_step_moves_the_scores_in_the_kernel_bit_for_bit_as_optax(monkey
     for fused in (True, False):
         with monkeypatch.context() as m:
             search = Search.create(model, v, x, sparsity=0.7, total_steps=6,
-                                   options=SearchOptions(lr=1.0, score_init='random'))
+                                   options=SearchOptions(lr=1.0, score_init='random',
+                                                         momentum=momentum))
             assert search.fused_update
             m.setattr(Search, 'fused_update', fused)
             par = Parallel(search)
@@ -224,7 +227,8 @@ def test_the_cpu_step_moves_the_scores_in_the_kernel_bit_for_bit_as_optax(monkey
         assert a.dtype == b.dtype
         bits = f'u{a.dtype.itemsize}'
         np.testing.assert_array_equal(a.view(bits), b.view(bits))
-    for options in (dict(nm=(2, 4)), dict(restriction='cosine'), dict(dtype='bfloat16')):
+    for options in (dict(nm=(2, 4)), dict(restriction='cosine'), dict(dtype='bfloat16'),
+                    dict(weight_decay=0.0)):
         search = Search.create(model, v, x, sparsity=None if 'nm' in options else 0.7,
                                total_steps=6, options=SearchOptions(**options))
         assert not search.fused_update, options
