@@ -459,11 +459,12 @@ def native_topk_masks(scores, ks, hints=None, olds=None, weights=None, masked=No
 
     With `sgd` = (gradients, momentum, (decay, momentum coefficient, step)), which needs
     `weights`: the masks are those of the scores after the search's score update, made in the
-    same pass (see `SgdBody` in ljax/csrc/topk_mask.cc): per layer, with the gradients `g` of the
-    masked weights and the weights `w`, u = g * w + scores * decay, momentum' = u + momentum *
-    coefficient, scores' = scores + step * momentum', the float operations of optax's
-    add_decayed_weights and sgd with momentum, bit for bit. Two more outputs: the new scores and
-    the new momentum (lists)."""
+    same pass (`SgdSpan` in ljax/csrc/topk_mask.cc): per layer, with the gradients `g` of the
+    masked weights and the weights `w`, u = fma(g, w, scores * decay), momentum' =
+    fma(momentum, coefficient, u), scores' = fma(step, momentum', scores): the fused
+    multiply-adds XLA:CPU compiles optax's add_decayed_weights and sgd with momentum to, bit for
+    bit (with decay > 0: `Search.fused_update`). Two more outputs: the new scores and the new
+    momentum (lists)."""
     n = len(scores)
     if n == 0:  # no layer: no call
         none = ([], jnp.zeros((0,), jnp.uint32), jnp.zeros((0,), jnp.int32))
