@@ -13,9 +13,10 @@ both through `Parallel` on that device; ratios to the faster of the plain step w
 donating its state. Models: the ResNet-50 stand-in (32x32, batch 16), ResNet-32 32/64/128 (32x32,
 batch 64), the shipped BN-MLP (batch 256). `--parts api`: the public API with compilation, 160
 steps of a small MLP and 94 of a small BN-CNN as a plain Python loop of the plain step against
-`search_jackpot`, wall time of the whole call, JAX's caches cleared before each. `--parts breakdown`: one search step of the
-ResNet-50 stand-in in parts (dense and masked forward/backward, score update, mask update, both
-in the one call the step makes on CPU, the guard's check) beside its floor, the bytes a search step must move beyond a dense step at this
+`search_jackpot`, wall time of the whole call, JAX's caches cleared before each. `--parts
+breakdown`: one search step of the ResNet-50 stand-in in parts (dense and masked
+forward/backward, score update, mask update, both in the one call the step makes on CPU, the
+guard's check) beside its floor, the bytes a search step must move beyond a dense step at this
 machine's measured memory bandwidth. Both time the search past its first steps (`--warm`, 8
 random batches in turn). CSV: speed_plain.csv, speed_api.csv, speed_breakdown.csv.
 

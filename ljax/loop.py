@@ -79,9 +79,8 @@ def update_if_finite(
     written, and with its state not donated on CPU its step took 102 ms on the ResNet-50 stand-in
     (32x32, batch 16) against 128 with the gradients checked by XLA, the plain flax step's 103. A
     finite loss with non-finite gradients is then applied, and the loop stops at the end of the
-    epoch. The search keeps its gradients checked: decided on its
-    loss it measured 9% slower on ResNet-50 at 224x224, batch 8 (2016 against 1851 ms), though
-    7% faster on the BN-MLP."""
+    epoch. The search keeps its gradients checked: decided on its loss it measured 9% slower on
+    ResNet-50 at 224x224, batch 8 (2016 against 1851 ms), though 7% faster on the BN-MLP."""
     guard = default_guard() if guard is None else guard
     if guard not in GUARDS:
         raise ValueError(f'guard: expected one of {GUARDS}, got {guard!r}')

@@ -30,17 +30,17 @@ class DenseTraining:
         former (and a finite loss with non-finite gradients is skipped, not applied). Donated
         (`donate`), the update then writes the state in place with no copy: the shipped BN-MLP's
         step 1.04-1.05x the plain flax step's, against 1.06-1.08x for the undonated step deciding
-        on the loss, whose conditional copies the old state into its outputs first
-        (`benchmarks/speed.py --parts plain`)."""
+        on the loss, whose conditional copies the old state into its outputs first (ad hoc:
+        `benchmarks/speed.py --parts plain --plain-models shipped`, alternated with that step)."""
         return jax.default_backend() == 'cpu' and native_kernels()
 
     @property
     def donate(self) -> bool:
         """Whether `Parallel` donates the state to the step: everywhere but on a CPU without
-        ljax's kernels. There the backward pass runs inside the update (`checks_gradients`), and donated, XLA
-        copied every weight it still reads before the step to update it in place; the undonated
-        step ran at the plain flax step's speed (ResNet-50 stand-in, 32x32, batch 16: 131.6 ->
-        101.6 ms, plain 103.5); the state is small there."""
+        ljax's kernels. There the backward pass runs inside the update (`checks_gradients`), and
+        donated, XLA copied every weight it still reads before the step to update it in place;
+        the undonated step ran at the plain flax step's speed (ResNet-50 stand-in, 32x32, batch
+        16: 131.6 -> 101.6 ms, plain 103.5); the state is small there."""
         return jax.default_backend() != 'cpu' or self.checks_gradients
 
     def __init__(
