@@ -166,9 +166,14 @@ import jax, jax.numpy as jnp, numpy as np
 from ljax import cpumem
 from ljax.parallel import Parallel
 
-class Task:  # a search-like step over 8 layers: masked weights and gradients of 9.4 MB each
-    frozen = {i: np.random.default_rng(i).normal(size=(1536, 1536)).astype(np.float32) / 40
-              for i in range(8)}
+# a search-like step over 8 layers: masked weights and gradients of 9.4 MB each, and in the last
+# two of 40.9 MB each (over glibc's largest mmap threshold: only M_MMAP_MAX 0 keeps them)
+SHAPES = [(1536, 1536)] * 6 + [(1536, 6656), (6656, 1536)]
+
+
+class Task:
+    frozen = {i: np.random.default_rng(i).normal(size=shape).astype(np.float32) / 40
+              for i, shape in enumerate(SHAPES)}
 
     def train_step(self, state, frozen, x, y):
         def loss(s):
@@ -180,7 +185,7 @@ class Task:  # a search-like step over 8 layers: masked weights and gradients of
         return {i: state[i] - 1e-6 * g[i] * frozen[i] for i in range(8)}, {'loss': l}
 
 par = Parallel(Task(), jax.local_devices()[:1])
-state = par.replicate({i: jnp.ones((1536, 1536), jnp.float32) for i in range(8)})
+state = par.replicate({i: jnp.ones(shape, jnp.float32) for i, shape in enumerate(SHAPES)})
 x, y = par.put(np.ones((8, 1536), np.float32), np.zeros(8, np.int32))
 temp = par.step.lower(state, par.frozen, x, y).compile().memory_analysis().temp_size_in_bytes
 for _ in range(10):  # every thread that allocates has met the step's sizes
@@ -197,9 +202,9 @@ print(temp >> 12, faults, cpumem.keep_freed_memory())
 
 @pytest.mark.parametrize('switch', ['1', '0'])
 def test_cpu_step_temporaries_stay_paged_in(switch):
-    """A step's temporaries, 75+ MB in all (over glibc's mmap threshold) in buffers under 24 MB, are
-    paged in once, not at every step (ljax.cpumem), unless LJAX_MALLOPT=0 (the fault count then
-    shows the test can fail)."""
+    """A step's temporaries, 160+ MB in all in buffers of up to 41 MB (over glibc's mmap
+    threshold), are paged in once, not at every step (ljax.cpumem), unless LJAX_MALLOPT=0 (the
+    fault count then shows the test can fail)."""
     done = subprocess.run(
         [sys.executable, '-c', _FAULTS], capture_output=True, text=True, timeout=600,
         cwd=Path(__file__).parent.parent,
