@@ -61,11 +61,36 @@ def _on_one_device(fn, sharding, donate=()):
 
     # outputs placed as `replicate` and `put` place the inputs: the next call's inputs then have
     # the same sharding, and the program is compiled once
-    options = None
+    def jit(options=None):
+        return jax.jit(one, donate_argnums=donate, out_shardings=sharding, compiler_options=options)
+
     if sharding.mesh.devices.flat[0].platform == 'cpu':  # temporaries kept paged in: ljax.cpumem
         cpumem.keep_freed_memory()
-        options = cpumem.compiler_options()
-    return jax.jit(one, donate_argnums=donate, out_shardings=sharding, compiler_options=options)
+        return _HeapsSized(jit)
+    return jit()
+
+
+class _HeapsSized:
+    """A jitted CPU program whose temporaries' heaps (`cpumem.compiler_options`) are sized on its
+    first call to hold its largest value; the call reuses the trace the sizing made. Other
+    attributes (`trace`, `lower`) are the jitted program's."""
+
+    def __init__(self, jit):
+        self._jit_with = jit
+        self._options = cpumem.compiler_options()
+        self._jit = jit(self._options)
+        self._sized = self._options is None
+
+    def __call__(self, *args):
+        if not self._sized:
+            self._sized = True
+            options = cpumem.compiler_options(self._jit.trace(*args).jaxpr)
+            if options != self._options:
+                self._options, self._jit = options, self._jit_with(options)
+        return self._jit(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._jit, name)
 
 
 class Parallel:

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from ljax import cpumem
 from ljax.parallel import Parallel, first
 from ljax.pretrain import DenseTraining
 from ljax.search import Search, SearchOptions
@@ -220,3 +221,72 @@ def test_cpu_step_temporaries_stay_paged_in(switch):
         assert applied == 'True' and faults < 0.4 * pages, (pages, faults)
     else:
         assert applied == 'False' and faults > 0.9 * pages, (pages, faults)
+
+
+def test_largest_value_counts_the_values_inside_conditionals():
+    """`cpumem.largest_value_bytes` reads the jaxprs in equations' parameters (a cond's branches,
+    a scan's body), where the largest value of a step may only exist."""
+
+    def f(p, v):
+        def big(v):  # a 1000 x 1000 float32 outer product, 4 MB, only in this branch
+            return jax.numpy.outer(v, v).sum()
+
+        def scanned(c, _):
+            return c + jax.numpy.tile(v, 30).sum(), None  # 120 kB a step
+
+        return jax.lax.cond(p, big, jax.numpy.sum, v) + jax.lax.scan(scanned, 0.0, None, 3)[0]
+
+    jaxpr = jax.make_jaxpr(f)(True, np.ones(1000, np.float32))
+    assert cpumem.largest_value_bytes(jaxpr) == 4_000_000
+    inner = jax.make_jaxpr(lambda v: jax.lax.scan(
+        lambda c, _: (c + jax.numpy.tile(v, 30).sum(), None), 0.0, None, 3)[0])
+    assert cpumem.largest_value_bytes(inner(np.ones(1000, np.float32))) == 120_000
+    assert cpumem.compiler_options(jaxpr) == {
+        'xla_multiheap_size_constraint_per_heap': cpumem.HEAP_BYTES
+    }
+
+
+_BIG = '''
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from ljax import cpumem
+from ljax.parallel import Parallel
+
+D = 4608  # 81 MiB matrices: one value over the heaps' 56 MB
+
+
+class Task:
+    frozen = {0: np.random.default_rng(0).normal(size=(D, D)).astype(np.float32) / 80}
+
+    def train_step(self, state, frozen, x, y):
+        def loss(s):
+            return jnp.sum(jnp.tanh(x @ (frozen[0] * s[0])) ** 2)
+        l, g = jax.value_and_grad(loss)(state)
+        return {0: state[0] - 1e-6 * g[0] * frozen[0]}, {'loss': l}
+
+
+par = Parallel(Task(), jax.local_devices()[:1])
+state = par.replicate({0: jnp.ones((D, D), jnp.float32)})
+x, y = par.put(np.ones((8, D), np.float32), np.zeros(8, np.int32))
+if sys.argv[1] == 'parallel':
+    state, m = par.train(state, x, y)
+else:  # the same program at the fixed heap size
+    par.step._jit_with(cpumem.compiler_options()).lower(state, par.frozen, x, y).compile()
+print('done')
+'''
+
+
+@pytest.mark.parametrize('how', ['parallel', 'fixed heaps'])
+def test_cpu_heaps_hold_the_largest_value_without_warnings(how):
+    """XLA warns on stderr for every buffer over the heap size at each compile: `Parallel` sizes
+    the heaps to the step's largest value, so a step with an 81 MiB value compiles quietly, while
+    the same program with the fixed heaps warns (showing the test can fail)."""
+    done = subprocess.run(
+        [sys.executable, '-c', _BIG, how], capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu', 'LJAX_MALLOPT': '1',
+             'TF_CPP_MIN_LOG_LEVEL': '0'},  # XLA's warnings shown (conftest hides them)
+    )
+    assert done.returncode == 0 and done.stdout.split()[-1] == 'done', done.stderr[-3000:]
+    warned = 'larger than the per-heap size limit' in done.stderr
+    assert warned == (how == 'fixed heaps'), done.stderr[-3000:]
