@@ -83,10 +83,10 @@ class _HeapsSized:
 
     def __call__(self, *args):
         if not self._sized:
-            self._sized = True
             options = cpumem.compiler_options(self._jit.trace(*args).jaxpr)
             if options != self._options:
                 self._options, self._jit = options, self._jit_with(options)
+            self._sized = True
         return self._jit(*args)
 
     def __getattr__(self, name):
