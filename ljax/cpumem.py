@@ -61,9 +61,8 @@ def compiler_options(jaxpr=None) -> dict | None:
 
 
 def largest_value_bytes(jaxpr) -> int:
-    """The bytes of the largest value a jaxpr (and each jaxpr in its equations) computes."""
-    from jax.extend import core
-
+    """The bytes of the largest value a jaxpr (and each jaxpr in its equations: branches, loop
+    bodies, nested programs) computes."""
     largest, todo = 0, [jaxpr]
     while todo:
         j = todo.pop()
@@ -76,7 +75,7 @@ def largest_value_bytes(jaxpr) -> int:
                     largest = max(largest, size)
             for value in eqn.params.values():
                 for item in value if isinstance(value, (tuple, list)) else (value,):
-                    if isinstance(item, (core.Jaxpr, core.ClosedJaxpr)):
+                    if hasattr(getattr(item, 'jaxpr', item), 'eqns'):
                         todo.append(item)
     return largest
 
